@@ -1,0 +1,252 @@
+"""The command line (DESIGN §7): parse arguments, call the library, map errors to exit codes.
+
+Exit codes: 0 every trial completed; 1 some trial failed (the others still ran); 2 user error
+(bad graph, bad argument, bad data), printed as one line per problem without a traceback unless
+``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from vlpgraph.errors import UserError
+
+STORE_ENV = "VLPGRAPH_STORE"
+
+
+def _store_dir(args) -> Path:
+    return Path(args.store or os.environ.get(STORE_ENV) or "store")
+
+
+def _load(args):
+    from vlpgraph.spec import parse_set
+    from vlpgraph.sweep import load_experiment
+
+    sets = [parse_set(s) for s in (getattr(args, "set", None) or [])]
+    return load_experiment(args.graph, sets=sets, profile=getattr(args, "profile", None))
+
+
+# ------------------------------------------------------------------------------------- verbs
+
+
+def cmd_run(args, out: Console, err: Console) -> int:
+    from vlpgraph.runner import Runner, init_distributed, resolve_device, trial_label
+    from vlpgraph.store import Store
+
+    exp = _load(args)
+    device = resolve_device(args.device)
+    err.print(f"{exp.file}: graph '{exp.name}': {len(exp.trials)} trial(s) on {device}", highlight=False)
+    if args.dry_run:
+        for i, t in enumerate(exp.trials, 1):
+            out.print(f"[{i}/{len(exp.trials)}] {trial_label(t)}  run_id={t.run_id}", highlight=False)
+        return 0
+    rank = init_distributed(device)
+    store = Store(_store_dir(args))
+    outcomes = Runner(store, device, err, rank=rank).run(exp)
+    failed = [o for o in outcomes if o.status == "failed"]
+    done = len(outcomes) - len(failed)
+    if rank == 0:
+        err.print(f"{done}/{len(outcomes)} trial(s) completed, {len(failed)} failed; results in {store.db_path}", highlight=False)
+        if failed:
+            again = " ".join(["vlpgraph run", args.graph] + [f"--set {s}" for s in args.set or []]
+                             + ([f"--profile {args.profile}"] if args.profile else []) + ([f"--store {args.store}"] if args.store else []))
+            err.print(f"failed trials are retried, and completed ones skipped, by running again: {again}", highlight=False)
+    return 1 if failed else 0
+
+
+def cmd_validate(args, out: Console, err: Console) -> int:
+    exp = _load(args)
+    n_var = len(exp.variants)
+    seeds = sorted({t.seed for t in exp.trials})
+    out.print(f"{exp.file}: OK — graph '{exp.name}', {len(exp.trials)} trial(s): {n_var} variant(s), {len(seeds)} seed(s)", highlight=False)
+    if exp.varied:
+        out.print("varied: " + ", ".join(exp.varied), highlight=False)
+    out.print(render_dag(exp.trials[0].graph), highlight=False)
+    return 0
+
+
+def render_dag(graph) -> str:
+    lines = []
+    for name in graph.order:
+        node = graph.nodes[name]
+        ins = ", ".join(f"{p}={'+'.join(node.input_names(p))}" for p in node.inputs)
+        lines.append(f"  {name:<14} {node.kind.name:<22} {('<- ' + ins) if ins else ''}".rstrip())
+    return "\n".join(lines)
+
+
+def render_dot(graph) -> str:
+    # DOT is a few lines of text; pydot (networkx's writer) would be one more dependency for this.
+    out = [f'digraph "{graph.name}" {{', "  rankdir=LR;"]
+    for name in graph.order:
+        out.append(f'  {name} [label="{name}\\n{graph.nodes[name].kind.name}"];')
+    for src, dst, data in graph.dag.edges(data=True):
+        out.append(f'  {src} -> {dst} [label="{data.get("port", "")}"];')
+    out.append("}")
+    return "\n".join(out)
+
+
+def cmd_show(args, out: Console, err: Console) -> int:
+    exp = _load(args)
+    shown = set()
+    for t in exp.trials:
+        if t.variant in shown:
+            continue
+        shown.add(t.variant)
+        if args.format == "dot":
+            out.print(render_dot(t.graph), highlight=False, markup=False)
+        else:
+            out.print(f"{exp.name} [{t.variant}]", highlight=False)
+            out.print(render_dag(t.graph), highlight=False, markup=False)
+    return 0
+
+
+def _type_name(annotation) -> str:
+    s = getattr(annotation, "__name__", None) or str(annotation)
+    return s.replace("typing.", "")
+
+
+def cmd_nodes(args, out: Console, err: Console) -> int:
+    from vlpgraph import registry
+    from vlpgraph.errors import did_you_mean
+    from vlpgraph.graph import port_name
+
+    kinds = registry.kinds()
+    if args.kind is None:
+        table = Table(title="node kinds", show_lines=False)
+        for col in ("kind", "output", "inputs", "what it does"):
+            table.add_column(col)
+        for name, k in kinds.items():
+            ins = ", ".join(f"{p}{'[]' if s.many else ''}{'?' if s.optional else ''}: {s.type_names()}" for p, s in k.inputs.items())
+            table.add_row(name, port_name(k.output), ins or "-", k.summary)
+        out.print(table)
+        out.print("`vlpgraph nodes KIND` shows a kind's params.", highlight=False)
+        return 0
+    if args.kind not in kinds:
+        raise UserError(f"unknown kind '{args.kind}'{did_you_mean(args.kind, kinds)}; `vlpgraph nodes` lists them")
+    k = kinds[args.kind]
+    out.print(f"[bold]{k.name}[/bold] -> {port_name(k.output)}")
+    out.print(k.doc.strip() if k.doc else "(no doc)", highlight=False, markup=False)
+    if k.inputs:
+        t = Table(title="inputs")
+        for col in ("input", "accepts", "list", "needs", "doc"):
+            t.add_column(col)
+        for p, s in k.inputs.items():
+            t.add_row(p + ("" if not s.optional else " (optional)"), s.type_names(), "yes" if s.many else "", ", ".join(sorted(s.needs)), s.doc)
+        out.print(t)
+    t = Table(title="params")
+    for col in ("param", "type", "default", "constraints", "doc"):
+        t.add_column(col)
+    for pname, f in k.params.model_fields.items():
+        cons = ", ".join(str(m) for m in f.metadata)
+        default = "required" if f.is_required() else repr(f.default)
+        t.add_row(pname, _type_name(f.annotation), default, cons, f.description or "")
+    out.print(t)
+    return 0
+
+
+def cmd_runs(args, out: Console, err: Console) -> int:
+    from vlpgraph.store import Store
+
+    store = Store(_store_dir(args))
+    rows = store.runs({k: v for k, v in (("graph", args.graph), ("status", args.status)) if v}) if store.exists() else []
+    if not rows:
+        out.print(f"no runs in {_store_dir(args)} yet: try `vlpgraph run graphs/smoke.yaml`", highlight=False)
+        return 0
+    table = Table(title=f"runs in {_store_dir(args)}")
+    cols = ["run_id", "graph", "variant", "seed", "status", "step", "wall_s", "finished_at"]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*["" if r.get(c) is None else (f"{r[c]:.0f}" if c == "wall_s" else str(r[c])) for c in cols])
+    out.print(table)
+    return 0
+
+
+def cmd_report(args, out: Console, err: Console) -> int:
+    from vlpgraph.report import build_report
+    from vlpgraph.store import Store
+
+    exp = _load(args)
+    store = Store(_store_dir(args))
+    for table in build_report(exp, store, metrics=args.metric):
+        out.print(table)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlpgraph", description="Experiment graphs for vision-language pre-training.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def graph_args(sp, sets=True):
+        sp.add_argument("graph", help="the graph file (YAML)")
+        sp.add_argument("--profile", help="a named override set from the file's profiles:")
+        if sets:
+            sp.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE", help="override a param (repeatable)")
+
+    def store_arg(sp):
+        sp.add_argument("--store", help=f"store directory (default: ${STORE_ENV} or ./store)")
+
+    sp = sub.add_parser("run", help="validate, expand the sweep and run every trial into the store")
+    graph_args(sp)
+    store_arg(sp)
+    sp.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    sp.add_argument("--dry-run", action="store_true", help="list the trials and their run ids; train nothing")
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("validate", help="report every problem of a graph file at once; print its trials and DAG")
+    graph_args(sp)
+    sp.set_defaults(fn=cmd_validate)
+
+    sp = sub.add_parser("show", help="print the DAG of each variant")
+    graph_args(sp)
+    sp.add_argument("--format", choices=["text", "dot"], default="text")
+    sp.set_defaults(fn=cmd_show)
+
+    sp = sub.add_parser("nodes", help="the node catalog: kinds, ports, params")
+    sp.add_argument("kind", nargs="?", help="show one kind in full")
+    sp.set_defaults(fn=cmd_nodes)
+
+    sp = sub.add_parser("runs", help="list the runs in the store")
+    store_arg(sp)
+    sp.add_argument("--graph", help="only runs of this graph name")
+    sp.add_argument("--status", choices=["queued", "running", "completed", "failed"])
+    sp.set_defaults(fn=cmd_runs)
+
+    sp = sub.add_parser("report", help="a metric by variant x varied param, mean ± std over seeds")
+    graph_args(sp)
+    store_arg(sp)
+    sp.add_argument("--metric", action="append", metavar="EVALUATOR.METRIC", help="metric(s) to tabulate (default: each evaluator's headline)")
+    sp.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        return args.fn(args, out, err)
+    except UserError as e:
+        if args.debug:
+            raise
+        for m in e.messages:
+            print(f"vlpgraph: {m}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlpgraph: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

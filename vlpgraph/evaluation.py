@@ -1,0 +1,170 @@
+"""Helpers every evaluator shares: eval mode, batching a split, tokenising, embedding, ranking.
+
+Evaluator node modules may not import each other, so their common code lives here. Everything works
+through the port interfaces (``ports.Model``, ``ports.PairedData``, ``ports.Embedder``) only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from vlpgraph import ports
+from vlpgraph.errors import TrialFailed
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """A copy of ``batch`` with every tensor (and every tensor in a list, e.g. ragged boxes) on ``device``."""
+
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            return [t.to(device, non_blocking=True) for t in v]
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+def tokenize(tokenizer: ports.Tokenizer | None, texts: Sequence[str], who: str = "evaluator") -> dict[str, torch.Tensor]:
+    """``{"input_ids", "attention_mask"}`` for ``texts``; a clear error when the model has no tokenizer."""
+    if tokenizer is None:
+        raise TrialFailed(f"{who}: the model has no tokenizer (it needs a text tower to embed captions)")
+    out = tokenizer(list(texts))
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+def _roots(model: ports.Model) -> list[nn.Module]:
+    roots: list[nn.Module] = []
+    modules = getattr(model, "modules", None)
+    if isinstance(modules, nn.Module):
+        roots.append(modules)
+    for obj in (getattr(model, "objectives", None) or {}).values():
+        if isinstance(obj, nn.Module):
+            roots.append(obj)
+    return roots
+
+
+@contextmanager
+def evaluation_mode(model: ports.Model) -> Iterator[None]:
+    """Every module of ``model`` (its modules and objectives) in eval mode under ``torch.no_grad``;
+    each submodule's own train/eval flag is restored afterwards, even on error.
+
+    ``no_grad`` rather than ``inference_mode``: evaluators also run mid-training, and a tensor a module
+    caches lazily during evaluation (position tables, masks) must stay usable by autograd afterwards.
+    """
+    flags: dict[nn.Module, bool] = {}
+    for root in _roots(model):
+        for m in root.modules():
+            flags.setdefault(m, m.training)
+    for m in flags:
+        m.training = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, was_training in flags.items():
+            m.training = was_training
+
+
+@dataclass
+class SplitEmbeddings:
+    """Embeddings of some items of a split, in the order of ``indices``. images/texts: [N, D] fp32 on CPU
+    (None when not asked for); captions and sample_ids: one per item."""
+
+    indices: list[int]
+    images: torch.Tensor | None = None
+    texts: torch.Tensor | None = None
+    captions: list[str] = field(default_factory=list)
+    sample_ids: list[int] = field(default_factory=list)
+
+
+def embed_split(
+    model: ports.Model,
+    data: ports.PairedData,
+    dataset: torch.utils.data.Dataset,
+    indices: Sequence[int] | None = None,
+    *,
+    batch_size: int = 256,
+    images: bool = True,
+    texts: bool = True,
+    who: str = "evaluator",
+) -> SplitEmbeddings:
+    """Embed ``dataset[i]`` for ``i`` in ``indices`` (default: all) with ``model.embedder()``, in batches.
+
+    Each batch is ``data.collate(items)`` (+ the tokenizer's ids when ``texts``), moved to
+    ``model.device`` and wrapped in a ``ports.Forward``; runs in :func:`evaluation_mode`.
+    """
+    idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    embedder = model.embedder()
+    out = SplitEmbeddings(indices=idx)
+    image_chunks: list[torch.Tensor] = []
+    text_chunks: list[torch.Tensor] = []
+    with evaluation_mode(model):
+        for start in range(0, len(idx), batch_size):
+            batch = data.collate([dataset[i] for i in idx[start : start + batch_size]])
+            captions = list(batch.get("captions", []))
+            if texts:
+                batch.update(tokenize(model.tokenizer, captions, who))
+            fwd = ports.Forward(to_device(batch, model.device))
+            if images:
+                image_chunks.append(embedder.embed_images(fwd).float().cpu())
+            if texts:
+                text_chunks.append(embedder.embed_texts(fwd).float().cpu())
+            out.captions.extend(captions)
+            ids = batch.get("sample_ids")
+            if ids is not None:
+                out.sample_ids.extend(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+    if images:
+        out.images = torch.cat(image_chunks) if image_chunks else torch.empty(0, 0)
+    if texts:
+        out.texts = torch.cat(text_chunks) if text_chunks else torch.empty(0, 0)
+    return out
+
+
+def embed_texts(model: ports.Model, texts: Sequence[str], *, batch_size: int = 256, who: str = "evaluator") -> torch.Tensor:
+    """Embed free texts (e.g. class prompts): [len(texts), D] fp32 on CPU. The Forward holds only ids."""
+    embedder = model.embedder()
+    chunks: list[torch.Tensor] = []
+    with evaluation_mode(model):
+        for start in range(0, len(texts), batch_size):
+            batch = tokenize(model.tokenizer, texts[start : start + batch_size], who)
+            fwd = ports.Forward(to_device(batch, model.device))
+            chunks.append(embedder.embed_texts(fwd).float().cpu())
+    return torch.cat(chunks)
+
+
+def first_hit_ranks(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    query_keys: torch.Tensor,
+    gallery_keys: torch.Tensor,
+    *,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """For each query, the 0-based rank of its best-scoring relevant gallery item: Long[Q].
+
+    queries [Q, D], gallery [G, D]; score = dot product. Gallery item g is relevant to query q when
+    ``query_keys[q] == gallery_keys[g]``. The rank counts the irrelevant items scoring at least as
+    high as the best relevant one, so ties count against the query (a collapsed model that gives
+    every item the same embedding scores 0, not 1) and a NaN score never counts as a hit. A query
+    with no relevant item gets rank = number of irrelevant items (a miss at any k < G).
+    """
+    ranks = []
+    for s in range(0, queries.shape[0], chunk):
+        scores = (queries[s : s + chunk] @ gallery.T).nan_to_num(nan=float("-inf"))
+        relevant = query_keys[s : s + chunk, None] == gallery_keys[None, :]
+        best = scores.masked_fill(~relevant, float("-inf")).amax(dim=1, keepdim=True)
+        ranks.append(((scores >= best) & ~relevant).sum(dim=1))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+
+def recall_at(ranks: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Fraction of queries whose first hit is within the top k, for each k."""
+    if ranks.numel() == 0:
+        return {k: float("nan") for k in ks}
+    return {k: (ranks < k).float().mean().item() for k in ks}

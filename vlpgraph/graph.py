@@ -1,0 +1,165 @@
+"""Nodes bound to their kinds -> a networkx DAG: params, port types, capabilities, cycles, hashes.
+
+Input: the ``nodes:`` mapping of one resolved graph (a variant with its grid values applied).
+Output: a :class:`Graph` whose nodes carry validated params, a topological order and content hashes.
+Every problem is added to a :class:`~vlpgraph.spec.Problems`; nothing is built here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+from pydantic import ValidationError
+
+import vlpgraph
+from vlpgraph import registry
+from vlpgraph.errors import did_you_mean
+from vlpgraph.registry import NodeKind, Params
+from vlpgraph.spec import Problems
+
+
+@dataclass
+class BoundNode:
+    name: str
+    kind: NodeKind
+    params: Params
+    inputs: dict[str, str | list[str]]
+    hash: str = ""
+
+    def input_names(self, port: str) -> list[str]:
+        v = self.inputs.get(port)
+        return [] if v is None else ([v] if isinstance(v, str) else list(v))
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: dict[str, BoundNode]
+    dag: nx.DiGraph
+    order: list[str]
+
+    def by_role(self, role: str) -> list[str]:
+        return [n for n in self.order if self.nodes[n].kind.role == role]
+
+    @property
+    def trainer(self) -> str:
+        return self.by_role("trainer")[0]
+
+    def upstream(self, name: str) -> list[str]:
+        """``name`` and every node it depends on, in topological order."""
+        keep = nx.ancestors(self.dag, name) | {name}
+        return [n for n in self.order if n in keep]
+
+
+def port_name(cls: type) -> str:
+    """The port type a class implements (``VisionTower`` for a ViT tower class), for messages."""
+    for c in cls.__mro__:
+        if c.__module__ == "vlpgraph.ports":
+            return c.__name__
+    return cls.__name__
+
+
+def _param_problems(err: ValidationError, kind: NodeKind, name: str, problems: Problems) -> None:
+    fields = list(kind.params.model_fields)
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ("nodes", name, "params") + loc[:1]
+        pname = ".".join(map(str, loc))
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown param '{pname}'{did_you_mean(loc[0], fields)}"
+        elif e["type"] == "missing":
+            msg = f"missing param '{pname}'"
+        else:
+            text = e["msg"][0].lower() + e["msg"][1:] if e["msg"] else "invalid"
+            text = text.removeprefix("value error, ")
+            got = e.get("input")
+            got_s = f" (got {got!r})" if loc and not isinstance(got, dict) else ""
+            msg = f"param '{pname}': {text}{got_s}" if loc else f"params: {text}"
+        problems.add(path, msg, node=name, kind=kind.name)
+
+
+def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems) -> Graph | None:
+    """Validate every node against its kind and every edge against port types; None if unusable."""
+    kinds = registry.kinds()
+    n_before = problems.added
+    bound: dict[str, BoundNode] = {}
+    for name, raw in nodes_raw.items():
+        kind_name = raw.get("kind")
+        if kind_name not in kinds:
+            problems.add(("nodes", name, "kind"), f"unknown kind '{kind_name}'{did_you_mean(kind_name, kinds)}", node=name)
+            continue
+        kind = kinds[kind_name]
+        try:
+            params = kind.params.model_validate(raw.get("params") or {})
+        except ValidationError as e:
+            _param_problems(e, kind, name, problems)
+            continue
+        bound[name] = BoundNode(name, kind, params, dict(raw.get("inputs") or {}))
+
+    dag = nx.DiGraph()
+    dag.add_nodes_from(nodes_raw)
+    for name, node in bound.items():
+        kind = node.kind
+        for port, ref in node.inputs.items():
+            path = ("nodes", name, "inputs", port)
+            if port not in kind.inputs:
+                hint = did_you_mean(port, kind.inputs)
+                known = ", ".join(kind.inputs) or "none"
+                problems.add(path, f"unknown input '{port}'{hint} (inputs of {kind.name}: {known})", node=name, kind=kind.name)
+                continue
+            spec = kind.inputs[port]
+            if isinstance(ref, list) and not spec.many:
+                problems.add(path, f"input '{port}' takes one node name, got a list", node=name, kind=kind.name)
+                continue
+            for src in [ref] if isinstance(ref, str) else ref:
+                if src not in nodes_raw:
+                    problems.add(path, f"input '{port}' refers to node '{src}', which does not exist{did_you_mean(src, nodes_raw)}", node=name, kind=kind.name)
+                    continue
+                dag.add_edge(src, name, port=port)
+                if src not in bound:
+                    continue  # its own problem is already reported
+                up = bound[src]
+                if not issubclass(up.kind.output, spec.type_tuple):
+                    problems.add(path, f"input '{port}' expects {spec.type_names()}, got {port_name(up.kind.output)} from '{src}'", node=name, kind=kind.name)
+                    continue
+                missing = set(spec.needs) - set(up.kind.provides(up.params))
+                if missing:
+                    problems.add(path, f"input '{port}' needs data with {', '.join(sorted(missing))}, which '{src}' ({up.kind.name}) does not provide", node=name, kind=kind.name)
+        for port, spec in kind.inputs.items():
+            if not spec.optional and port not in node.inputs:
+                problems.add(("nodes", name, "inputs"), f"missing input '{port}' ({spec.type_names()})", node=name, kind=kind.name)
+
+    position = {n: i for i, n in enumerate(nodes_raw)}
+    for cycle in nx.simple_cycles(dag):
+        first = min(range(len(cycle)), key=lambda i: position[cycle[i]])  # start where the file does
+        cycle = cycle[first:] + cycle[:first]
+        loop = " -> ".join(cycle + [cycle[0]])
+        problems.add((), f"cycle: {loop}")
+    trainers = [n for n, raw in nodes_raw.items() if str(raw.get("kind")) == "trainer"]
+    if len(trainers) != 1:
+        found = ", ".join(trainers) or "none"
+        problems.add(("nodes",), f"a graph needs exactly one trainer node (found: {found})")
+    if problems.added > n_before:
+        return None
+    graph = Graph(graph_name, bound, dag, list(nx.lexicographical_topological_sort(dag)))
+    assign_hashes(graph)
+    return graph
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def assign_hashes(graph: Graph) -> None:
+    """hash(node) = sha256(kind, canonical params, inputs' hashes, package version) (DESIGN §3)."""
+    for name in graph.order:
+        node = graph.nodes[name]
+        ins = {p: [graph.nodes[s].hash for s in node.input_names(p)] for p in sorted(node.inputs)}
+        blob = canonical(
+            {"kind": node.kind.name, "params": node.params.model_dump(mode="json"), "inputs": ins, "version": vlpgraph.__version__}
+        )
+        node.hash = hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,363 @@
+"""``dataset.captions``: real image-caption data from a COCO-captions JSON or a JSONL/CSV manifest.
+
+Formats (chosen by the file's suffix):
+
+- ``.json``: COCO captions, ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}``;
+  with ``boxes: true`` each annotation (or its image entry) carries ``"boxes"``.
+- ``.jsonl``: one object per line with ``image``, ``caption`` and optionally ``boxes``.
+- ``.csv``: columns ``image``, ``caption`` and optionally ``boxes`` (a JSON list).
+
+Boxes are ``[[x0, y0, x1, y1], ...]`` in pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from pydantic import Field, model_validator
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from vlpgraph.errors import UserError
+from vlpgraph.ports import BOXES, PAIRED, BuildContext, PairedData
+from vlpgraph.registry import Params, register
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CaptionsParams(Params):
+    annotations: str = Field(
+        description="COCO-captions .json, or a .jsonl/.csv manifest with 'image' and 'caption' columns"
+    )
+    images: str = Field("", description="root folder of relative image paths (default: the annotations' folder)")
+    test_annotations: str | None = Field(
+        None, description="annotations of the test split (default: hold out the last test_size samples)"
+    )
+    test_size: int = Field(100, ge=1, description="samples held out for test when test_annotations is unset")
+    image_size: int = Field(224, ge=16, le=4096, description="side of the square images fed to the model")
+    random_resized_crop_scale: tuple[float, float] = Field(
+        (0.5, 1.0), description="area range of the training random-resized crop"
+    )
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip in training")
+    boxes: bool = Field(False, description="the annotations have a 'boxes' column (provides the boxes capability)")
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="largest share of missing/unreadable images skipped before erroring"
+    )
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="use the first ceil(f * N) training samples")
+
+    @model_validator(mode="after")
+    def _scale(self) -> "CaptionsParams":
+        lo, hi = self.random_resized_crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"random_resized_crop_scale must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])")
+        return self
+
+
+@dataclass
+class Record:
+    image: Path
+    caption: str
+    boxes: list[list[float]] | None
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _fail(path: Path, what: str) -> UserError:
+    return UserError(f"vlpgraph: {path}: {what}")
+
+
+def _parse_boxes(value, path: Path, where: str) -> list[list[float]]:
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return []
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _fail(path, f"{where}: 'boxes' is not a JSON list ({e.msg})") from None
+    ok = isinstance(value, list) and all(
+        isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in value
+    )
+    if not ok:
+        raise _fail(path, f"{where}: 'boxes' must be a list of [x0, y0, x1, y1] (got {str(value)[:60]})")
+    return [[float(v) for v in b] for b in value]
+
+
+def _check_columns(path: Path, columns: list[str], want_boxes: bool) -> None:
+    listed = ", ".join(columns) if columns else "none"
+    for col in ("image", "caption") + (("boxes",) if want_boxes else ()):
+        if col not in columns:
+            hint = " (set boxes: false, or add a boxes column)" if col == "boxes" else ""
+            raise _fail(path, f"no '{col}' column (columns: {listed}){hint}")
+
+
+def _rows_coco(path: Path, data, want_boxes: bool) -> list[tuple[str, object, object, str]]:
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+        data.get("annotations"), list
+    ):
+        raise _fail(path, "not a COCO-captions file (expected an object with 'images' and 'annotations' lists)")
+    files: dict = {}
+    image_boxes: dict = {}
+    for im in data["images"]:
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise _fail(path, "every entry of 'images' needs 'id' and 'file_name'")
+        files[im["id"]] = im["file_name"]
+        if "boxes" in im:
+            image_boxes[im["id"]] = im["boxes"]
+    anns = data["annotations"]
+    if not anns:
+        return []
+    columns = sorted({k for a in anns[:1] if isinstance(a, dict) for k in a} | ({"image"} if files else set()))
+    if want_boxes and image_boxes:
+        columns.append("boxes")
+    _check_columns(path, columns, want_boxes)
+    rows = []
+    for n, a in enumerate(anns):
+        where = f"annotation {n}"
+        if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
+            raise _fail(path, f"{where}: needs 'image_id' and 'caption'")
+        if a["image_id"] not in files:
+            raise _fail(path, f"{where}: image_id {a['image_id']!r} is not in 'images'")
+        boxes = a.get("boxes", image_boxes.get(a["image_id"])) if want_boxes else None
+        if want_boxes and boxes is None:
+            raise _fail(path, f"{where}: no 'boxes' (on the annotation or its image)")
+        rows.append((files[a["image_id"]], a["caption"], boxes, where))
+    return rows
+
+
+def _rows_jsonl(path: Path, text: str, want_boxes: bool) -> list[tuple[str, object, object, str]]:
+    rows = []
+    checked = False
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"vlpgraph: {path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"vlpgraph: {path}:{n}: expected a JSON object per line")
+        if not checked:
+            _check_columns(path, list(obj), want_boxes)
+            checked = True
+        for col in ("image", "caption") + (("boxes",) if want_boxes else ()):
+            if col not in obj:
+                raise UserError(f"vlpgraph: {path}:{n}: no '{col}'")
+        rows.append((obj["image"], obj["caption"], obj.get("boxes") if want_boxes else None, f"line {n}"))
+    return rows
+
+
+def _rows_csv(path: Path, text: str, want_boxes: bool) -> list[tuple[str, object, object, str]]:
+    try:
+        reader = csv.DictReader(text.splitlines())
+        columns = list(reader.fieldnames or [])
+        _check_columns(path, columns, want_boxes)
+        return [
+            (r["image"], r["caption"], r.get("boxes") if want_boxes else None, f"line {reader.line_num}")
+            for r in reader
+        ]
+    except csv.Error as e:
+        raise _fail(path, f"not a readable CSV ({e})") from None
+
+
+def read_annotations(path: Path, images_root: Path, want_boxes: bool) -> list[Record]:
+    """Records of an annotations file; raises ``UserError`` (one line, naming the file) when it is bad."""
+    if not path.is_file():
+        raise _fail(path, "annotations file not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".csv"):
+        raise _fail(path, f"unsupported annotations format '{suffix}' (expected .json, .jsonl or .csv)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _fail(path, f"cannot read ({e})") from None
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise _fail(path, f"not valid JSON (line {e.lineno}: {e.msg})") from None
+        rows = _rows_coco(path, data, want_boxes)
+    elif suffix == ".jsonl":
+        rows = _rows_jsonl(path, text, want_boxes)
+    else:
+        rows = _rows_csv(path, text, want_boxes)
+    records = []
+    for image, caption, boxes, where in rows:
+        if not isinstance(image, str) or not image.strip():
+            raise _fail(path, f"{where}: 'image' must be a non-empty path")
+        if not isinstance(caption, str):
+            raise _fail(path, f"{where}: 'caption' must be a string")
+        img = Path(image)
+        records.append(
+            Record(
+                image=img if img.is_absolute() else images_root / img,
+                caption=" ".join(caption.split()),
+                boxes=_parse_boxes(boxes, path, where) if want_boxes else None,
+            )
+        )
+    if not records:
+        raise _fail(path, "no samples")
+    return records
+
+
+def _image_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for a bad file
+        return f"unreadable: {type(e).__name__}"
+    return None
+
+
+def drop_bad_images(records: list[Record], ann: Path, max_bad_fraction: float, log) -> list[Record]:
+    """Records whose image exists and opens; more than ``max_bad_fraction`` bad images is an error."""
+    problems = {}
+    for img in dict.fromkeys(r.image for r in records):
+        why = _image_problem(img)
+        if why:
+            problems[img] = why
+    if not problems:
+        return records
+    n_images = len({r.image for r in records})
+    names = ", ".join(f"{p.name} ({why})" for p, why in list(problems.items())[:5])
+    more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+    if len(problems) > max_bad_fraction * n_images:
+        raise UserError(
+            f"vlpgraph: {ann}: {len(problems)} of {n_images} images are missing or unreadable, "
+            f"more than max_bad_fraction={max_bad_fraction}: {names}{more}"
+        )
+    log(f"vlpgraph: warning: {ann}: skipped {len(problems)} of {n_images} images: {names}{more}")
+    return [r for r in records if r.image not in problems]
+
+
+def hold_out_by_image(records: list[Record], test_size: int, path: Path) -> tuple[list[Record], list[Record]]:
+    """The last images (in order of first appearance) until ``test_size`` samples are held out."""
+    order = list(dict.fromkeys(r.image for r in records))
+    test_images: set[Path] = set()
+    held = 0
+    per_image: dict[Path, int] = {}
+    for r in records:
+        per_image[r.image] = per_image.get(r.image, 0) + 1
+    for img in reversed(order):
+        if held >= test_size:
+            break
+        test_images.add(img)
+        held += per_image[img]
+    train = [r for r in records if r.image not in test_images]
+    test = [r for r in records if r.image in test_images]
+    if not train:
+        raise _fail(path, f"only {len(records)} usable samples: test_size={test_size} leaves none for training")
+    return train, test
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+
+class CaptionSplit(torch.utils.data.Dataset):
+    """Items: ``image`` [3,S,S] normalised, ``caption``, ``sample_id`` (+ ``boxes`` [K,4] in pixels of
+    ``image``, ``mentioned`` [K]: True for boxes still visible after the crop)."""
+
+    def __init__(self, records: list[Record], transform, boxes: bool):
+        self.records = records
+        self.transform = transform
+        self.with_boxes = boxes
+        self.captions = [r.caption for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.records[i]
+        with Image.open(r.image) as im:
+            image = im.convert("RGB")
+        if not self.with_boxes:
+            img = self.transform(image)
+            return {"image": img.as_subclass(torch.Tensor), "caption": r.caption, "sample_id": int(i)}
+        bb = tv_tensors.BoundingBoxes(
+            torch.tensor(r.boxes, dtype=torch.float32).reshape(-1, 4),
+            format="XYXY",
+            canvas_size=(image.height, image.width),
+        )
+        img, bb = self.transform(image, bb)
+        boxes = bb.as_subclass(torch.Tensor).float()
+        return {
+            "image": img.as_subclass(torch.Tensor),
+            "caption": r.caption,
+            "sample_id": int(i),
+            "boxes": boxes,
+            "mentioned": (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]),
+        }
+
+
+class CaptionsData(PairedData):
+    def __init__(self, train: CaptionSplit, test: CaptionSplit, p: CaptionsParams):
+        self.train, self.test = train, test
+        self.params = p
+        self.capabilities = frozenset({PAIRED, BOXES}) if p.boxes else frozenset({PAIRED})
+        self.zeroshot = None
+        self.image_size = p.image_size
+        self.mean, self.std = MEAN, STD
+
+    def train_captions(self) -> list[str]:
+        return list(self.train.captions)
+
+
+def transforms(p: CaptionsParams) -> tuple[v2.Transform, v2.Transform]:
+    """(train, test) transforms; v2 transforms move boxes along with the image."""
+    tail = [v2.ClampBoundingBoxes(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    train = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(p.image_size, scale=tuple(p.random_resized_crop_scale), antialias=True),
+            v2.RandomHorizontalFlip(p.hflip),
+            *tail,
+        ]
+    )
+    test = v2.Compose([v2.ToImage(), v2.Resize(p.image_size, antialias=True), v2.CenterCrop(p.image_size), *tail])
+    return train, test
+
+
+def _provides(p: CaptionsParams) -> frozenset[str]:
+    return frozenset({PAIRED, BOXES}) if p.boxes else frozenset({PAIRED})
+
+
+@register("dataset.captions", params=CaptionsParams, output=PairedData, provides=_provides)
+def build(params: CaptionsParams, inputs: dict, ctx: BuildContext) -> PairedData:
+    """Real image-caption pairs from a COCO-captions .json or a .jsonl/.csv manifest.
+
+    Reads ``annotations`` (image path + caption per sample; with ``boxes: true`` also a ``boxes``
+    column, [[x0,y0,x1,y1], ...] in original-image pixels). Relative image paths resolve against
+    ``images`` (default: the annotations' folder). Missing or unreadable images are skipped with a
+    warning; more than ``max_bad_fraction`` of them is an error. The test split is
+    ``test_annotations`` or else the last ``test_size`` samples, held out by image. Training items get
+    a random-resized crop and horizontal flip (boxes follow); test items are resized and center-cropped
+    to ``image_size``. Items: ``image`` [3,S,S] normalised with CLIP's mean/std, ``caption``,
+    ``sample_id`` (+ ``boxes`` [K,4], ``mentioned`` [K]). ``train_fraction`` keeps the first
+    ceil(f * N) training samples.
+    """
+    ann = Path(params.annotations)
+    root = Path(params.images) if params.images else ann.parent
+    records = read_annotations(ann, root, params.boxes)
+    records = drop_bad_images(records, ann, params.max_bad_fraction, ctx.log)
+    if params.test_annotations:
+        test_ann = Path(params.test_annotations)
+        test_records = read_annotations(test_ann, Path(params.images) if params.images else test_ann.parent, params.boxes)
+        test_records = drop_bad_images(test_records, test_ann, params.max_bad_fraction, ctx.log)
+        train_records = records
+    else:
+        train_records, test_records = hold_out_by_image(records, params.test_size, ann)
+    n_train = max(1, math.ceil(round(params.train_fraction * len(train_records), 6)))
+    train_tf, test_tf = transforms(params)
+    train = CaptionSplit(train_records[:n_train], train_tf, params.boxes)
+    test = CaptionSplit(test_records, test_tf, params.boxes)
+    return CaptionsData(train, test, params)

@@ -1,0 +1,176 @@
+"""Node kind ``encoder.text``: a BERT text tower (transformers) with its WordPiece tokenizer; attention
+goes through vlpgraph.attention via a registered transformers attention function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from transformers import BertConfig, BertModel
+
+from vlpgraph.attention import transformers_attention_name, resolve_backend
+from vlpgraph.errors import UserError
+from vlpgraph.ports import BuildContext, PairedData, TextTower
+from vlpgraph.registry import In, Params, register
+from vlpgraph.tokenizer import WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
+
+Backend = Literal["auto", "sdpa", "math", "xformers"]
+
+
+class TextParams(Params):
+    width: int = Field(128, ge=8, le=4096, description="hidden size; divisible by heads")
+    depth: int = Field(4, ge=1, le=64, description="number of transformer layers")
+    heads: int = Field(2, ge=1, le=64, description="attention heads per layer")
+    mlp_ratio: float = Field(4.0, gt=0.0, le=16.0, description="feed-forward width / hidden size")
+    max_len: int = Field(32, ge=3, le=4096, description="tokens per caption incl. [CLS] and [SEP]; longer ones are cut")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on hidden states and attention weights")
+    attention: Backend = Field("auto", description="attention backend: auto | sdpa | math | xformers")
+    tokenizer: str | None = Field(
+        None, description="local tokenizer.json to use; none = train a WordPiece on the data's captions"
+    )
+    vocab_size: int = Field(2000, ge=32, le=1_000_000, description="vocabulary cap of the trained WordPiece")
+    pretrained: str | None = Field(
+        None, description="local state dict (.safetensors or .pth/.pt) of a BERT to start from; none = random init"
+    )
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class BertTower(TextTower):
+    """transformers ``BertModel`` (no pooler) as a TextTower; ``.bert`` is the model, ``.tokenizer``
+    its tokenizer. ``attention_backend`` switches the attention backend in place."""
+
+    def __init__(self, bert: BertModel, tokenizer: WordPieceTokenizer, backend: str):
+        super().__init__()
+        self.bert = bert
+        self.tokenizer = tokenizer
+        self.width = bert.config.hidden_size
+        self.max_len = tokenizer.max_len
+        self._backend = backend
+
+    @property
+    def attention_backend(self) -> str:
+        return self._backend
+
+    @attention_backend.setter
+    def attention_backend(self, backend: str) -> None:
+        self.bert.set_attn_implementation(transformers_attention_name(backend))
+        self._backend = backend
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+
+def build_bert(p: TextParams, tokenizer: WordPieceTokenizer) -> BertTower:
+    cfg = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=p.width,
+        num_hidden_layers=p.depth,
+        num_attention_heads=p.heads,
+        intermediate_size=max(1, int(p.width * p.mlp_ratio)),
+        hidden_act="gelu",
+        hidden_dropout_prob=p.dropout,
+        attention_probs_dropout_prob=p.dropout,
+        max_position_embeddings=p.max_len,
+        type_vocab_size=2,
+        pad_token_id=tokenizer.pad_id,
+        use_cache=False,
+    )
+    bert = BertModel._from_config(
+        cfg, attn_implementation=transformers_attention_name(p.attention), add_pooling_layer=False
+    )
+    return BertTower(bert, tokenizer, p.attention)
+
+
+def _read_state_dict(path: str, kind: str) -> dict[str, torch.Tensor]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{kind}: pretrained checkpoint not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p), device="cpu")
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{kind}: cannot read checkpoint {p}: {msg}")
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{kind}: {p} is not a state dict of tensors")
+    return sd
+
+
+def _load_pretrained(bert: BertModel, path: str, log) -> None:
+    sd = _read_state_dict(path, "encoder.text")
+    for prefix in ("module.", "bert."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    own = bert.state_dict()
+    key = "embeddings.position_embeddings.weight"
+    if key in sd and sd[key].shape[0] > own[key].shape[0] and sd[key].shape[1:] == own[key].shape[1:]:
+        log(f"encoder.text: using the first {own[key].shape[0]} of {sd[key].shape[0]} position embeddings")
+        sd[key] = sd[key][: own[key].shape[0]]
+    word = "embeddings.word_embeddings.weight"
+    if word in sd and sd[word].shape != own[word].shape:
+        raise UserError(
+            f"encoder.text: {path} has a vocabulary of {sd[word].shape[0]} but the tokenizer has "
+            f"{own[word].shape[0]} (pass the checkpoint's tokenizer.json as 'tokenizer')"
+        )
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise UserError(f"encoder.text: {path} does not fit these params (width/depth/heads/max_len?): {bad[0]}")
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise UserError(f"encoder.text: {path} lacks {len(missing)} weights of this BERT, e.g. {missing[0]!r}")
+    unexpected = [k for k in sd if k not in own]
+    bert.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+    if unexpected:
+        log(f"encoder.text: ignored {len(unexpected)} checkpoint entries not in the encoder (e.g. {unexpected[0]!r})")
+
+
+@register(
+    "encoder.text",
+    params=TextParams,
+    output=BertTower,
+    inputs={"data": In(PairedData, doc="the tokenizer is trained on its training captions")},
+)
+def build(params: TextParams, inputs: dict, ctx: BuildContext) -> BertTower:
+    """BERT text tower (transformers) with a WordPiece tokenizer, from scratch or from local files.
+
+    Produces a TextTower: ``forward(input_ids, attention_mask)`` -> last hidden states
+    [B, L, width], position 0 being [CLS]; padded positions are masked out of attention.
+    ``.tokenizer`` turns captions into ``{"input_ids", "attention_mask"}`` ([CLS] first, [SEP] last,
+    cut at ``max_len``, padded to the batch's longest). Without ``tokenizer`` a lowercase WordPiece
+    (vocab at most ``vocab_size``) is trained on the data's training captions and cached under
+    ``<cache>/tokenizers/<content hash>.json``, so re-runs reuse it. Attention runs through
+    vlpgraph.attention with the ``attention`` backend. ``pretrained`` loads a local BERT state dict
+    (keys as transformers' BertModel, optionally prefixed ``bert.``). Never downloads.
+    """
+    if params.attention == "xformers":
+        try:
+            resolve_backend("xformers", ctx.device, torch.bfloat16)
+        except UserError as e:
+            raise UserError(f"node '{ctx.node}' (encoder.text): {e}")
+    if params.tokenizer:
+        hf_tok = load_tokenizer_file(params.tokenizer)
+    else:
+        data = inputs.get("data")
+        if data is None:
+            raise UserError(f"node '{ctx.node}' (encoder.text): needs a data input to train its tokenizer on")
+        hf_tok, _ = cached_wordpiece(list(data.train_captions()), params.vocab_size, ctx.cache_root, ctx.log)
+    tokenizer = WordPieceTokenizer(hf_tok, params.max_len)
+    tower = build_bert(params, tokenizer)
+    if params.pretrained:
+        _load_pretrained(tower.bert, params.pretrained, ctx.log)
+    return tower

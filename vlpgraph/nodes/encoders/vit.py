@@ -1,0 +1,261 @@
+"""Node kind ``encoder.vit``: a timm VisionTransformer whose attention goes through vlpgraph.attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from pydantic import Field, model_validator
+from timm.layers import Attention as TimmAttention
+from timm.models.vision_transformer import VisionTransformer
+
+from vlpgraph.attention import attend, resolve_backend
+from vlpgraph.errors import UserError
+from vlpgraph.ports import BuildContext, PairedData, VisionTower
+from vlpgraph.registry import In, Params, register
+
+Backend = Literal["auto", "sdpa", "math", "xformers"]
+
+
+class ViTParams(Params):
+    image_size: int | None = Field(
+        None, ge=8, le=4096, description="input size in pixels; default: the data input's image_size, else 32"
+    )
+    patch_size: int = Field(4, ge=1, le=64, description="square patch side in pixels (must divide image_size)")
+    width: int = Field(128, ge=8, le=4096, description="token width (embedding dim); divisible by heads")
+    depth: int = Field(4, ge=1, le=64, description="number of transformer blocks")
+    heads: int = Field(2, ge=1, le=64, description="attention heads per block")
+    mlp_ratio: float = Field(4.0, gt=0.0, le=16.0, description="MLP hidden width / token width")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate (linearly increasing per block)")
+    attention: Backend = Field("auto", description="attention backend: auto | sdpa | math | xformers")
+    pretrained: str | None = Field(
+        None, description="local state dict (.safetensors or .pth/.pt) to start from; none = random init"
+    )
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.image_size is not None and self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+        return self
+
+
+# ------------------------------------------------------------------------------- attention routing
+
+
+class RoutedAttention(TimmAttention):
+    """timm's ``Attention`` with the scaled-dot-product step done by :func:`vlpgraph.attention.attend`.
+
+    Same parameters and state-dict keys as timm's; the forward mirrors timm 1.0.31's line by line
+    (qkv, q_norm/k_norm, attention with attn_drop, norm, optional gate, proj, proj_drop).
+    ``attention_backend`` picks the backend. With ``keep_weights`` set, the math backend runs and the
+    attention weights [B, H, N, N] are kept in ``last_weights`` (for attention maps).
+    """
+
+    attention_backend: str = "auto"
+    keep_weights: bool = False
+    last_weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        p = self.attn_drop.p if self.training else 0.0
+        if self.keep_weights:
+            x, w = attend(q, k, v, attn_mask, is_causal, "math", self.scale, return_weights=True, dropout_p=p)
+            self.last_weights = w.detach()
+        else:
+            x = attend(q, k, v, attn_mask, is_causal, self.attention_backend, self.scale, dropout_p=p)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+def route_timm_attention(model: torch.nn.Module, backend: str = "auto") -> int:
+    """Make every timm ``Attention`` inside ``model`` a :class:`RoutedAttention` (in place; weights and
+    keys unchanged) using ``backend``. Returns how many modules were routed."""
+    n = 0
+    for m in model.modules():
+        if type(m) is TimmAttention:
+            m.__class__ = RoutedAttention
+        if isinstance(m, RoutedAttention):
+            m.attention_backend = backend
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------ tower
+
+
+class ViTTower(VisionTower):
+    """A timm ViT (class token, learned positions, final LayerNorm, no head) as a VisionTower."""
+
+    def __init__(self, vit: VisionTransformer, patch_size: int):
+        super().__init__()
+        self.vit = vit
+        self.width = vit.embed_dim
+        self.patch_size = patch_size
+        self.grid_size = tuple(vit.patch_embed.grid_size)
+        self.num_prefix_tokens = vit.num_prefix_tokens
+        self.depth = len(vit.blocks)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_features(images)
+
+    def forward_blocks(self, images: torch.Tensor, blocks: Sequence[int]):
+        depth = self.depth
+        want: dict[int, list[int]] = {}
+        for b in blocks:
+            i = int(b)
+            if not -depth <= i < depth:
+                raise IndexError(f"block {b} does not exist: this ViT has blocks 0..{depth - 1}")
+            want.setdefault(i % depth, []).append(b)
+        vit = self.vit
+        x = vit.patch_embed(images)
+        x = vit._pos_embed(x)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        out: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(vit.blocks):
+            x = blk(x)
+            for key in want.get(i, ()):
+                out[key] = x
+        return vit.norm(x), out
+
+    @torch.no_grad()
+    def attention_maps(self, images: torch.Tensor, blocks: Sequence[int] = (-1,)) -> dict[int, torch.Tensor]:
+        """Attention weights [B, H, 1+N, 1+N] of the listed blocks (math backend), for attention maps."""
+        attns = [blk.attn for blk in self.vit.blocks]
+        idx = {int(b) % self.depth: b for b in blocks}
+        for i in idx:
+            attns[i].keep_weights = True
+        try:
+            self.forward(images)
+            return {b: attns[i].last_weights for i, b in idx.items()}
+        finally:
+            for i in idx:
+                attns[i].keep_weights = False
+                attns[i].last_weights = None
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def _read_state_dict(path: str, kind: str) -> dict[str, torch.Tensor]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{kind}: pretrained checkpoint not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p), device="cpu")
+        else:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{kind}: cannot read checkpoint {p}: {msg}")
+    for key in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{kind}: {p} is not a state dict of tensors")
+    return sd
+
+
+def _load_pretrained(vit: VisionTransformer, path: str, log) -> None:
+    sd = _read_state_dict(path, "encoder.vit")
+    for prefix in ("module.", "vit.", "visual.trunk."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    own = vit.state_dict()
+    pe = sd.get("pos_embed")
+    if pe is not None and pe.shape != own["pos_embed"].shape and pe.shape[-1] == own["pos_embed"].shape[-1]:
+        from timm.layers import resample_abs_pos_embed
+
+        sd["pos_embed"] = resample_abs_pos_embed(
+            pe, new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=vit.num_prefix_tokens
+        )
+        log(f"encoder.vit: resampled pos_embed {tuple(pe.shape)} -> {tuple(sd['pos_embed'].shape)}")
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise UserError(f"encoder.vit: {path} does not fit these params (width/depth/patch_size?): {bad[0]}")
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise UserError(f"encoder.vit: {path} lacks {len(missing)} weights of this ViT, e.g. {missing[0]!r}")
+    unexpected = [k for k in sd if k not in own]
+    vit.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+    if unexpected:
+        log(f"encoder.vit: ignored {len(unexpected)} checkpoint entries not in the ViT (e.g. {unexpected[0]!r})")
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def build_vit(p: ViTParams, image_size: int) -> ViTTower:
+    vit = VisionTransformer(
+        img_size=image_size,
+        patch_size=p.patch_size,
+        in_chans=3,
+        num_classes=0,
+        global_pool="",
+        embed_dim=p.width,
+        depth=p.depth,
+        num_heads=p.heads,
+        mlp_ratio=p.mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+        drop_path_rate=p.drop_path,
+        attn_layer=RoutedAttention,
+    )
+    route_timm_attention(vit, p.attention)
+    return ViTTower(vit, p.patch_size)
+
+
+@register(
+    "encoder.vit",
+    params=ViTParams,
+    output=ViTTower,
+    inputs={"data": In(PairedData, optional=True, doc="optional: image_size defaults to the data's")},
+)
+def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
+    """Vision Transformer image tower (timm), trained from scratch or from a local checkpoint.
+
+    Produces a VisionTower: images [B, 3, S, S] -> tokens [B, 1 + (S/patch_size)^2, width], class
+    token first, final LayerNorm applied. ``forward_blocks(images, blocks)`` also returns the tokens
+    after the listed blocks (before the final norm); block indices are 0 .. depth-1 (negative
+    indices count from the end). Attention runs through vlpgraph.attention with the ``attention``
+    backend. S is ``image_size``, or the data input's image size when left out (32 without data).
+    ``pretrained`` loads a local .safetensors/.pth state dict (timm ViT keys, optionally prefixed
+    ``vit.``); the position embedding is resampled if its grid differs. Never downloads.
+    """
+    data = inputs.get("data")
+    image_size = params.image_size
+    if image_size is None:
+        image_size = int(getattr(data, "image_size", None) or 32)
+    elif data is not None and getattr(data, "image_size", image_size) != image_size:
+        raise UserError(
+            f"node '{ctx.node}' (encoder.vit): image_size {image_size} but its data makes "
+            f"{data.image_size} px images (leave image_size out to inherit it)"
+        )
+    if image_size % params.patch_size:
+        raise UserError(
+            f"node '{ctx.node}' (encoder.vit): image size {image_size} is not divisible by patch_size {params.patch_size}"
+        )
+    if params.attention == "xformers":
+        try:
+            resolve_backend("xformers", ctx.device, torch.bfloat16)
+        except UserError as e:
+            raise UserError(f"node '{ctx.node}' (encoder.vit): {e}")
+    tower = build_vit(params, image_size)
+    if params.pretrained:
+        _load_pretrained(tower.vit, params.pretrained, ctx.log)
+    return tower

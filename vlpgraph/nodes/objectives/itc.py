@@ -1,0 +1,207 @@
+"""objective.itc: image-text contrastive loss (CLIP / ALBEF ITC) and the shared image-text embedding.
+
+Also home of :func:`contrastive_loss`, the symmetric InfoNCE that mixers reuse with soft targets, and
+:func:`gather_with_grad`, the cross-rank feature gather it uses under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from vlpgraph import ports
+from vlpgraph.registry import In, Params, register
+
+# ------------------------------------------------------------------------------------ the loss
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, or (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """[B, D] on every rank -> [world*B, D], rank r's rows at ``r*B``; gradient reaches every rank's rows.
+
+    Returns ``features`` unchanged when not distributed. Every rank must pass the same B (the trainer's
+    loader drops the last incomplete batch).
+    """
+    _, size = world()
+    if size == 1:
+        return features
+    from torch.distributed.nn.functional import all_gather  # autograd-aware, unlike dist.all_gather
+
+    return torch.cat(all_gather(features), dim=0)
+
+
+def contrastive_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    temperature: torch.Tensor | float,
+    targets: torch.Tensor | None = None,
+    *,
+    gather: bool = True,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between paired image and text embeddings.
+
+    image_emb, text_emb: [B, D], L2-normalised; row i of each is pair i.
+    temperature: τ (float or 0-d tensor); logits = cosine similarity / τ. A CLIP ``logit_scale`` s is
+        τ = 1/s: pass ``1 / s``.
+    targets: optional soft targets [B, B], row i a distribution over the batch's texts for image i
+        (rows sum to 1). Image->text uses ``targets``, text->image uses ``targets.T``. None means
+        one-hot (image i <-> text i), i.e. plain cross-entropy with labels ``arange(B)``.
+    gather: under ``torch.distributed`` with world size > 1, gather both modalities from every rank
+        with gradient and score the local rows against the global columns (OpenCLIP's ``local_loss``):
+        labels are offset by ``rank*B`` and soft targets are placed in this rank's block of columns
+        (zero elsewhere). Set False to keep the loss within the local batch.
+
+    Returns the scalar ½·(CE(image->text) + CE(text->image)), averaged over the local rows, in fp32.
+    """
+    if image_emb.shape != text_emb.shape or image_emb.dim() != 2:
+        raise ValueError(f"contrastive_loss: image_emb {tuple(image_emb.shape)} and text_emb "
+                         f"{tuple(text_emb.shape)} must both be [B, D]")
+    b = image_emb.shape[0]
+    rank, size = world() if gather else (0, 1)
+    all_images, all_texts = (gather_with_grad(image_emb), gather_with_grad(text_emb)) if size > 1 else (image_emb, text_emb)
+
+    # fp32 logits: under bf16 autocast the matmul runs in bf16, the softmax should not
+    logits_i2t = (image_emb @ all_texts.T).float() / temperature  # [B, world*B]
+    logits_t2i = (text_emb @ all_images.T).float() / temperature
+    offset = rank * b
+
+    if targets is None:
+        labels = torch.arange(b, device=image_emb.device) + offset
+        return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+
+    if targets.shape != (b, b):
+        raise ValueError(f"contrastive_loss: targets must be [B, B] = [{b}, {b}], got {tuple(targets.shape)}")
+    targets = targets.detach().float()
+    targets_i2t, targets_t2i = targets, targets.T
+    if size > 1:
+        targets_i2t = F.pad(targets_i2t, (offset, (size - 1) * b - offset))
+        targets_t2i = F.pad(targets_t2i, (offset, (size - 1) * b - offset))
+    return 0.5 * (F.cross_entropy(logits_i2t, targets_i2t) + F.cross_entropy(logits_t2i, targets_t2i))
+
+
+# ---------------------------------------------------------------------------------- the node
+
+
+class ITCParams(Params):
+    embed_dim: int = Field(128, ge=1, description="D: the shared embedding size (projections width -> D)")
+    weight: float = Field(1.0, ge=0, description="weight of the 'itc' term in the total loss")
+    temperature: float = Field(0.07, gt=0, description="initial temperature τ (logits = cosine / τ)")
+    temperature_min: float = Field(0.001, gt=0, description="τ is clamped to at least this")
+    temperature_max: float = Field(0.5, gt=0, description="τ is clamped to at most this")
+    learn_temperature: bool = Field(True, description="learn τ (False: keep it fixed)")
+
+    @model_validator(mode="after")
+    def _temperature_in_range(self) -> "ITCParams":
+        if not self.temperature_min <= self.temperature <= self.temperature_max:
+            raise ValueError(
+                f"temperature {self.temperature} must lie in [temperature_min, temperature_max] = "
+                f"[{self.temperature_min}, {self.temperature_max}]"
+            )
+        return self
+
+
+class ITC(ports.Objective, ports.Embedder):
+    """Contrastive objective over CLS projections; also the model's image-text embedding.
+
+    The towers are held by reference, not as submodules: they are their own graph nodes (their own
+    entry in the trial's modules, their own device placement); registering them here would put their
+    weights into this module's state_dict a second time.
+    """
+
+    def __init__(self, vision: ports.VisionTower, text: ports.TextTower, params: ITCParams):
+        super().__init__()
+        self._towers = (vision, text)
+        self.weight = params.weight
+        self.temperature_min = params.temperature_min
+        self.temperature_max = params.temperature_max
+        self.vision_proj = nn.Linear(vision.width, params.embed_dim)
+        self.text_proj = nn.Linear(text.width, params.embed_dim)
+        temp = torch.tensor(float(params.temperature))
+        if params.learn_temperature:
+            self.temp = nn.Parameter(temp)
+        else:
+            self.register_buffer("temp", temp)
+
+    @property
+    def vision(self) -> ports.VisionTower:
+        return self._towers[0]
+
+    @property
+    def text(self) -> ports.TextTower:
+        return self._towers[1]
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        """τ clamped into [temperature_min, temperature_max] (0-d tensor).
+
+        Straight-through: the value is clamped, the gradient reaches ``temp`` unchanged, so τ can come
+        back from a bound. Nothing here saves ``temp`` itself for backward, so the in-place clamp in
+        :meth:`forward` never invalidates a graph built earlier in the step.
+        """
+        with torch.no_grad():
+            delta = self.temp.clamp(self.temperature_min, self.temperature_max) - self.temp
+        return self.temp + delta
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """1/τ (CLIP's convention)."""
+        return 1.0 / self.temperature
+
+    def embed_images(self, fwd: ports.Forward, images_key: str = "images") -> torch.Tensor:
+        """L2-normalised projection of the image CLS token: [B, D]. Memoised in ``fwd``."""
+
+        def compute() -> torch.Tensor:
+            tokens = fwd.image_tokens(self.vision, images_key)  # [B, 1+N, C], CLS first
+            return F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
+
+        return fwd.memo(("objective.itc/image", id(self), images_key), compute)
+
+    def embed_texts(self, fwd: ports.Forward) -> torch.Tensor:
+        """L2-normalised projection of the text CLS token (position 0): [B, D]. Memoised in ``fwd``."""
+
+        def compute() -> torch.Tensor:
+            tokens = fwd.text_tokens(self.text)  # [B, L, C]
+            return F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+
+        return fwd.memo(("objective.itc/text", id(self)), compute)
+
+    def forward(self, fwd: ports.Forward, batch: dict) -> dict[str, torch.Tensor]:
+        if self.training and isinstance(self.temp, nn.Parameter):
+            with torch.no_grad():  # ALBEF keeps the parameter itself inside the range
+                self.temp.clamp_(self.temperature_min, self.temperature_max)
+        loss = contrastive_loss(self.embed_images(fwd), self.embed_texts(fwd), self.temperature)
+        return {"itc": loss}
+
+
+@register(
+    "objective.itc",
+    params=ITCParams,
+    output=ITC,
+    inputs={
+        "vision": In(ports.VisionTower, doc="image tower; its CLS token (position 0) is projected"),
+        "text": In(ports.TextTower, doc="text tower; its CLS token (position 0) is projected"),
+    },
+)
+def build(params: ITCParams, inputs: dict, ctx: ports.BuildContext) -> ITC:
+    """Image-text contrastive loss (CLIP / ALBEF ITC); also defines the embedding evaluators use.
+
+    Reads the image tower's CLS token and the text tower's CLS token (position 0), projects each with
+    a Linear(width -> embed_dim), L2-normalises, and scores every image against every caption of the
+    batch: loss 'itc' = ½·(CE(image->text) + CE(text->image)) with logits = cosine / τ and caption i
+    the positive of image i. τ starts at `temperature` and, with `learn_temperature`, is learned and
+    clamped into [temperature_min, temperature_max] (ALBEF: 0.07 in [0.001, 0.5]). Tower passes come
+    from the step's shared Forward, so other objectives reuse them. Under torchrun the features are
+    gathered from every rank with gradient and each rank scores its rows against the global batch.
+    ALBEF's momentum encoder and feature queue are not part of this node.
+    """
+    vision, text = inputs["vision"], inputs["text"]
+    return ITC(vision, text, params).to(ctx.device)

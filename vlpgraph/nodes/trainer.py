@@ -1,0 +1,76 @@
+"""Node kind ``trainer``: the optimisation settings of a trial and the set of objectives it trains."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from vlpgraph.errors import UserError
+from vlpgraph.ports import BuildContext, Model, Objective, PairedData, TextTower
+from vlpgraph.registry import In, Params, register
+
+
+class TrainerParams(Params):
+    epochs: float = Field(4, gt=0, description="passes over the (train_fraction of the) training split")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many steps (overrides epochs when smaller)")
+    batch_size: int = Field(128, ge=2, description="samples per optimiser step (per process under torchrun)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay (not applied to biases, norms, temperatures)")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps before the cosine decay")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine decays to lr * min_lr_ratio")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this (null: no clipping)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    checkpoint_every: int = Field(200, ge=0, description="save a checkpoint every N steps (0: only at the end)")
+    log_every: int = Field(10, ge=1, description="write training metrics to the store every N steps")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the training process)")
+    eval_every: int = Field(0, ge=0, description="also run the evaluators every N steps (0: only at the end)")
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is longer than max_steps ({self.max_steps})")
+        return self
+
+
+class TrainJob(Model):
+    """What a trainer node builds: the trial's modules, objectives and data, ready for ``train.fit``."""
+
+    def __init__(self, params: TrainerParams, data: PairedData, objectives: dict[str, Objective], modules: dict[str, nn.Module], device):
+        self.params = params
+        self.data = data
+        self.objectives = objectives
+        self.modules = nn.ModuleDict(modules)
+        self.device = device
+        tokenizers = {}
+        for m in self.modules.modules():
+            if isinstance(m, TextTower):
+                tokenizers[m.tokenizer.content_hash] = m.tokenizer
+        if len(tokenizers) > 1:
+            raise UserError("the objectives use text towers with different tokenizers; one trial needs one tokenizer")
+        self.tokenizer = next(iter(tokenizers.values()), None)
+
+
+@register(
+    "trainer",
+    params=TrainerParams,
+    output=TrainJob,
+    inputs={
+        "data": In(PairedData, doc="the training data"),
+        "objectives": In(Objective, many=True, doc="objectives whose weighted terms are summed into the loss"),
+    },
+)
+def build(params: TrainerParams, inputs: dict, ctx: BuildContext) -> TrainJob:
+    """Trains the objectives' modules jointly with AdamW and a warmup+cosine schedule.
+
+    Each step: one batch from ``data`` (tokenised with the text tower's tokenizer), every objective
+    returns named loss terms, the trainer multiplies them by the objective's ``weight``, sums them,
+    logs each term, and takes one optimiser step. Checkpoints (safetensors weights + optimiser state)
+    are written atomically every ``checkpoint_every`` steps and at the end; an interrupted trial
+    resumes from the last one. A NaN/inf loss fails the trial with the step and the terms.
+    Output: the trained model, which evaluators take as their ``model`` input.
+    """
+    modules = {name: out for name, out in ctx.upstream.items() if isinstance(out, nn.Module)}
+    return TrainJob(params, inputs["data"], inputs["objectives"], modules, ctx.device)

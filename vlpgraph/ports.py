@@ -1,0 +1,247 @@
+"""The types that flow along a graph's edges, and the context a node's build function receives.
+
+Each node kind declares one of these as its output; validation checks that an input receives a
+subclass of what it accepts. They are small interfaces: the engine and other nodes rely only on what
+is written here, never on a particular node's class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------------------------- data
+
+# Capabilities a dataset can provide (``In(needs=...)`` names them).
+PAIRED = "paired"  # image + caption samples
+BOXES = "boxes"  # per-object boxes and which objects each caption mentions
+CLASSES = "classes"  # zero-shot class labels on (some) test images
+
+
+@dataclass
+class ZeroShotSet:
+    """Test images with one class each, for prompt classification.
+
+    indices: positions in the test split; labels: class index per position;
+    class_names: e.g. "red circle"; prompt: format string with ``{}`` for the class name.
+    """
+
+    indices: list[int]
+    labels: list[int]
+    class_names: list[str]
+    prompt: str = "a {}"
+
+
+class PairedData:
+    """Image-caption data.
+
+    ``train`` / ``test`` are ``torch.utils.data.Dataset``s whose items are dicts:
+
+    - ``image``: float tensor [3, H, W], normalised (mean/std of the dataset, see ``normalize``)
+    - ``caption``: str
+    - ``sample_id``: int (unique within the split; stable across train_fraction subsets)
+    - with capability ``boxes``: ``boxes`` float tensor [K, 4] (x0, y0, x1, y1 in pixels of ``image``)
+      and ``mentioned`` bool tensor [K] (which objects the caption names)
+
+    ``collate`` turns a list of items into a batch dict (images stacked, captions as a list, boxes
+    as a list of tensors); tokenisation is added by the trainer.
+    """
+
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    capabilities: frozenset[str] = frozenset({PAIRED})
+    zeroshot: ZeroShotSet | None = None
+    image_size: int = 32
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def train_captions(self) -> list[str]:
+        """Every training caption (the text tower trains its tokenizer on these)."""
+        raise NotImplementedError
+
+    def collate(self, items: list[dict]) -> dict:
+        return default_collate(items)
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] normalised -> [0,1]."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images * std + mean).clamp(0, 1)
+
+
+def default_collate(items: list[dict]) -> dict:
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if key in ("boxes", "mentioned"):
+            batch[key] = vals  # ragged
+        elif isinstance(vals[0], torch.Tensor):
+            batch[key] = torch.stack(vals)
+        elif isinstance(vals[0], (int, float, bool)):
+            batch[key] = torch.tensor(vals)
+        else:
+            batch[key] = vals
+    if "caption" in batch:
+        batch["captions"] = batch.pop("caption")
+    if "image" in batch:
+        batch["images"] = batch.pop("image")
+    if "sample_id" in batch:
+        batch["sample_ids"] = batch.pop("sample_id")
+    return batch
+
+
+# ------------------------------------------------------------------------------------------- towers
+
+
+class Tokenizer:
+    """Text -> ids. ``__call__(captions) -> {"input_ids": Long[B,L], "attention_mask": Long[B,L]}``,
+    padded to the longest caption in the batch and truncated to ``max_len`` (CLS first, SEP last)."""
+
+    vocab_size: int
+    max_len: int
+    pad_id: int
+    cls_id: int
+    sep_id: int
+    mask_id: int
+    content_hash: str
+
+    def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class VisionTower(nn.Module):
+    """Images [B,3,H,W] -> tokens [B, 1+N, C] (CLS first, final norm applied).
+
+    ``forward_blocks(images, blocks)`` also returns the tokens after each listed block (0-based),
+    before the final norm: ``(final_tokens, {block: tokens})``.
+    """
+
+    width: int
+    patch_size: int
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int = 1
+
+    def forward_blocks(self, images: torch.Tensor, blocks: Sequence[int]):
+        raise NotImplementedError
+
+
+class TextTower(nn.Module):
+    """``forward(input_ids, attention_mask) -> tokens [B, L, C]`` (position 0 is CLS)."""
+
+    width: int
+    tokenizer: Tokenizer
+
+
+class Forward:
+    """Memoised encoder passes for one batch, shared by every objective of a step.
+
+    ``fwd.image_tokens(tower)`` runs ``tower(batch["images"])`` once per step however many objectives
+    ask; ``fwd.memo(key, fn)`` memoises anything else (a similarity matrix, patch scores).
+    """
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+        self._cache: dict[Any, Any] = {}
+
+    def memo(self, key: Any, fn: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def image_tokens(self, tower: nn.Module, images_key: str = "images") -> torch.Tensor:
+        return self.memo(("image", id(tower), images_key), lambda: tower(self.batch[images_key]))
+
+    def text_tokens(self, tower: nn.Module) -> torch.Tensor:
+        b = self.batch
+        return self.memo(("text", id(tower)), lambda: tower(b["input_ids"], b["attention_mask"]))
+
+
+# ------------------------------------------------------------------------------ objectives, model
+
+
+class Objective(nn.Module):
+    """``forward(fwd: Forward, batch) -> dict[str, Tensor]`` of named loss terms (scalars).
+
+    The trainer multiplies every term by ``weight`` and sums them; each term is logged separately.
+    """
+
+    weight: float = 1.0
+
+
+class Embedder:
+    """Objectives that define a shared image-text embedding (ITC) also implement this; evaluators
+    use it. Both return L2-normalised [B, D]."""
+
+    def embed_images(self, fwd: Forward) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed_texts(self, fwd: Forward) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Model:
+    """A trainer's output: what evaluators receive once training is done.
+
+    modules: every trainable module of the trial, by node name; objectives: by node name;
+    data: the training data; tokenizer: the text tower's; device: where modules live.
+    """
+
+    modules: nn.ModuleDict
+    objectives: dict[str, Objective]
+    data: PairedData
+    tokenizer: Tokenizer | None
+    device: torch.device
+    params: Any
+
+    def embedder(self) -> Embedder:
+        for obj in self.objectives.values():
+            if isinstance(obj, Embedder):
+                return obj
+        raise LookupError("no objective of this model defines an image-text embedding (e.g. objective.itc)")
+
+
+class Evaluator:
+    """``evaluate(model, ctx) -> EvalResult``; run after training (and every ``every`` steps if set)."""
+
+    def evaluate(self, model: Model, ctx: "BuildContext") -> "EvalResult":
+        raise NotImplementedError
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    # rows for the store's patch_scores table (dicts with its columns less run_id/step)
+    patch_scores: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------- context
+
+
+@dataclass
+class BuildContext:
+    """What a build function may use besides its params and inputs.
+
+    node: the node's name; node_hash: its content hash; seed: the trial seed;
+    cache_dir: ``store/cache/<node_hash>/`` for expensive outputs (created on demand);
+    device: the trial's torch device; log: a callable for one-line notes to the user;
+    upstream: every node this one depends on, directly or not, built ({name: output}, in build order)
+    — the trainer collects the trial's modules from it.
+    """
+
+    node: str
+    node_hash: str
+    seed: int
+    cache_root: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    log: Callable[[str], None] = print
+    upstream: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cache_dir(self) -> Path:
+        d = self.cache_root / self.node_hash
+        d.mkdir(parents=True, exist_ok=True)
+        return d

@@ -1,0 +1,139 @@
+"""The node-kind registry.
+
+A node kind is a build function plus a pydantic params model, its output port type and its inputs::
+
+    @register(
+        "objective.itc",
+        params=ITCParams,
+        output=Objective,
+        inputs={"vision": In(VisionTower), "text": In(TextTower)},
+    )
+    def build(params: ITCParams, inputs: dict, ctx: BuildContext) -> Objective: ...
+
+Like timm's ``@register_model`` and LAVIS's registry, names are unique: registering a name twice
+is refused. The engine finds kinds only through :func:`get` / :func:`kinds`; node modules are
+imported once by :func:`load_builtin_kinds`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+ROLES = ("dataset", "encoder", "head", "mixer", "objective", "evaluator", "trainer")
+
+
+class Params(BaseModel):
+    """Base class of every node's params model: unknown keys are errors, values are validated."""
+
+    model_config = {"extra": "forbid", "validate_default": True}
+
+
+@dataclass(frozen=True)
+class In:
+    """One input of a node kind.
+
+    types: the port types accepted (the upstream node's ``output`` must be a subclass of one).
+    many:  the input takes a list of node names.
+    optional: the input may be left out.
+    needs: capabilities the upstream node must provide (e.g. ``{"boxes"}``).
+    """
+
+    types: type | tuple[type, ...]
+    many: bool = False
+    optional: bool = False
+    needs: frozenset[str] = frozenset()
+    doc: str = ""
+
+    @property
+    def type_tuple(self) -> tuple[type, ...]:
+        return self.types if isinstance(self.types, tuple) else (self.types,)
+
+    def type_names(self) -> str:
+        return " | ".join(t.__name__ for t in self.type_tuple)
+
+
+@dataclass(frozen=True)
+class NodeKind:
+    name: str
+    build: Callable[..., Any]
+    params: type[Params]
+    output: type
+    inputs: dict[str, In] = field(default_factory=dict)
+    # Capabilities this node's output provides, as a function of its validated params
+    # (dataset.captions has boxes only when its manifest has a boxes column, say).
+    provides: Callable[[Params], frozenset[str]] = lambda p: frozenset()
+    doc: str = ""
+
+    @property
+    def role(self) -> str:
+        return self.name.split(".")[0]
+
+    @property
+    def summary(self) -> str:
+        return (self.doc.strip().splitlines() or [""])[0]
+
+
+_KINDS: dict[str, NodeKind] = {}
+
+
+def register(
+    name: str,
+    *,
+    params: type[Params],
+    output: type,
+    inputs: dict[str, In] | None = None,
+    provides: frozenset[str] | Callable[[Params], frozenset[str]] = frozenset(),
+):
+    """Decorator registering ``build`` as node kind ``name`` (``role.what``, or just ``trainer``)."""
+    role = name.split(".")[0]
+    if role not in ROLES:
+        raise ValueError(f"kind {name!r}: role {role!r} is not one of {ROLES}")
+    if not issubclass(params, Params):
+        raise TypeError(f"kind {name!r}: params must subclass vlpgraph.registry.Params")
+    provides_fn = provides if callable(provides) else (lambda p, _c=frozenset(provides): _c)
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _KINDS:
+            raise ValueError(f"node kind {name!r} is already registered (by {_KINDS[name].build.__module__})")
+        _KINDS[name] = NodeKind(
+            name=name,
+            build=fn,
+            params=params,
+            output=output,
+            inputs=dict(inputs or {}),
+            provides=provides_fn,
+            doc=fn.__doc__ or "",
+        )
+        return fn
+
+    return deco
+
+
+_loaded = False
+
+
+def load_builtin_kinds() -> None:
+    """Import every module under ``vlpgraph.nodes`` once, which registers the built-in kinds."""
+    global _loaded
+    if _loaded:
+        return
+    import vlpgraph.nodes as nodes_pkg
+
+    for mod in pkgutil.walk_packages(nodes_pkg.__path__, prefix="vlpgraph.nodes."):
+        importlib.import_module(mod.name)
+    _loaded = True
+
+
+def get(name: str) -> NodeKind:
+    load_builtin_kinds()
+    return _KINDS[name]
+
+
+def kinds() -> dict[str, NodeKind]:
+    load_builtin_kinds()
+    return dict(sorted(_KINDS.items()))

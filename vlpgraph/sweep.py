@@ -1,0 +1,160 @@
+"""A graph file -> the list of trials it asks for (grid x variants x seeds), each a validated Graph.
+
+Precedence of edits, lowest first: the file's ``nodes:``, the variant, the grid point, the
+``--profile``, then ``--set``. Every resolved graph is validated; all problems of all trials are
+reported together, each at the line in the file that caused it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlpgraph.errors import did_you_mean
+from vlpgraph.graph import Graph, bind
+from vlpgraph.spec import Problems, apply_dotted, deep_merge, load_yaml, parse_graph_document, split_dotted
+
+DEFAULT_VARIANT = "default"
+
+
+@dataclass
+class Trial:
+    variant: str
+    seed: int
+    grid: dict[str, Any]
+    graph: Graph
+
+    @property
+    def run_id(self) -> str:
+        """The trial's identity: its trainer's content hash plus the seed (DESIGN §3)."""
+        return f"{self.graph.nodes[self.graph.trainer].hash[:16]}-s{self.seed}"
+
+    def flat_params(self) -> dict[str, Any]:
+        """Every node param as ``node.param`` -> value (JSON types)."""
+        out: dict[str, Any] = {}
+        for name in self.graph.order:
+            for k, v in self.graph.nodes[name].params.model_dump(mode="json").items():
+                out[f"{name}.{k}"] = v
+        return out
+
+    def document(self) -> dict[str, Any]:
+        """The resolved trial as plain data (stored in runs.params)."""
+        nodes = {
+            n: {"kind": b.kind.name, "inputs": b.inputs, "params": b.params.model_dump(mode="json")}
+            for n, b in self.graph.nodes.items()
+        }
+        return {"graph": self.graph.name, "variant": self.variant, "seed": self.seed, "grid": self.grid, "nodes": nodes}
+
+
+@dataclass
+class Experiment:
+    file: str
+    name: str
+    description: str
+    trials: list[Trial]
+    varied: list[str] = field(default_factory=list)  # node.param keys whose value differs across trials
+    variants: list[str] = field(default_factory=list)
+
+
+def _remap_lines(lines: dict, src_prefix: tuple, dst_prefix: tuple) -> dict:
+    n = len(src_prefix)
+    return {dst_prefix + p[n:]: ln for p, ln in lines.items() if p[:n] == src_prefix}
+
+
+def _apply_variant(nodes: dict, name: str, edit: Any, lines: dict, problems: Problems) -> tuple[dict, dict]:
+    here = ("sweep", "variants", name)
+    new_lines = dict(lines)
+    if not isinstance(edit, dict):
+        problems.add(here, f"variant '{name}': expected a mapping (use {{}} for the unchanged graph)")
+        return nodes, new_lines
+    for key, value in edit.items():
+        if key == "nodes":
+            if not isinstance(value, dict):
+                problems.add(here + (key,), f"variant '{name}': 'nodes' must be a mapping of node edits")
+                continue
+            nodes = deep_merge(nodes, value)
+            new_lines.update(_remap_lines(lines, here + ("nodes",), ("nodes",)))
+        elif split_dotted(key):
+            if apply_dotted(nodes, key, value, here + (key,), problems, f"variant '{name}'"):
+                node, param = split_dotted(key)
+                new_lines[("nodes", node, "params", param)] = lines.get(here + (key,))
+        else:
+            problems.add(here + (key,), f"variant '{name}': unknown key '{key}' (a variant has 'nodes:' edits and node.param keys)")
+    return nodes, new_lines
+
+
+def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile: str | None = None) -> Experiment:
+    """Load, expand and validate a graph file; raises UserError listing every problem."""
+    file = str(path)
+    data, lines = load_yaml(path)
+    problems = Problems(file, lines)
+    spec = parse_graph_document(data, problems)
+    if spec is None:
+        problems.raise_if_any()
+    raw = data  # keep the user's own spelling of inputs/params (pydantic defaults are not edits)
+    base_nodes = {n: {k: copy.deepcopy(v) for k, v in raw["nodes"][n].items()} for n in raw["nodes"]}
+    sweep = spec.sweep
+    seeds = list(sweep.seeds) if sweep and sweep.seeds is not None else [spec.seed]
+
+    overrides: list[tuple[str, Any, tuple, str]] = []  # (key, value, path, what) applied after the grid
+    if profile is not None:
+        if profile not in spec.profiles:
+            names = ", ".join(spec.profiles) or "none defined"
+            problems.add(("profiles",), f"unknown profile '{profile}'{did_you_mean(profile, spec.profiles)} (profiles: {names})")
+        else:
+            for key, value in spec.profiles[profile].items():
+                if key == "sweep.seeds":
+                    seeds = list(value) if isinstance(value, list) else [value]
+                else:
+                    overrides.append((key, value, ("profiles", profile, key), f"profile '{profile}'"))
+    for key, value in sets:
+        overrides.append((key, value, ("--set", key), "--set"))
+        lines[("--set", key)] = f"--set {key}"
+
+    grid = sweep.grid if sweep else {}
+    for key in grid:
+        if not grid[key]:
+            problems.add(("sweep", "grid", key), f"sweep grid '{key}' has no values")
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
+    variants = dict(sweep.variants) if sweep and sweep.variants else {DEFAULT_VARIANT: {}}
+
+    trials: list[Trial] = []
+    seen: set[str] = set()
+    for vname, edit in variants.items():
+        vnodes, vlines = _apply_variant(base_nodes, vname, edit, lines, problems)
+        for point in points:
+            nodes = copy.deepcopy(vnodes)
+            tlines = dict(vlines)
+            ok = True
+            for key, value in point.items():
+                here = ("sweep", "grid", key)
+                ok &= apply_dotted(nodes, key, value, here, problems, "sweep grid")
+                if split_dotted(key):
+                    tlines[("nodes",) + (split_dotted(key)[0], "params", split_dotted(key)[1])] = lines.get(here)
+            for key, value, here, what in overrides:
+                ok &= apply_dotted(nodes, key, value, here, problems, what)
+                if split_dotted(key):
+                    tlines[("nodes", split_dotted(key)[0], "params", split_dotted(key)[1])] = lines.get(here, f"--set {key}")
+            if not ok:
+                continue
+            tproblems = Problems(file, tlines)
+            graph = bind(spec.graph, nodes, tproblems)
+            for m in tproblems.messages:
+                if m not in problems.messages:
+                    problems.messages.append(m)
+            if graph is None:
+                continue
+            for seed in seeds:
+                trial = Trial(vname, seed, dict(point), graph)
+                if trial.run_id not in seen:  # two edits that resolve to the same graph are one trial
+                    seen.add(trial.run_id)
+                    trials.append(trial)
+    problems.raise_if_any()
+
+    flat = [t.flat_params() for t in trials]
+    keys = sorted({k for f in flat for k in f})
+    varied = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    return Experiment(file, spec.graph, spec.description, trials, varied, list(variants))

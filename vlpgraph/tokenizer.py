@@ -1,0 +1,155 @@
+"""A WordPiece tokenizer (HuggingFace ``tokenizers``) behind the :class:`vlpgraph.ports.Tokenizer` interface.
+
+BERT-style: NFD + lowercase + accent stripping (``BertNormalizer``), whitespace and punctuation
+splitting (``BertPreTokenizer``), WordPiece with ``##`` continuations, ``[CLS] text [SEP]``.
+Either trained on captions (cached on disk by content hash) or read from a local ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from vlpgraph.errors import UserError
+from vlpgraph.ports import Tokenizer
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
+# bump when the training recipe changes, so old cache files are not reused for a new recipe
+RECIPE = "wordpiece-bert-lowercase-v1"
+
+
+def training_hash(captions: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> str:
+    """Content hash of what a trained tokenizer depends on: the captions, the vocab cap, the specials."""
+    h = hashlib.sha256()
+    h.update(f"{RECIPE}\0{vocab_size}\0{len(special_tokens)}\0".encode())
+    for t in special_tokens:
+        h.update(t.encode() + b"\0")
+    n = 0
+    for c in captions:
+        b = c.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))  # length-prefixed: no separator ambiguity
+        h.update(b)
+        n += 1
+    h.update(n.to_bytes(8, "little"))
+    return h.hexdigest()[:32]
+
+
+def train_wordpiece(captions: Sequence[str], vocab_size: int) -> HFTokenizer:
+    """Train a lowercase BERT-style WordPiece on ``captions`` (vocab at most ``vocab_size``)."""
+    tok = HFTokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator(captions, trainer=trainer, length=len(captions))
+    return tok
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``: a reader never
+    sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def cached_wordpiece(captions: Sequence[str], vocab_size: int, cache_root: Path, log=print) -> tuple[HFTokenizer, Path]:
+    """The WordPiece for ``captions``: read from ``cache_root/tokenizers/<hash>.json`` when present,
+    else trained and written there atomically."""
+    key = training_hash(captions, vocab_size)
+    path = Path(cache_root) / "tokenizers" / f"{key}.json"
+    if path.is_file():
+        try:
+            tok = HFTokenizer.from_file(str(path))
+            log(f"tokenizer: reused {path}")
+            return tok, path
+        except Exception as e:  # a corrupt cache entry is retrained, never trusted
+            log(f"tokenizer: cached file {path} unreadable ({e}); retraining")
+    if not captions:
+        raise UserError("encoder.text: the data has no training captions to train a tokenizer on")
+    tok = train_wordpiece(captions, vocab_size)
+    atomic_write_text(path, tok.to_str())
+    log(f"tokenizer: trained WordPiece (vocab {tok.get_vocab_size()}) on {len(captions)} captions -> {path}")
+    return tok, path
+
+
+def load_tokenizer_file(path: str | Path) -> HFTokenizer:
+    """A tokenizer from a local ``tokenizer.json``; UserError when it is missing or unreadable."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"encoder.text: tokenizer file not found: {p}")
+    try:
+        return HFTokenizer.from_file(str(p))
+    except Exception as e:
+        raise UserError(f"encoder.text: cannot read tokenizer {p}: {str(e).splitlines()[0] if str(e) else e}")
+
+
+class WordPieceTokenizer(Tokenizer):
+    """``ports.Tokenizer`` over a ``tokenizers.Tokenizer``: ``[CLS] ... [SEP]``, truncated to ``max_len``
+    (SEP kept last), padded with ``[PAD]`` to the longest caption of the batch."""
+
+    def __init__(self, tok: HFTokenizer, max_len: int):
+        if max_len < 3:
+            raise ValueError("max_len must be at least 3 ([CLS], one token, [SEP])")
+        ids = {t: tok.token_to_id(t) for t in (PAD, CLS, SEP, MASK)}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise UserError(f"encoder.text: tokenizer lacks the special tokens {', '.join(missing)}")
+        self.pad_id, self.cls_id, self.sep_id, self.mask_id = ids[PAD], ids[CLS], ids[SEP], ids[MASK]
+        self.max_len = int(max_len)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # The hash covers the tokenizer itself (without runtime padding/truncation) and max_len,
+        # i.e. everything __call__'s output depends on.
+        tok.no_padding()
+        tok.no_truncation()
+        self.content_hash = hashlib.sha256(f"{tok.to_str()}\0{self.max_len}".encode()).hexdigest()[:32]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A {SEP}",
+            special_tokens=[(CLS, self.cls_id), (SEP, self.sep_id)],
+        )
+        tok.enable_truncation(max_length=self.max_len)
+        tok.enable_padding(pad_id=self.pad_id, pad_token=PAD)
+        self.tok = tok
+
+    def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        if isinstance(captions, str):
+            captions = [captions]
+        if len(captions) == 0:
+            empty = torch.zeros(0, 0, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone()}
+        encs = self.tok.encode_batch(list(captions))
+        return {
+            "input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long),
+            "attention_mask": torch.tensor([e.attention_mask for e in encs], dtype=torch.long),
+        }
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def __repr__(self) -> str:
+        return f"WordPieceTokenizer(vocab_size={self.vocab_size}, max_len={self.max_len}, hash={self.content_hash[:8]})"
