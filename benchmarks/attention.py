@@ -11,10 +11,10 @@ Peak memory:
 - CUDA: ``torch.cuda.max_memory_allocated()`` during one forward+backward, minus what was allocated
   before it (inputs included in the baseline).
 - CPU: PyTorch's CPU allocator is invisible to ``tracemalloc``, so each (backend, shape) runs one
-  forward+backward in a fresh subprocess and reports the growth of the process's peak resident set
-  (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) over its value just before the pass (inputs and
-  a warm-up on a tiny shape already counted). It is an RSS high-water mark, so it includes allocator
-  slack; compare backends with each other, not with the CUDA numbers.
+  forward+backward in a fresh subprocess and reports how far the process's peak resident set
+  (VmHWM in /proc/self/status, reset just before the pass) rose above its resident set before the
+  pass (inputs and a warm-up on a tiny shape already counted). It is an RSS high-water mark, so it
+  includes allocator slack; compare backends with each other, not with the CUDA numbers. Linux only.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -87,16 +86,29 @@ def cuda_peak(backend, B, H, L, D, dtype, use_mask):
     return torch.cuda.max_memory_allocated() - base
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def cpu_peak_child(backend, B, H, L, D, dtype, use_mask) -> int:
-    """Runs in a fresh process: growth of peak RSS (bytes) over one forward+backward."""
+    """Runs in a fresh process: growth of the peak resident set (bytes) over one forward+backward.
+
+    The peak (VmHWM) is reset to the current RSS just before the pass by writing 5 to
+    /proc/self/clear_refs (Linux >= 4.0); getrusage's ru_maxrss cannot be used because a child
+    inherits its parent's high-water mark across fork+exec."""
     device = torch.device("cpu")
     fwd_bwd(backend, *make_inputs(2, H, 8, D, device, dtype), None)  # warm-up on a tiny shape
     q, k, v = make_inputs(B, H, L, D, device, dtype)
     mask = key_padding_mask(B, L, device) if use_mask else None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     fwd_bwd(backend, q, k, v, mask)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) * 1024  # ru_maxrss is KiB on Linux
+    return (_status_kib("VmHWM") - before) * 1024
 
 
 def cpu_peak(backend, B, H, L, D, dtype, use_mask) -> int:

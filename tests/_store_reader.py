@@ -23,7 +23,7 @@ def main() -> None:
         statuses.append(runs[0]["status"] if runs else None)
         time.sleep(float(sleep_s))
     with open(out, "w") as f:
-        json.dump({"counts": counts, "statuses": statuses, "lock_retries": store.stats["lock_retries"],
+        json.dump({"counts": counts, "statuses": statuses, "lock_retries": store.stats["lock_retries"], "lock_waits": store.stats["lock_waits"],
                    "lock_wait_s": store.stats["lock_wait_s"],
                    "read_max_ms": 1e3 * max(latencies)}, f)
 

@@ -37,7 +37,7 @@ def main() -> None:
             "write_median_ms": 1e3 * statistics.median(latencies),
             "write_p90_ms": 1e3 * latencies[int(0.9 * len(latencies))],
             "write_max_ms": 1e3 * latencies[-1],
-            "lock_retries": store.stats["lock_retries"],
+            "lock_retries": store.stats["lock_retries"], "lock_waits": store.stats["lock_waits"],
             "lock_wait_s": store.stats["lock_wait_s"],
             "duration_s": time.perf_counter() - t_start,
         }, f)

@@ -178,6 +178,20 @@ def test_env_override_reaches_attend(monkeypatch):
     assert calls == [1]
 
 
+def test_auto_avoids_xformers_for_head_dims_it_cannot_run(monkeypatch):
+    """auto only hands xformers head dims that are multiples of 8; an explicit 'xformers' is passed on."""
+    used = []
+    monkeypatch.setattr(attention, "resolve_backend", lambda *a: "xformers")
+    monkeypatch.setattr(attention, "_xformers", lambda q, *a: used.append("xformers") or q)
+    q, k, v = qkv(D=6)
+    ref, _ = reference(q, k, v)
+    torch.testing.assert_close(attend(q, k, v), ref, atol=1e-5, rtol=1e-5)  # fell back to sdpa
+    assert used == []
+    attend(*qkv(D=8))
+    attend(q, k, v, backend="xformers")
+    assert used == ["xformers", "xformers"]
+
+
 def test_unknown_backend_and_xformers_on_cpu_are_clear_errors():
     q, k, v = qkv()
     with pytest.raises(UserError, match="unknown attention backend 'flash'"):
@@ -199,6 +213,51 @@ def test_xformers_bias_layout():
     b2 = attention._xformers_bias(add, (2, 3, 5, 5), torch.float16)
     assert all(s % 8 == 0 for s in b2.stride()[:-1])
     torch.testing.assert_close(b2.float(), add.half().float().expand(2, 3, 5, 5))
+
+
+class _FakeLowerTriangularMask:
+    pass
+
+
+def _fake_memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None):
+    """CPU stand-in with xformers' documented semantics and input checks ([B, M, H, K] layout, bias of
+    exactly [B, H, Mq, Mk] with strides multiple of 8), to test the adapter's glue without a GPU."""
+    B, Mq, H, K = query.shape
+    Mk = key.shape[1]
+    assert key.shape == value.shape == (B, Mk, H, K) and query.stride(-1) == 1
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    s = (q * (K**-0.5 if scale is None else scale)) @ k.transpose(-2, -1)
+    if isinstance(attn_bias, _FakeLowerTriangularMask):
+        s = s.masked_fill(~causal_allowed(B, H, Mq, Mk), float("-inf"))
+    elif attn_bias is not None:
+        assert attn_bias.shape == (B, H, Mq, Mk) and attn_bias.dtype == query.dtype
+        assert all(st % 8 == 0 for st in attn_bias.stride()[:-1]) and attn_bias.stride(-1) == 1
+        s = s + attn_bias
+    return (s.softmax(-1) @ v).transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("case", ["none", "causal", "padding", "padding+causal", "additive"])
+def test_xformers_adapter_glue(monkeypatch, case):
+    import sys
+    import types
+
+    fake = types.ModuleType("xformers.ops")
+    fake.memory_efficient_attention = _fake_memory_efficient_attention
+    fake.LowerTriangularMask = _FakeLowerTriangularMask
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake)
+    sys.modules["xformers"].ops = fake
+    q, k, v = qkv(Lq=5, Lk=7 if case in ("none", "padding", "additive") else 5)
+    Lk = k.shape[2]
+    keep = torch.ones(2, Lk, dtype=torch.bool)
+    keep[0, -2:] = False
+    mask = {"padding": keep[:, None, None, :], "padding+causal": keep[:, None, None, :],
+            "additive": torch.randn(1, 3, 5, Lk)}.get(case)
+    causal = "causal" in case
+    out = attention._xformers(q, k, v, mask, causal, 0.5, 0.0)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, attend(q, k, v, mask=mask, causal=causal, scale=0.5, backend="math"),
+                               atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- CUDA

@@ -273,7 +273,9 @@ def test_two_process_gloo_gather_matches_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
     world = 2
-    mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    # fork: the children need not re-import torch (spawn costs seconds on a loaded 2-core machine)
+    mp.start_processes(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
+                       join=True, start_method="fork")
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     g = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -220,6 +221,17 @@ def test_reading_a_missing_store_creates_nothing(tmp_path):
     assert s.query("SELECT count(*) AS n FROM metrics") == [{"n": 0}]
     assert "shapes.train_fraction" not in s.columns()
     assert not (tmp_path / "nowhere").exists()
+    # a file whose first writer died before creating any table reads as empty too
+    (tmp_path / "empty").mkdir()
+    duckdb.connect(str(tmp_path / "empty" / "vlpgraph.duckdb")).close()
+    e = Store(tmp_path / "empty")
+    assert e.runs() == [] and e.metrics("r") == []
+    with pytest.raises(duckdb.CatalogException):  # a real catalog error is not hidden
+        s.query("SELECT * FROM no_such_table")
+    _start(e, "r", {"train.lr": 0.1})  # and the next writer creates the schema
+    assert [r["run_id"] for r in e.runs()] == ["r"]
+    with pytest.raises(duckdb.CatalogException):
+        e.query("SELECT * FROM no_such_table")
 
 
 # ------------------------------------------------------------------ concurrency
@@ -266,6 +278,7 @@ def test_threads_in_one_process_share_the_file(tmp_path):
     seen = []
     while thread.is_alive():
         seen.append(len(reader.metrics("r")))
+        time.sleep(0.002)
     thread.join()
     assert not errors
     assert seen == sorted(seen) and len(reader.metrics("r")) == 30
@@ -326,9 +339,32 @@ def test_readers_and_writer_in_separate_processes(tmp_path):
 
     print(f"\nwriter: {batches} transactions in {wres['duration_s']:.2f} s; open+write+close median "
           f"{wres['write_median_ms']:.1f} ms, p90 {wres['write_p90_ms']:.1f} ms, max {wres['write_max_ms']:.1f} ms; "
-          f"lock retries {wres['lock_retries']} ({wres['lock_wait_s']:.2f} s waiting)")
+          f"waited {wres['lock_waits']}x, duckdb open retries {wres['lock_retries']}, {wres['lock_wait_s']:.2f} s waiting")
     print(f"test-process reader: 50 reads, median {1e3 * statistics.median(latencies):.1f} ms, max "
-          f"{1e3 * max(latencies):.1f} ms, lock retries {s.stats['lock_retries']} "
+          f"{1e3 * max(latencies):.1f} ms, waited {s.stats['lock_waits']}x, duckdb open retries {s.stats['lock_retries']} "
           f"({s.stats['lock_wait_s']:.2f} s waiting)")
-    print(f"subprocess reader: 50 reads, max {rres['read_max_ms']:.1f} ms, lock retries {rres['lock_retries']} "
+    print(f"subprocess reader: 50 reads, max {rres['read_max_ms']:.1f} ms, waited {rres['lock_waits']}x, "
+          f"duckdb open retries {rres['lock_retries']} "
           f"({rres['lock_wait_s']:.2f} s waiting)")
+
+
+def test_waits_behind_a_cooperating_process_then_times_out_clearly(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    s = Store(tmp_path)
+    _start(s, "r", {"train.lr": 0.1})
+    fd = os.open(tmp_path / "vlpgraph.duckdb.writer.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a writer of another process would, while it waits/writes
+        with pytest.raises(StoreLockTimeout, match="could not open .* for reading within 0.2 s"):
+            Store(tmp_path, timeout=0.2).runs()
+        with pytest.raises(StoreLockTimeout, match="for writing within 0.2 s"):
+            Store(tmp_path, timeout=0.2).log_metrics("r", [dict(step=1, name="loss", value=1.0)])
+        releaser = threading.Timer(0.3, fcntl.flock, args=(fd, fcntl.LOCK_UN))
+        releaser.start()
+        patient = Store(tmp_path, timeout=10)
+        assert [r["run_id"] for r in patient.runs()] == ["r"]
+        assert patient.stats["lock_waits"] == 1 and patient.stats["lock_wait_s"] >= 0.2
+        releaser.join()
+    finally:
+        os.close(fd)
+    assert Store(tmp_path).metrics("r") == []

@@ -190,6 +190,8 @@ def attend(
             raise ValueError(f"return_weights=True needs the 'math' attention backend, not {backend!r}")
         return _math(q, k, v, mask, causal, scale, dropout_p)
     name = resolve_backend(backend, q.device, q.dtype)
+    if name == "xformers" and backend == "auto" and q.shape[-1] % 8:
+        name = "sdpa"  # xformers' kernels want head dims that are multiples of 8; auto never fails on it
     if name == "sdpa":
         return _sdpa(q, k, v, mask, causal, scale, dropout_p)
     if name == "math":
@@ -239,6 +241,9 @@ def _register_transformers(name: str, backend: str) -> None:
         # for unpadded causal batches) and there is more than one query (a cached decoding step)
         is_causal = kwargs.get("is_causal", getattr(module, "is_causal", False))
         causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
+        if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the k/v heads
+            rep = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[-1] != key.shape[-2]:
             attention_mask = attention_mask[..., : key.shape[-2]]
         if backend == "math" and kwargs.get("output_attentions"):

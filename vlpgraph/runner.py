@@ -160,9 +160,13 @@ class Runner:
 
         if self.rank != 0:
             return Hooks(on_step=on_step)
+        def on_resume(step: int) -> None:
+            self._log(f"resuming {run_id} from its checkpoint at step {step}")
+            self.store.delete_metrics_after(run_id, step)
+
         return Hooks(
             on_metrics=lambda rows: self.store.log_metrics(run_id, rows),
-            on_resume=lambda step: self.store.delete_metrics_after(run_id, step),
+            on_resume=on_resume,
             on_step=on_step,
             on_eval=lambda step: self._evaluate(plan, step),
         )

@@ -11,16 +11,28 @@ Concurrency
 DuckDB lets one *process* hold a database file: while a writer has it open, nobody else can open
 it, not even read-only, and while any reader has it open, a writer cannot open it. So the store
 never keeps a connection: every operation opens a connection, runs one short transaction, fetches
-everything it needs and closes. Both sides retry the open when it fails on the file lock
-(``IOException: ... Conflicting lock is held``), sleeping a small jittered, growing delay
-(2 ms .. 100 ms) until ``timeout`` seconds (default 30, ``$VLPGRAPH_STORE_TIMEOUT``) have passed,
-then raise :class:`StoreLockTimeout` with a one-line explanation. Inside one process, operations
-on the same file are serialised by a process-wide lock (DuckDB refuses a read-only and a read-write
-connection to the same file in one process at the same time). Readers open ``read_only``; a reader
-of a store that does not exist yet sees empty tables and creates nothing.
+everything it needs and closes it. Readers open ``read_only``.
 
-An open+write+close costs about 20-30 ms on a 2-core machine (see ``stats``), so the training loop
-should log metrics in batches (every N steps / every second or so), not one row per call.
+Waiting happens in two layers, both bounded by ``timeout`` (default 30 s,
+``$VLPGRAPH_STORE_TIMEOUT``), after which :class:`StoreLockTimeout` says what happened:
+
+1. vlpgraph processes queue on two ``flock``'ed sidecar files beside the database
+   (``vlpgraph.duckdb.lock``: shared for readers, exclusive for a writer; and
+   ``vlpgraph.duckdb.writer.lock``, held by a writer while it waits, so a stream of overlapping
+   readers cannot starve the training loop). Polling a flock is a microsecond syscall, whereas a
+   failed ``duckdb.connect`` burns ~10 ms of CPU; the DuckDB connection is closed before the
+   sidecar lock is released, so the next process finds the file free.
+2. ``duckdb.connect`` itself is retried with small jittered, growing sleeps (2 ms .. 100 ms) while it
+   fails on the file lock (``IOException: ... Conflicting lock is held``) - this covers processes
+   that do not know the protocol (the duckdb CLI, a notebook) and platforms without ``fcntl``.
+
+Inside one process, operations on the same file are serialised by a process-wide lock (DuckDB
+refuses a read-only and a read-write connection to one file in one process at the same time). A
+reader of a store that does not exist yet sees empty tables and creates nothing.
+
+An uncontended open+write+close costs about 20-30 ms on a 2-core machine, a read about 15-20 ms
+(``Store.stats`` counts them), so the training loop should log metrics in batches (every N steps /
+every second or so), not one row per call.
 
 Flattened hyper-parameters
 --------------------------
@@ -67,6 +79,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+
 from vlpgraph import __version__
 from vlpgraph.errors import UserError, did_you_mean
 
@@ -78,7 +91,14 @@ PARAM_COLUMN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
 STATUSES = ("queued", "running", "completed", "failed")
 
 _CONFIG = {"threads": 1, "enable_external_access": False}
-_INSERT_CHUNK = 500  # rows per INSERT statement
+_INSERT_CHUNK = 5000  # rows per INSERT statement
+_METRIC_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("epoch", "DOUBLE"), ("name", "VARCHAR"),
+                   ("value", "DOUBLE"), ("wall_s", "DOUBLE")]
+_EVAL_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARCHAR"), ("metric", "VARCHAR"),
+                 ("value", "DOUBLE"), ("logged_at", "TIMESTAMP")]
+_PATCH_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("sample_id", "BIGINT"), ("caption", "VARCHAR"),
+                  ("grid_h", "INTEGER"), ("grid_w", "INTEGER"), ("scores", "FLOAT[]"), ("image", "BLOB"),
+                  ("boxes", "VARCHAR")]
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -149,6 +169,11 @@ class StoreLockTimeout(StoreError):
 
 # --------------------------------------------------------------------------------------------
 # helpers
+
+
+def default_root() -> Path:
+    """The store directory when none is given: $VLPGRAPH_STORE, else ./store."""
+    return Path(os.environ.get("VLPGRAPH_STORE") or "store")
 
 
 def validate_run_id(run_id: str) -> str:
@@ -288,8 +313,12 @@ class Store:
         self.root = Path(root).expanduser().resolve()
         self.db_path = self.root / DB_NAME
         if timeout is None:
-            timeout = float(os.environ.get("VLPGRAPH_STORE_TIMEOUT", DEFAULT_TIMEOUT_S))
-        self.timeout = float(timeout)
+            raw = os.environ.get("VLPGRAPH_STORE_TIMEOUT") or DEFAULT_TIMEOUT_S
+            try:
+                timeout = float(raw)
+            except ValueError:
+                raise UserError(f"VLPGRAPH_STORE_TIMEOUT={raw!r}: expected seconds, e.g. 30") from None
+        self.timeout = max(float(timeout), 0.0)
         self._lock = _process_lock(self.db_path)
         self._schema_ready = False
         # counters for diagnostics / benchmarks
@@ -429,11 +458,15 @@ class Store:
         with self._lock:
             t0 = time.perf_counter()
             self.root.mkdir(parents=True, exist_ok=True)
+            if not self.db_path.exists():
+                self._schema_ready = False  # new store, or someone removed the file
             try:
                 with self._connection(read_only=False) as con:
                     if not self._schema_ready:
+                        con.begin()
                         for stmt in SCHEMA:
                             con.execute(stmt)
+                        con.commit()
                         self._schema_ready = True
                     con.begin()
                     try:
@@ -453,16 +486,24 @@ class Store:
         with self._lock:
             t0 = time.perf_counter()
             try:
-                if not self.db_path.exists():
-                    con = duckdb.connect(":memory:", config=_CONFIG)
-                    try:
-                        for stmt in SCHEMA:
-                            con.execute(stmt)
-                        return fn(con)
-                    finally:
-                        con.close()
-                with self._connection(read_only=True) as con:
+                if self.db_path.exists():
+                    with self._connection(read_only=True) as con:
+                        try:
+                            return fn(con)
+                        except duckdb.CatalogException:
+                            # a file whose first writer died before creating the schema reads as
+                            # empty, like a missing one; any other catalog error is real
+                            present = {r[0] for r in con.execute(
+                                "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+                            if set(TABLES) <= present:
+                                raise
+                con = duckdb.connect(":memory:", config=_CONFIG)
+                try:
+                    for stmt in SCHEMA:
+                        con.execute(stmt)
                     return fn(con)
+                finally:
+                    con.close()
             finally:
                 dt = time.perf_counter() - t0
                 self.stats["reads"] += 1
@@ -580,15 +621,14 @@ class Store:
                 [_int_or_none(step), _int_or_none(train_samples), _float_or_none(wall_s), _now(), run_id],
             )
 
-    def _insert_replace(self, con, table: str, columns: Sequence[str], rows: list[list[Any]]) -> None:
-        cols = ", ".join(quote_ident(c) for c in columns)
-        placeholder = "(" + ", ".join("?" * len(columns)) + ")"
+    def _insert_replace(self, con, table: str, columns: Sequence[tuple[str, str]], rows: list[list[Any]]) -> None:
+        """INSERT OR REPLACE rows, one bound list per column (unnest): 4-5x faster than VALUES."""
+        names = ", ".join(quote_ident(c) for c, _ in columns)
+        select = ", ".join(f"unnest(?::{sql_type}[])" for _, sql_type in columns)
         for i in range(0, len(rows), _INSERT_CHUNK):
             chunk = rows[i:i + _INSERT_CHUNK]
-            con.execute(
-                f"INSERT OR REPLACE INTO {table} ({cols}) VALUES {', '.join([placeholder] * len(chunk))}",
-                [v for row in chunk for v in row],
-            )
+            con.execute(f"INSERT OR REPLACE INTO {table} ({names}) SELECT {select}",
+                        [list(col) for col in zip(*chunk)])
 
     @staticmethod
     def _dedupe(rows: Iterable[list[Any]], key: Callable[[list[Any]], tuple]) -> list[list[Any]]:
@@ -616,7 +656,7 @@ class Store:
         if not prepared and through_step is None:
             return
         with self._writing() as con:
-            self._insert_replace(con, "metrics", ["run_id", "step", "epoch", "name", "value", "wall_s"], prepared)
+            self._insert_replace(con, "metrics", _METRIC_COLUMNS, prepared)
             if through_step is not None:
                 con.execute("UPDATE runs SET step = ?, updated_at = ? WHERE run_id = ?",
                             [int(through_step), _now(), run_id])
@@ -646,8 +686,7 @@ class Store:
         if not prepared:
             return
         with self._writing() as con:
-            self._insert_replace(con, "evals", ["run_id", "step", "evaluator", "metric", "value", "logged_at"],
-                                 prepared)
+            self._insert_replace(con, "evals", _EVAL_COLUMNS, prepared)
 
     def log_patch_scores(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Write scored (image, caption) pairs; (run_id, step, sample_id) is replaced.
@@ -689,11 +728,7 @@ class Store:
         if not prepared:
             return
         with self._writing() as con:
-            self._insert_replace(
-                con, "patch_scores",
-                ["run_id", "step", "sample_id", "caption", "grid_h", "grid_w", "scores", "image", "boxes"],
-                prepared,
-            )
+            self._insert_replace(con, "patch_scores", _PATCH_COLUMNS, prepared)
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run's rows from every table (one transaction); artifacts on disk are left alone."""

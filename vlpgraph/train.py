@@ -257,8 +257,8 @@ def fit(job: Model, seed: int, checkpoints: Checkpointer | None, hooks: Hooks | 
                     terms[term] = terms.get(term, 0) + obj.weight * value
             loss = sum(terms.values())
         if not torch.isfinite(loss):
-            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-            raise TrialFailed(f"loss is {float(loss)} at step {step} ({parts}); lower trainer.lr or check the data")
+            parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+            raise TrialFailed(f"loss is {float(loss.detach())} at step {step} ({parts}); lower trainer.lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:  # average gradients across ranks (towers are called through Forward, not a DDP wrapper)

@@ -71,7 +71,7 @@ class Record:
 
 
 def _fail(path: Path, what: str) -> UserError:
-    return UserError(f"vlpgraph: {path}: {what}")
+    return UserError(f"{path}: {what}")
 
 
 def _parse_boxes(value, path: Path, where: str) -> list[list[float]]:
@@ -115,7 +115,9 @@ def _rows_coco(path: Path, data, want_boxes: bool) -> list[tuple[str, object, ob
     anns = data["annotations"]
     if not anns:
         return []
-    columns = sorted({k for a in anns[:1] if isinstance(a, dict) for k in a} | ({"image"} if files else set()))
+    columns = sorted(k for a in anns[:1] if isinstance(a, dict) for k in a)
+    if "image_id" in columns:  # the image column of a COCO file
+        columns = sorted(set(columns) | {"image"})
     if want_boxes and image_boxes:
         columns.append("boxes")
     _check_columns(path, columns, want_boxes)
@@ -142,15 +144,15 @@ def _rows_jsonl(path: Path, text: str, want_boxes: bool) -> list[tuple[str, obje
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"vlpgraph: {path}:{n}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
-            raise UserError(f"vlpgraph: {path}:{n}: expected a JSON object per line")
+            raise UserError(f"{path}:{n}: expected a JSON object per line")
         if not checked:
             _check_columns(path, list(obj), want_boxes)
             checked = True
         for col in ("image", "caption") + (("boxes",) if want_boxes else ()):
             if col not in obj:
-                raise UserError(f"vlpgraph: {path}:{n}: no '{col}'")
+                raise UserError(f"{path}:{n}: no '{col}'")
         rows.append((obj["image"], obj["caption"], obj.get("boxes") if want_boxes else None, f"line {n}"))
     return rows
 
@@ -176,7 +178,7 @@ def read_annotations(path: Path, images_root: Path, want_boxes: bool) -> list[Re
     if suffix not in (".json", ".jsonl", ".csv"):
         raise _fail(path, f"unsupported annotations format '{suffix}' (expected .json, .jsonl or .csv)")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise _fail(path, f"cannot read ({e})") from None
     if suffix == ".json":
@@ -233,10 +235,10 @@ def drop_bad_images(records: list[Record], ann: Path, max_bad_fraction: float, l
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
     if len(problems) > max_bad_fraction * n_images:
         raise UserError(
-            f"vlpgraph: {ann}: {len(problems)} of {n_images} images are missing or unreadable, "
+            f"{ann}: {len(problems)} of {n_images} images are missing or unreadable, "
             f"more than max_bad_fraction={max_bad_fraction}: {names}{more}"
         )
-    log(f"vlpgraph: warning: {ann}: skipped {len(problems)} of {n_images} images: {names}{more}")
+    log(f"warning: {ann}: skipped {len(problems)} of {n_images} images: {names}{more}")
     return [r for r in records if r.image not in problems]
 
 
@@ -351,7 +353,8 @@ def build(params: CaptionsParams, inputs: dict, ctx: BuildContext) -> PairedData
     records = drop_bad_images(records, ann, params.max_bad_fraction, ctx.log)
     if params.test_annotations:
         test_ann = Path(params.test_annotations)
-        test_records = read_annotations(test_ann, Path(params.images) if params.images else test_ann.parent, params.boxes)
+        test_root = Path(params.images) if params.images else test_ann.parent
+        test_records = read_annotations(test_ann, test_root, params.boxes)
         test_records = drop_bad_images(test_records, test_ann, params.max_bad_fraction, ctx.log)
         train_records = records
     else:

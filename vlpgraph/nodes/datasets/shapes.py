@@ -43,8 +43,8 @@ MAX_OBJECTS = 4
 SPLIT_IDS = {"train": 0, "test": 1}
 
 # Normalisation constants (close to the measured per-channel statistics of the generated images).
-MEAN = (0.47, 0.46, 0.46)
-STD = (0.22, 0.22, 0.23)
+MEAN = (0.46, 0.465, 0.46)
+STD = (0.195, 0.18, 0.195)
 
 _SIZE_WORDS = (("small", "tiny", "little"), ("large", "big"))
 _COUNT_WORDS = ("no", "one", "two", "three", "four")
@@ -54,7 +54,8 @@ _POSITION = (
     ("in the bottom left", "at the bottom", "in the bottom right"),
 )
 _PREFIXES = (
-    "", "", "a picture of ", "an image of ", "a photo of ", "a drawing of ", "there is ", "we see ", "<count>", "<count>"
+    "", "", "a picture of ", "an image of ", "a photo of ", "a drawing of ", "there is ", "we see ",
+    "<count>", "<count>",
 )
 _MAX_WORDS = 20  # optional prefix/suffix are dropped past this (text towers use max_len ~24)
 _RADIUS = ((0.10, 0.14), (0.17, 0.22))  # radius / image_size for small and large objects
@@ -110,7 +111,7 @@ class Scene:
     cx: list[float]
     cy: list[float]
     jitter: list[tuple[float, float, float]]
-    bg: tuple  # (type, c1 rgb, c2 rgb, angle, freq, phase, blotch params(6), tile_a, tile_b, rolls(4))
+    bg: tuple  # (type, c1 rgb, c2 rgb, angle, freq, phase, blotch a, b, c, tile_a, tile_b, offset x, y)
     caption: str = ""
     mentioned: list[bool] | None = None
     noise_kind: int = 0  # 0 clean, 1 partly wrong, 2 replaced by another sample's caption
@@ -453,9 +454,10 @@ def draw(scenes: list[Scene], S: int, bank: np.ndarray, out: np.ndarray | None =
 # ------------------------------------------------------------------------------------ materialise
 
 
-def generate_split(p: ShapesParams, split: str, n: int, out: dict | None = None, chunk: int = 128) -> dict:
+def generate_split(p: ShapesParams, split: str, n: int, out: dict | None = None, chunk: int | None = None) -> dict:
     """Generate samples 0..n-1 of ``split``: arrays (images [n,S,S,3] uint8, boxes [n,4,4], ...) + captions."""
     S = p.image_size
+    chunk = chunk or int(np.clip(131072 // (S * S), 4, 128))  # ~1.5 MB of float32 pixels per chunk
     bank = _noise_bank(p.data_seed, S)
     out = out if out is not None else {"images": np.empty((n, S, S, 3), np.uint8)}
     counts = np.zeros(n, np.int8)
@@ -498,17 +500,26 @@ _ARRAYS = ("counts", "boxes", "mentioned", "colour", "shape", "size", "noise_kin
 
 
 def _write_split(d: Path, split: str, p: ShapesParams, n: int) -> None:
+    """Write ``{split}_images.npy``, ``{split}.npz`` and ``{split}_captions.json`` into ``d``, each
+    under a temporary name first (several processes may generate the same folder at once)."""
     S = p.image_size
     tmp_img = d / f".{split}_images.{os.getpid()}.npy"
-    images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.uint8, shape=(n, S, S, 3))
-    arrays = generate_split(p, split, n, out={"images": images})
-    images.flush()
-    del images, arrays["images"]
-    os.replace(tmp_img, d / f"{split}_images.npy")
-    tmp = d / f".{split}.{os.getpid()}.npz"
-    with open(tmp, "wb") as f:
-        np.savez(f, captions=np.array(arrays["captions"], dtype=str), **{k: arrays[k] for k in _ARRAYS})
-    os.replace(tmp, d / f"{split}.npz")
+    tmp_npz = d / f".{split}.{os.getpid()}.npz"
+    tmp_caps = d / f".{split}_captions.{os.getpid()}.json"
+    try:
+        images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.uint8, shape=(n, S, S, 3))
+        arrays = generate_split(p, split, n, out={"images": images})
+        images.flush()
+        del images, arrays["images"]
+        with open(tmp_npz, "wb") as f:
+            np.savez(f, **{k: arrays[k] for k in _ARRAYS})
+        tmp_caps.write_text(json.dumps(arrays["captions"]))
+        os.replace(tmp_img, d / f"{split}_images.npy")
+        os.replace(tmp_npz, d / f"{split}.npz")
+        os.replace(tmp_caps, d / f"{split}_captions.json")
+    finally:
+        for tmp in (tmp_img, tmp_npz, tmp_caps):
+            tmp.unlink(missing_ok=True)
 
 
 def materialise(p: ShapesParams, cache_root: Path, log=print) -> Path:
@@ -549,9 +560,9 @@ class ShapesSplit(torch.utils.data.Dataset):
         images = np.load(folder / f"{split}_images.npy", mmap_mode="r")
         with np.load(folder / f"{split}.npz") as z:
             arrays = {k: z[k] for k in _ARRAYS}
-            captions = z["captions"].tolist()
+        captions = json.loads((folder / f"{split}_captions.json").read_text())
         n = len(images) if n is None else n
-        self.images = images[:n]
+        self.images = np.asarray(images[:n])  # a plain ndarray view of the memory map (faster indexing)
         self.captions = captions[:n]
         for k, v in arrays.items():
             setattr(self, k, v[:n])
@@ -567,8 +578,8 @@ class ShapesSplit(torch.utils.data.Dataset):
             "image": image,
             "caption": self.captions[i],
             "sample_id": i,
-            "boxes": torch.tensor(self.boxes[i, :k]),
-            "mentioned": torch.tensor(self.mentioned[i, :k]),
+            "boxes": torch.from_numpy(self.boxes[i, :k].copy()),
+            "mentioned": torch.from_numpy(self.mentioned[i, :k].copy()),
             "label": int(self.labels[i]),
         }
 
@@ -576,7 +587,7 @@ class ShapesSplit(torch.utils.data.Dataset):
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range 0..{len(self) - 1}")
-        img = torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1).float()
+        img = torch.from_numpy(self.images[i].copy()).permute(2, 0, 1).float()
         return self._item(i, img.mul_(self._scale).sub_(self._shift))
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
