@@ -155,17 +155,27 @@ class Runner:
     def _hooks(self, plan: Plan, progress: Progress, task) -> Hooks:
         run_id = plan.trial.run_id
 
+        label = next(t.fields["trial"] for t in progress.tasks if t.id == task)
+        batch = plan.model.params.batch_size
+        plain = self.rank == 0 and not self.console.is_terminal  # logs and CI: a plain line per 10%
+        next_line = [0]
+
         def on_step(step: int, total: int, loss: float, sps: float) -> None:
             progress.update(task, completed=step, total=total, loss=f"{loss:.3f}", sps=f"{sps:.0f}")
+            if plain and (step >= next_line[0] or step == total):
+                next_line[0] = step + max(1, total // 10)
+                eta = (total - step) * batch / max(sps, 1e-9)
+                self.console.print(f"  trial {label}: step {step}/{total} loss {loss:.3f} {sps:.0f} samples/s ETA {eta:.0f}s", highlight=False)
 
         if self.rank != 0:
             return Hooks(on_step=on_step)
+
         def on_resume(step: int) -> None:
             self._log(f"resuming {run_id} from its checkpoint at step {step}")
             self.store.delete_metrics_after(run_id, step)
 
         return Hooks(
-            on_metrics=lambda rows: self.store.log_metrics(run_id, rows),
+            on_metrics=lambda rows: self.store.log_metrics(run_id, rows, through_step=rows[0]["step"]),
             on_resume=on_resume,
             on_step=on_step,
             on_eval=lambda step: self._evaluate(plan, step),

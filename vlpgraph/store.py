@@ -535,7 +535,13 @@ class Store:
         device: str | None,
         status: str = "running",
     ) -> None:
-        """Insert the run, or update it in place if it exists (resume): one row per run_id, always."""
+        """Insert the run, or update it in place if it exists (resume): one row per run_id, always.
+
+        On an existing row: core fields and the given params are overwritten, error/finished_at are
+        cleared, started_at keeps the first start, attempts counts starts with status="running".
+        It does whatever status it is told (a completed run set back to "queued" becomes queued):
+        the sweep checks ``status(run_id)`` first if it wants to skip finished trials.
+        """
         validate_run_id(run_id)
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
