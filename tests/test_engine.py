@@ -208,3 +208,21 @@ def test_concurrent_cli_reads_while_a_sweep_writes(tmp_path, cli_env, capsys):
     rid = store.runs()[0]["run_id"]
     steps = [r["step"] for r in store.metrics(rid, "loss")]
     assert sorted(steps) == list(range(1, 33))  # nothing lost, nothing twice
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path, cli_env):
+    """torchrun with 2 gloo ranks: both train (features gathered, gradients averaged); rank 0 writes."""
+    graph = tiny_graph(tmp_path, extra=", max_steps: 3")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "vlpgraph.cli", "run", str(graph), "--device", "cpu"]
+    res = subprocess.run(cmd, env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count("1/1 trial(s) completed") == 1  # only rank 0 reports
+    store = Store(tmp_path / "store")
+    [run] = store.runs()
+    assert run["status"] == "completed" and run["step"] == 3
+    # a global batch of 2 x 16: the first loss is near ln(32), not ln(16)
+    first = sorted(store.metrics(run["run_id"], "loss"), key=lambda r: r["step"])[0]["value"]
+    assert abs(first - torch.log(torch.tensor(32.0)).item()) < 0.5
+    assert sorted(r["step"] for r in store.metrics(run["run_id"], "loss")) == [1, 2, 3]

@@ -245,9 +245,12 @@ def test_gather_is_identity_without_a_process_group():
 
 
 def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
         g = torch.Generator().manual_seed(0)  # same global batch on every rank
         img_all = F.normalize(torch.randn(world * 3, 4, generator=g), dim=-1)
@@ -267,15 +270,14 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.timeout(180)
 def test_two_process_gloo_gather_matches_global_batch(tmp_path):
     """Local rows vs gathered columns: the mean of the ranks' losses is the loss of the local-row
     decomposition of the global batch, and the gradient reaches each rank's own rows."""
     import torch.multiprocessing as mp
 
     world = 2
-    # fork: the children need not re-import torch (spawn costs seconds on a loaded 2-core machine)
-    mp.start_processes(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world,
-                       join=True, start_method="fork")
+    mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     g = torch.Generator().manual_seed(0)

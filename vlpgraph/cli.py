@@ -41,12 +41,13 @@ def cmd_run(args, out: Console, err: Console) -> int:
 
     exp = _load(args)
     device = resolve_device(args.device)
-    err.print(f"{exp.file}: graph '{exp.name}': {len(exp.trials)} trial(s) on {device}", highlight=False)
+    rank = 0 if args.dry_run else init_distributed(device)
+    if rank == 0:
+        err.print(f"{exp.file}: graph '{exp.name}': {len(exp.trials)} trial(s) on {device}", highlight=False)
     if args.dry_run:
         for i, t in enumerate(exp.trials, 1):
             out.print(f"[{i}/{len(exp.trials)}] {trial_label(t)}  run_id={t.run_id}", highlight=False)
         return 0
-    rank = init_distributed(device)
     store = Store(_store_dir(args))
     outcomes = Runner(store, device, err, rank=rank).run(exp)
     failed = [o for o in outcomes if o.status == "failed"]

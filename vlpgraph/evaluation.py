@@ -30,7 +30,9 @@ def to_device(batch: dict, device: torch.device | str) -> dict:
     return {k: move(v) for k, v in batch.items()}
 
 
-def tokenize(tokenizer: ports.Tokenizer | None, texts: Sequence[str], who: str = "evaluator") -> dict[str, torch.Tensor]:
+def tokenize(
+    tokenizer: ports.Tokenizer | None, texts: Sequence[str], who: str = "evaluator"
+) -> dict[str, torch.Tensor]:
     """``{"input_ids", "attention_mask"}`` for ``texts``; a clear error when the model has no tokenizer."""
     if tokenizer is None:
         raise TrialFailed(f"{who}: the model has no tokenizer (it needs a text tower to embed captions)")
@@ -126,7 +128,9 @@ def embed_split(
     return out
 
 
-def embed_texts(model: ports.Model, texts: Sequence[str], *, batch_size: int = 256, who: str = "evaluator") -> torch.Tensor:
+def embed_texts(
+    model: ports.Model, texts: Sequence[str], *, batch_size: int = 256, who: str = "evaluator"
+) -> torch.Tensor:
     """Embed free texts (e.g. class prompts): [len(texts), D] fp32 on CPU. The Forward holds only ids."""
     embedder = model.embedder()
     chunks: list[torch.Tensor] = []

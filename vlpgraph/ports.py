@@ -205,7 +205,12 @@ class Model:
 
 
 class Evaluator:
-    """``evaluate(model, ctx) -> EvalResult``; run after training (and every ``every`` steps if set)."""
+    """``evaluate(model, ctx) -> EvalResult``; run after training (and every ``trainer.eval_every`` steps).
+
+    ``headline`` names the metric `vlpgraph report` shows by default.
+    """
+
+    headline: str | None = None
 
     def evaluate(self, model: Model, ctx: "BuildContext") -> "EvalResult":
         raise NotImplementedError

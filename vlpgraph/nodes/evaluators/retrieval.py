@@ -26,6 +26,8 @@ class RetrievalParams(Params):
 class RetrievalEvaluator(ports.Evaluator):
     """Recall@k both ways over the (first ``max_samples``) test pairs; see :func:`build`."""
 
+    headline = "rsum"  # the metric `vlpgraph report` shows by default (sum of R@k both directions)
+
     def __init__(self, params: RetrievalParams, data: ports.PairedData):
         self.params = params
         self.data = data
@@ -37,7 +39,7 @@ class RetrievalEvaluator(ports.Evaluator):
                           who="evaluator.retrieval")
         # relevance = identical caption text, so exact duplicates count as hits both ways
         caption_ids: dict[str, int] = {}
-        keys = torch.tensor([caption_ids.setdefault(c, len(caption_ids)) for c in emb.captions], dtype=torch.long)
+        keys = torch.tensor([caption_ids.setdefault(c, len(caption_ids)) for c in emb.captions])
         i2t = recall_at(first_hit_ranks(emb.images, emb.texts, keys, keys), self.params.ks)
         t2i = recall_at(first_hit_ranks(emb.texts, emb.images, keys, keys), self.params.ks)
         metrics = {f"i2t_r{k}": v for k, v in i2t.items()} | {f"t2i_r{k}": v for k, v in t2i.items()}

@@ -14,7 +14,8 @@ from vlpgraph.registry import In, Params, register
 class ZeroShotParams(Params):
     batch_size: int = Field(256, ge=1, description="images/prompts embedded per forward pass")
     prompt: str | None = Field(
-        None, description="format string with {} for the class name, e.g. 'a photo of a {}' (None: the dataset's)"
+        None,
+        description="format string with {} for the class name, e.g. 'a photo of a {}' (None: the dataset's)",
     )
 
     @field_validator("prompt")
@@ -34,6 +35,8 @@ class ZeroShotParams(Params):
 class ZeroShotEvaluator(ports.Evaluator):
     """Prompt classification of the dataset's zero-shot images; see :func:`build`."""
 
+    headline = "top1"  # the metric `vlpgraph report` shows by default (top-1 accuracy)
+
     def __init__(self, params: ZeroShotParams, data: ports.PairedData):
         self.params = params
         self.data = data
@@ -41,7 +44,7 @@ class ZeroShotEvaluator(ports.Evaluator):
     def evaluate(self, model: ports.Model, ctx: ports.BuildContext) -> ports.EvalResult:
         zs = self.data.zeroshot
         if zs is None or not zs.class_names:
-            raise TrialFailed("evaluator.zeroshot: the dataset has no zero-shot classes (data.zeroshot is empty)")
+            raise TrialFailed("evaluator.zeroshot: the dataset has no zero-shot classes (data.zeroshot is None)")
         if len(zs.indices) != len(zs.labels):
             raise TrialFailed(f"evaluator.zeroshot: {len(zs.indices)} indices but {len(zs.labels)} labels")
         prompt = self.params.prompt or zs.prompt
@@ -65,7 +68,7 @@ class ZeroShotEvaluator(ports.Evaluator):
     output=ZeroShotEvaluator,
     inputs={
         "model": In(ports.Model, doc="a trained model with an image-text embedding (e.g. objective.itc)"),
-        "data": In(ports.PairedData, needs=frozenset({ports.CLASSES}), doc="data with zero-shot class labels"),
+        "data": In(ports.PairedData, needs=frozenset({ports.CLASSES}), doc="data with zero-shot labels"),
     },
 )
 def build(params: ZeroShotParams, inputs: dict, ctx: ports.BuildContext) -> ZeroShotEvaluator:

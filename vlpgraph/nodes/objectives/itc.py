@@ -6,6 +6,8 @@ Also home of :func:`contrastive_loss`, the symmetric InfoNCE that mixers reuse w
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,7 +38,11 @@ def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
         return features
     from torch.distributed.nn.functional import all_gather  # autograd-aware, unlike dist.all_gather
 
-    return torch.cat(all_gather(features), dim=0)
+    # torch 2.14 marks this public function deprecated in favour of a private module
+    # (torch.distributed._functional_collectives); keep the public one and silence the notice.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(features), dim=0)
 
 
 def contrastive_loss(
@@ -54,7 +60,8 @@ def contrastive_loss(
         τ = 1/s: pass ``1 / s``.
     targets: optional soft targets [B, B], row i a distribution over the batch's texts for image i
         (rows sum to 1). Image->text uses ``targets``, text->image uses ``targets.T``. None means
-        one-hot (image i <-> text i), i.e. plain cross-entropy with labels ``arange(B)``.
+        one-hot (image i <-> text i), i.e. plain cross-entropy with labels ``arange(B)``. Targets are
+        constants: no gradient flows into them.
     gather: under ``torch.distributed`` with world size > 1, gather both modalities from every rank
         with gradient and score the local rows against the global columns (OpenCLIP's ``local_loss``):
         labels are offset by ``rank*B`` and soft targets are placed in this rank's block of columns
@@ -67,7 +74,9 @@ def contrastive_loss(
                          f"{tuple(text_emb.shape)} must both be [B, D]")
     b = image_emb.shape[0]
     rank, size = world() if gather else (0, 1)
-    all_images, all_texts = (gather_with_grad(image_emb), gather_with_grad(text_emb)) if size > 1 else (image_emb, text_emb)
+    all_images, all_texts = image_emb, text_emb
+    if size > 1:
+        all_images, all_texts = gather_with_grad(image_emb), gather_with_grad(text_emb)
 
     # fp32 logits: under bf16 autocast the matmul runs in bf16, the softmax should not
     logits_i2t = (image_emb @ all_texts.T).float() / temperature  # [B, world*B]
