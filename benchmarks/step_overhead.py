@@ -21,9 +21,11 @@ settings, so repeat r of either side sees the same K batches) with the same Adam
 
 After ``--warmup`` untimed rounds, the sides alternate: engine K steps, hand K steps, R times.
 Both sides step the same parameters (each with its own optimiser state); only timing is compared.
-The headline ratio is engine / hand median compute per step (goal: <= 1.05); the data-wait and
-total (data + compute) rows are shown too. torch's intra-op threads are fixed (default: the CPUs
-this process may run on) and printed. CPU only: on CUDA fit's timers do not synchronise.
+The headline ratio is engine / hand median compute per step, taken per round (the two sides of a
+round run back to back, so load from other processes affects both alike) and then the median over
+rounds (goal: <= 1.05); the pooled ratio of all steps and the data-wait and total (data + compute)
+rows are shown too. torch's intra-op threads are fixed (default: the CPUs this process may run on)
+and printed. CPU only: on CUDA fit's timers do not synchronise.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def main() -> None:
         eng_data: list[float] = []
         eng_comp: list[float] = []
         eng_setup: list[float] = []
+        eng_first: list[bool] = []  # the first step of a fit() call: fresh AdamW state is allocated there
 
         def engine_round(record: bool) -> None:
             per_step: dict[int, dict[str, float]] = {}
@@ -137,6 +140,7 @@ def main() -> None:
                 c = [per_step[s]["compute_s"] for s in sorted(per_step)]
                 eng_data.extend(d)
                 eng_comp.extend(c)
+                eng_first.extend(i == 0 for i in range(len(c)))
                 eng_setup.append(wall - sum(d) - sum(c))
 
         # ------------------------------------------------------------------ hand
@@ -208,16 +212,24 @@ def main() -> None:
     for name, xs in rows:
         med, lo, hi = stats(xs)
         print(f"{name:<22}{med * 1e3:>10.2f}{lo * 1e3:>9.2f}{hi * 1e3:>9.2f}{bs / med:>11.0f}")
+    later = [c for c, first in zip(eng_comp, eng_first) if not first]
+    if later:
+        med, lo, hi = stats(later)
+        print(f"{'engine compute 2..K':<22}{med * 1e3:>10.2f}{lo * 1e3:>9.2f}{hi * 1e3:>9.2f}{bs / med:>11.0f}"
+              f"   (without each fit() call's first step)")
     print(f"{'engine fit() set-up':<22}{statistics.median(eng_setup) * 1e3:>10.2f}{min(eng_setup) * 1e3:>9.2f}"
           f"{max(eng_setup) * 1e3:>9.2f}   per call, outside the steps ({statistics.median(eng_setup) / K * 1e3:.2f} ms/step at K={K})")
     print()
     ed, ec = statistics.median(eng_data), statistics.median(eng_comp)
     print(f"engine breakdown (its own logged metrics): data wait {ed * 1e3:.2f} ms ({100 * ed / (ed + ec):.1f}%), "
           f"compute {ec * 1e3:.2f} ms ({100 * ec / (ed + ec):.1f}%) per step (medians)")
-    ratio = ec / statistics.median(hand_comp)
-    print(f"ratio engine/hand compute: {ratio:.3f} (median of per-round ratios {statistics.median(round_ratio):.3f}); "
-          f"total (data + compute): {statistics.median(eng_tot) / statistics.median(hand_tot):.3f}")
-    print(f"goal engine/hand <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'}")
+    paired = statistics.median(round_ratio)
+    print(f"ratio engine/hand compute: {paired:.3f} = median over rounds of (engine median / hand median) of the same round")
+    print(f"  pooled: {ec / statistics.median(hand_comp):.3f} (median of all engine steps / of all hand steps; more exposed to load drift)"
+          f"; total (data + compute): {statistics.median(eng_tot) / statistics.median(hand_tot):.3f}")
+    if later:
+        print(f"  engine steps 2..K only (pooled): {statistics.median(later) / statistics.median(hand_comp):.3f}")
+    print(f"goal engine/hand <= 1.05: {'met' if paired <= 1.05 else 'NOT met'}")
 
 
 if __name__ == "__main__":

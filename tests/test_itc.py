@@ -298,3 +298,22 @@ def test_two_process_gloo_gather_matches_global_batch(tmp_path):
             assert torch.allclose(gathered, img_all, atol=1e-6)
             assert torch.allclose(img_grad, img.grad[r * 3 : r * 3 + 3], atol=1e-5)
             assert torch.allclose(txt_grad, txt.grad[r * 3 : r * 3 + 3], atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_text_pool_ignores_padding(pool):
+    """The caption feature of a padded caption equals that of the same caption unpadded."""
+    obj, _, _ = make_itc(text_pool=pool)
+    ids = torch.tensor([[2, 7, 9, 3]])
+    padded = {"input_ids": torch.tensor([[2, 7, 9, 3, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0]])}
+    short = obj.embed_texts(ports.Forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    long = obj.embed_texts(ports.Forward(padded))
+    torch.testing.assert_close(short, long)
+
+
+def test_text_pool_mean_differs_from_cls():
+    a, _, _ = make_itc(text_pool="mean")
+    b, _, _ = make_itc(text_pool="cls")
+    b.load_state_dict(a.state_dict())
+    batch = make_batch()
+    assert not torch.allclose(a.embed_texts(ports.Forward(batch)), b.embed_texts(ports.Forward(batch)))

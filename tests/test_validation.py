@@ -129,7 +129,7 @@ def test_capability_mismatch(capsys, tmp_path):
     text = GOOD.replace("sweep:\n", nodes_extra + "sweep:\n")
     rc, lines = errors_of(capsys, tmp_path, text)
     assert rc == 2
-    assert "vlpgraph: G:25: node 'zs' (evaluator.zeroshot): input 'data' needs data with classes, which 'coco' (dataset.captions) does not provide" in lines, lines
+    assert "vlpgraph: G:26: node 'zs' (evaluator.zeroshot): input 'data' needs data with classes, which 'coco' (dataset.captions) does not provide" in lines, lines
 
 
 def test_file_not_found(capsys, tmp_path):

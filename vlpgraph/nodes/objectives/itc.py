@@ -7,6 +7,7 @@ Also home of :func:`contrastive_loss`, the symmetric InfoNCE that mixers reuse w
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -107,6 +108,11 @@ class ITCParams(Params):
     temperature_min: float = Field(0.001, gt=0, description="τ is clamped to at least this")
     temperature_max: float = Field(0.5, gt=0, description="τ is clamped to at most this")
     learn_temperature: bool = Field(True, description="learn τ (False: keep it fixed)")
+    text_pool: Literal["cls", "mean"] = Field(
+        "mean",
+        description="caption feature: 'cls' (ALBEF) or the mean of non-pad tokens; a from-scratch post-LN "
+        "BERT gives nearly one CLS vector for every caption at init and stalls ~100+ steps with 'cls'",
+    )
 
     @model_validator(mode="after")
     def _temperature_in_range(self) -> "ITCParams":
@@ -132,6 +138,7 @@ class ITC(ports.Objective, ports.Embedder):
         self.weight = params.weight
         self.temperature_min = params.temperature_min
         self.temperature_max = params.temperature_max
+        self.text_pool = params.text_pool
         self.vision_proj = nn.Linear(vision.width, params.embed_dim)
         self.text_proj = nn.Linear(text.width, params.embed_dim)
         temp = torch.tensor(float(params.temperature))
@@ -175,11 +182,16 @@ class ITC(ports.Objective, ports.Embedder):
         return fwd.memo(("objective.itc/image", id(self), images_key), compute)
 
     def embed_texts(self, fwd: ports.Forward) -> torch.Tensor:
-        """L2-normalised projection of the text CLS token (position 0): [B, D]. Memoised in ``fwd``."""
+        """L2-normalised projection of the caption feature (``text_pool``): [B, D]. Memoised in ``fwd``."""
 
         def compute() -> torch.Tensor:
             tokens = fwd.text_tokens(self.text)  # [B, L, C]
-            return F.normalize(self.text_proj(tokens[:, 0]), dim=-1)
+            if self.text_pool == "cls":
+                pooled = tokens[:, 0]
+            else:
+                mask = fwd.batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
+                pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+            return F.normalize(self.text_proj(pooled), dim=-1)
 
         return fwd.memo(("objective.itc/text", id(self)), compute)
 
@@ -197,13 +209,15 @@ class ITC(ports.Objective, ports.Embedder):
     output=ITC,
     inputs={
         "vision": In(ports.VisionTower, doc="image tower; its CLS token (position 0) is projected"),
-        "text": In(ports.TextTower, doc="text tower; its CLS token (position 0) is projected"),
+        "text": In(ports.TextTower, doc="text tower; its mean token (or CLS, text_pool) is projected"),
     },
 )
 def build(params: ITCParams, inputs: dict, ctx: ports.BuildContext) -> ITC:
     """Image-text contrastive loss (CLIP / ALBEF ITC); also defines the embedding evaluators use.
 
-    Reads the image tower's CLS token and the text tower's CLS token (position 0), projects each with
+    Reads the image tower's CLS token and the caption feature (`text_pool`: the mean of non-pad tokens
+    by default — a deviation from ALBEF's CLS that lets from-scratch towers start learning at once —
+    or the CLS token at position 0), projects each with
     a Linear(width -> embed_dim), L2-normalises, and scores every image against every caption of the
     batch: loss 'itc' = ½·(CE(image->text) + CE(text->image)) with logits = cosine / τ and caption i
     the positive of image i. τ starts at `temperature` and, with `learn_temperature`, is learned and
