@@ -3,14 +3,14 @@ goes through vlpgraph.attention via a registered transformers attention function
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from transformers import BertConfig, BertModel
 
-from vlpgraph.attention import transformers_attention_name, resolve_backend
+from vlpgraph.attention import resolve_backend, transformers_attention_name
+from vlpgraph.checkpoints import read_state_dict
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, PairedData, TextTower
 from vlpgraph.registry import In, Params, register
@@ -89,30 +89,8 @@ def build_bert(p: TextParams, tokenizer: WordPieceTokenizer) -> BertTower:
     return BertTower(bert, tokenizer, p.attention)
 
 
-def _read_state_dict(path: str, kind: str) -> dict[str, torch.Tensor]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{kind}: pretrained checkpoint not found: {p}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(p), device="cpu")
-        else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{kind}: cannot read checkpoint {p}: {msg}")
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{kind}: {p} is not a state dict of tensors")
-    return sd
-
-
 def _load_pretrained(bert: BertModel, path: str, log) -> None:
-    sd = _read_state_dict(path, "encoder.text")
+    sd = read_state_dict(path, "encoder.text")
     for prefix in ("module.", "bert."):
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -11,6 +10,7 @@ from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
 from vlpgraph.attention import attend, resolve_backend
+from vlpgraph.checkpoints import read_state_dict
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, PairedData, VisionTower
 from vlpgraph.registry import In, Params, register
@@ -149,30 +149,8 @@ class ViTTower(VisionTower):
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def _read_state_dict(path: str, kind: str) -> dict[str, torch.Tensor]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{kind}: pretrained checkpoint not found: {p}")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(p), device="cpu")
-        else:
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"{kind}: cannot read checkpoint {p}: {msg}")
-    for key in ("state_dict", "model", "module"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{kind}: {p} is not a state dict of tensors")
-    return sd
-
-
 def _load_pretrained(vit: VisionTransformer, path: str, log) -> None:
-    sd = _read_state_dict(path, "encoder.vit")
+    sd = read_state_dict(path, "encoder.vit")
     for prefix in ("module.", "vit.", "visual.trunk."):
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
