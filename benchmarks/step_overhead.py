@@ -15,7 +15,7 @@ settings, so repeat r of either side sees the same K batches) with the same Adam
   ``Hooks.on_metrics``); the whole ``fit`` call is also timed from outside, and what it spends
   outside its steps (optimizer/loader set-up) is reported as per-call set-up.
 - hand: a persistent AdamW + LambdaLR and a minimal loop: ``next(loader)`` -> vision(images),
-  text(ids, mask) -> CLS projections, L2-normalise -> ``itc.contrastive_loss`` -> zero_grad ->
+  text(ids, mask) -> image CLS / caption feature (ITC's ``text_pool``) -> projections, L2-normalise -> ``itc.contrastive_loss`` -> zero_grad ->
   backward -> clip -> step. No Forward object, no dict of terms, no hooks. Timed with the same
   boundaries as fit: data = next() + to_device, compute = the rest up to ``scheduler.step()``.
 
@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 
 from vlpgraph.compile import compile_trial
 from vlpgraph.nodes.objectives import itc as itc_mod
+from vlpgraph.ports import Forward
 from vlpgraph.spec import parse_set
 from vlpgraph.sweep import load_experiment
 from vlpgraph.train import (
@@ -122,11 +123,14 @@ def main() -> None:
         eng_comp: list[float] = []
         eng_setup: list[float] = []
         eng_first: list[bool] = []  # the first step of a fit() call: fresh AdamW state is allocated there
+        eng_iter: list[tuple[float, float]] = []  # (wall, cpu) from one on_metrics call to the next
 
         def engine_round(record: bool) -> None:
             per_step: dict[int, dict[str, float]] = {}
+            marks: list[tuple[float, float]] = []
 
             def on_metrics(rows: list[dict]) -> None:
+                marks.append((time.perf_counter(), time.process_time()))
                 for r in rows:
                     if r["name"] in ("data_wait_s", "compute_s"):
                         per_step.setdefault(r["step"], {})[r["name"]] = r["value"]
@@ -141,6 +145,7 @@ def main() -> None:
                 eng_data.extend(d)
                 eng_comp.extend(c)
                 eng_first.extend(i == 0 for i in range(len(c)))
+                eng_iter.extend((b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:]))
                 eng_setup.append(wall - sum(d) - sum(c))
 
         # ------------------------------------------------------------------ hand
@@ -148,9 +153,34 @@ def main() -> None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(p.warmup_steps, full_total, p.min_lr_ratio))
         params = [q for g in optimizer.param_groups for q in g["params"]]
         vision, text = itc.vision, itc.text
+        text_pool = getattr(itc, "text_pool", "cls")
         collate = Collate(job.data.collate, job.tokenizer)
         hand_data: list[float] = []
         hand_comp: list[float] = []
+        hand_iter: list[tuple[float, float]] = []  # (wall, cpu) from the end of one step to the end of the next
+
+        def hand_loss(batch: dict) -> torch.Tensor:
+            with torch.no_grad():  # ITC.forward keeps temp inside its range the same way
+                itc.temp.clamp_(itc.temperature_min, itc.temperature_max)
+            tokens = vision(batch["images"])
+            words = text(batch["input_ids"], batch["attention_mask"])
+            img = F.normalize(itc.vision_proj(tokens[:, 0]), dim=-1)
+            if text_pool == "cls":
+                pooled = words[:, 0]
+            else:  # mean of non-pad tokens, as ITC's text_pool "mean"
+                m = batch["attention_mask"].unsqueeze(-1).to(words.dtype)
+                pooled = (words * m).sum(1) / m.sum(1).clamp_min(1)
+            txt = F.normalize(itc.text_proj(pooled), dim=-1)
+            return itc_mod.contrastive_loss(img, txt, itc.temperature)
+
+        # same model, same loss: the hand loss equals the engine objective's term on one batch
+        probe = to_device(collate([job.data.train[i] for i in range(min(bs, len(job.data.train)))]), device)
+        with torch.no_grad(), autocast_for(p.precision, device):
+            ref = float(sum(itc.weight * v for v in itc(Forward(probe), probe).values()))
+            mine = float(hand_loss(probe))
+        print(f"loss check on one batch: engine objective {ref:.6f}, hand loop {mine:.6f} (|diff| {abs(ref - mine):.2e})")
+        if not abs(ref - mine) <= 1e-4 * max(1.0, abs(ref)):
+            sys.exit("the hand loop does not compute the engine's loss; fix hand_loss before timing anything")
 
         def hand_round(record: bool) -> None:
             loader = DataLoader(
@@ -160,18 +190,13 @@ def main() -> None:
                 num_workers=p.num_workers,
             )
             it = iter(loader)
+            mark = None
             for _ in range(K):
                 t0 = time.perf_counter()
                 batch = to_device(next(it), device)
                 t1 = time.perf_counter()
                 with autocast_for(p.precision, device):
-                    with torch.no_grad():
-                        itc.temp.clamp_(itc.temperature_min, itc.temperature_max)
-                    tokens = vision(batch["images"])
-                    words = text(batch["input_ids"], batch["attention_mask"])
-                    img = F.normalize(itc.vision_proj(tokens[:, 0]), dim=-1)
-                    txt = F.normalize(itc.text_proj(words[:, 0]), dim=-1)
-                    loss = itc_mod.contrastive_loss(img, txt, itc.temperature)
+                    loss = hand_loss(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if p.grad_clip:
@@ -182,6 +207,10 @@ def main() -> None:
                 if record:
                     hand_data.append(t1 - t0)
                     hand_comp.append(t2 - t1)
+                    now = (t2, time.process_time())
+                    if mark is not None:
+                        hand_iter.append((now[0] - mark[0], now[1] - mark[1]))
+                    mark = now
 
         # ------------------------------------------------------------------ alternate
         round_ratio: list[float] = []
@@ -219,6 +248,12 @@ def main() -> None:
               f"   (without each fit() call's first step)")
     print(f"{'engine fit() set-up':<22}{statistics.median(eng_setup) * 1e3:>10.2f}{min(eng_setup) * 1e3:>9.2f}"
           f"{max(eng_setup) * 1e3:>9.2f}   per call, outside the steps ({statistics.median(eng_setup) / K * 1e3:.2f} ms/step at K={K})")
+    if eng_iter and hand_iter:
+        ew, ecpu = (statistics.median(x[i] for x in eng_iter) for i in (0, 1))
+        hw, hcpu = (statistics.median(x[i] for x in hand_iter) for i in (0, 1))
+        print("whole loop iteration, steps 2..K (engine: on_metrics to on_metrics, so its logging is included):")
+        print(f"  engine {ew * 1e3:.2f} ms wall, {ecpu * 1e3:.2f} ms process CPU; hand {hw * 1e3:.2f} ms wall, "
+              f"{hcpu * 1e3:.2f} ms process CPU; ratio wall {ew / hw:.3f}, CPU {ecpu / hcpu:.3f}")
     print()
     ed, ec = statistics.median(eng_data), statistics.median(eng_comp)
     print(f"engine breakdown (its own logged metrics): data wait {ed * 1e3:.2f} ms ({100 * ed / (ed + ec):.1f}%), "
