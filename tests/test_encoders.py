@@ -371,3 +371,16 @@ def test_towers_xformers_vs_sdpa_bf16_cuda(tmp_path):
     assert maxdiff(res["xformers"][0], res["sdpa"][0]) < 5e-2
     n = int(batch["attention_mask"][0].sum())
     assert maxdiff(res["xformers"][1][:, :n], res["sdpa"][1][:, :n]) < 5e-2
+
+
+def test_trained_tokenizer_is_the_same_every_time():
+    """Same captions -> same vocabulary and ids (tokenizers' own trainer tie-breaks differently per run)."""
+    from vlpgraph.tokenizer import train_wordpiece
+
+    caps = ["a red circle on the left of a blue square", "two shapes including a big green cross",
+            "a tiny yellow triangle at the top"] * 40
+    vocabs = {tuple(sorted(train_wordpiece(caps, 2000).get_vocab().items())) for _ in range(5)}
+    assert len(vocabs) == 1
+    tok = train_wordpiece(caps, 2000)
+    assert tok.encode("a red triangle").tokens == ["a", "red", "triangle"]
+    assert tok.encode("a purple circle").tokens[1:3] == ["p", "##u"]  # unseen words are spelled

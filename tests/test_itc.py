@@ -266,6 +266,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             loss.backward()
             results[name] = (loss.detach(), img.grad, txt.grad, gathered.detach())
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks (seen: SIGABRT)
     finally:
         dist.destroy_process_group()
 

@@ -36,7 +36,7 @@ def _load(args):
 
 
 def cmd_run(args, out: Console, err: Console) -> int:
-    from vlpgraph.runner import Runner, init_distributed, resolve_device, trial_label
+    from vlpgraph.runner import Runner, init_distributed, resolve_device, shutdown_distributed, trial_label
     from vlpgraph.store import Store
 
     exp = _load(args)
@@ -49,7 +49,10 @@ def cmd_run(args, out: Console, err: Console) -> int:
             out.print(f"[{i}/{len(exp.trials)}] {trial_label(t)}  run_id={t.run_id}", highlight=False)
         return 0
     store = Store(_store_dir(args))
-    outcomes = Runner(store, device, err, rank=rank).run(exp)
+    try:
+        outcomes = Runner(store, device, err, rank=rank).run(exp)
+    finally:
+        shutdown_distributed()
     failed = [o for o in outcomes if o.status == "failed"]
     done = len(outcomes) - len(failed)
     if rank == 0:

@@ -155,21 +155,71 @@ class Forward:
     def image_tokens(self, tower: nn.Module, images_key: str = "images") -> torch.Tensor:
         return self.memo(("image", id(tower), images_key), lambda: tower(self.batch[images_key]))
 
-    def text_tokens(self, tower: nn.Module) -> torch.Tensor:
+    def text_tokens(self, tower: nn.Module, ids_key: str = "input_ids", mask_key: str = "attention_mask") -> torch.Tensor:
         b = self.batch
-        return self.memo(("text", id(tower)), lambda: tower(b["input_ids"], b["attention_mask"]))
+        return self.memo(("text", id(tower), ids_key, mask_key), lambda: tower(b[ids_key], b[mask_key]))
 
 
 # ------------------------------------------------------------------------------ objectives, model
 
 
 class Objective(nn.Module):
-    """``forward(fwd: Forward, batch) -> dict[str, Tensor]`` of named loss terms (scalars).
+    """``forward(fwd: Forward, batch, group=None) -> dict[str, Tensor]`` of named loss terms (scalars).
 
     The trainer multiplies every term by ``weight`` and sums them; each term is logged separately.
+
+    Optimiser steps: ``step_groups`` names the groups this objective contributes to (default one,
+    "main"). When a trial's objectives name several groups, the trainer takes one optimiser step per
+    group each iteration, in the order the groups first appear in the trainer's ``objectives`` list,
+    with a fresh Forward each (the weights changed), calling ``obj(fwd, batch, group=g)``; the
+    objective returns only that group's terms. With one group, ``group`` is None: return every term.
+    The batch carries the loop's position: ``progress`` (float in [0, 1)), ``step``, ``total_steps``,
+    ``steps_per_epoch``.
     """
 
     weight: float = 1.0
+    step_groups: tuple[str, ...] = ("main",)
+
+
+class PatchScorer(nn.Module):
+    """``patch_scores(fwd, images_key="images") -> Tensor [B, S, S]``: how relevant each patch of image
+    i is to caption i (higher = more relevant). ``grid_size`` = (S, S). Implementations memoise in fwd."""
+
+    grid_size: tuple[int, int]
+
+    def patch_scores(self, fwd: Forward, images_key: str = "images") -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class MixedBatch:
+    """A mixer's output for one step.
+
+    images: [B,3,H,W] mixed images (image i keeps caption i); soft_targets: [B,B] rows sum to 1,
+    row i a distribution over the batch's captions for mixed image i (no gradient); lam: [B] share
+    of image i kept; partner: [B] long, the index mixed into image i; gamma: weight multiplier of the
+    mixed loss this step (ramps); info: anything worth showing (e.g. window boxes) for evaluators/app.
+    """
+
+    images: torch.Tensor
+    soft_targets: torch.Tensor
+    lam: torch.Tensor
+    partner: torch.Tensor
+    gamma: float = 1.0
+    info: dict = field(default_factory=dict)
+
+
+class Mixer:
+    """``mix(fwd, batch, embedder) -> MixedBatch | None`` (None: no mixing this step).
+
+    ``fwd`` is the step's un-mixed Forward (patch scores, similarity); ``embedder`` the consuming
+    objective's embedding (for self-distilled soft targets). ``steps`` is "summed" (the mixed loss is
+    added to the main step) or "separate" (its own optimiser step)."""
+
+    steps: str = "summed"
+
+    def mix(self, fwd: Forward, batch: dict, embedder: "Embedder") -> MixedBatch | None:
+        raise NotImplementedError
 
 
 class Embedder:

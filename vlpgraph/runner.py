@@ -49,6 +49,13 @@ def init_distributed(device: torch.device) -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together: no rank tears it down while another still talks to it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def trial_label(trial: Trial) -> str:
     grid = " ".join(f"{k}={v}" for k, v in trial.grid.items())
     return f"{trial.variant} {grid} seed={trial.seed}".replace("  ", " ")
@@ -212,5 +219,5 @@ class Runner:
         elif o.status == "failed":
             self.console.print(f"[{i}/{n}] {label}: [red]FAILED[/red] after {o.wall_s:.0f}s: {o.error}", highlight=False)
         else:
-            shown = ", ".join(f"{k}={v:.3f}" for k, v in list((o.metrics or {}).items())[:8])
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in (o.metrics or {}).items() if not k.endswith((".n", ".chance")))
             self.console.print(f"[{i}/{n}] {label}: completed in {o.wall_s:.0f}s  {shown}", highlight=False)

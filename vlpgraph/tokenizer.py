@@ -7,6 +7,8 @@ Either trained on captions (cached on disk by content hash) or read from a local
 
 from __future__ import annotations
 
+from collections import Counter
+
 import hashlib
 import os
 import tempfile
@@ -15,7 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from vlpgraph.errors import UserError
 from vlpgraph.ports import Tokenizer
@@ -23,7 +25,7 @@ from vlpgraph.ports import Tokenizer
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
 # bump when the training recipe changes, so old cache files are not reused for a new recipe
-RECIPE = "wordpiece-bert-lowercase-v1"
+RECIPE = "wordpiece-bert-lowercase-v2-words"
 
 
 def training_hash(captions: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS) -> str:
@@ -43,19 +45,30 @@ def training_hash(captions: Iterable[str], vocab_size: int, special_tokens: Sequ
 
 
 def train_wordpiece(captions: Sequence[str], vocab_size: int) -> HFTokenizer:
-    """Train a lowercase BERT-style WordPiece on ``captions`` (vocab at most ``vocab_size``)."""
+    """A lowercase BERT-style WordPiece for ``captions`` (vocab at most ``vocab_size``).
+
+    Vocabulary: the specials, every character seen (alone and as a ``##`` continuation, so any word
+    can be spelled) and then the most frequent whole words (ties broken alphabetically). Not
+    tokenizers' WordPieceTrainer: its merges tie-break differently from run to run (seen here: 6
+    different vocabularies from 6 runs on the same captions), and a trial must be reproducible.
+    Encoding is tokenizers' own WordPiece model, normaliser and pre-tokeniser.
+    """
     tok = HFTokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-        show_progress=False,
+    counts: Counter[str] = Counter()
+    for c in captions:
+        counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(c)))
+    chars = sorted({ch for w in counts for ch in w})
+    base = list(SPECIAL_TOKENS) + chars + ["##" + ch for ch in chars]
+    room = max(0, vocab_size - len(base))
+    frequent = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    words = sorted([w for w, _ in frequent if len(w) > 1 and w not in base][:room])
+    vocab = base + words
+    tok.model = models.WordPiece(
+        {t: i for i, t in enumerate(vocab)}, unk_token=UNK, max_input_chars_per_word=100, continuing_subword_prefix="##"
     )
-    tok.train_from_iterator(captions, trainer=trainer, length=len(captions))
     return tok
 
 

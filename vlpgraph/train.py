@@ -204,6 +204,21 @@ def plan_steps(n_train: int, batch_size: int, world: int, epochs: float, max_ste
     return per_epoch, min(total, max_steps) if max_steps else total
 
 
+def _group_terms(objectives: dict, batch: dict, group: str, precision: str, device: torch.device, single: bool) -> dict:
+    """Weighted loss terms of the objectives in ``group``, from a fresh Forward (weights may have
+    changed since the previous group's step)."""
+    terms: dict[str, torch.Tensor] = {}
+    with autocast_for(precision, device):
+        fwd = Forward(batch)
+        for obj in objectives.values():
+            if group not in getattr(obj, "step_groups", ("main",)):
+                continue
+            out = obj(fwd, batch) if single else obj(fwd, batch, group=group)
+            for term, value in out.items():
+                terms[term] = terms.get(term, 0) + obj.weight * value
+    return terms
+
+
 def fit(job: Model, seed: int, checkpoints: Checkpointer | None, hooks: Hooks | None = None) -> FitResult:
     """Train ``job`` (a trainer node's output) in place; resume from ``checkpoints`` if it has one."""
     hooks = hooks or Hooks()
@@ -244,39 +259,43 @@ def fit(job: Model, seed: int, checkpoints: Checkpointer | None, hooks: Hooks | 
         if checkpoints is not None and rank == 0:
             checkpoints.save(step, modules, optimizer, scheduler, {"wall_s": wall(), "total_steps": total})
 
+    groups = list(dict.fromkeys(g for obj in job.objectives.values() for g in getattr(obj, "step_groups", ("main",))))
     it = iter(loader)
     while step < total:
         t0 = time.perf_counter()
         batch = to_device(next(it), device)
+        batch.update(progress=step / total, step=step, total_steps=total, steps_per_epoch=per_epoch)
         t1 = time.perf_counter()
-        with autocast_for(p.precision, device):
-            fwd = Forward(batch)
-            terms: dict[str, torch.Tensor] = {}
-            for name, obj in job.objectives.items():
-                for term, value in obj(fwd, batch).items():
-                    terms[term] = terms.get(term, 0) + obj.weight * value
+        step_terms: dict[str, torch.Tensor] = {}
+        for group in groups:  # one optimiser step per group; usually a single "main" group
+            terms = _group_terms(job.objectives, batch, group, p.precision, device, single=len(groups) == 1)
+            if not terms:  # e.g. a mixer that is off for this step
+                continue
             loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
-            raise TrialFailed(f"loss is {float(loss.detach())} at step {step} ({parts}); lower trainer.lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:  # average gradients across ranks (towers are called through Forward, not a DDP wrapper)
-            for q in params:
-                if q.grad is not None:
-                    dist.all_reduce(q.grad, op=dist.ReduceOp.AVG)
-        if p.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
-        optimizer.step()
+            if not torch.isfinite(loss):
+                parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+                raise TrialFailed(f"loss is {float(loss.detach())} at step {step} ({parts}); lower trainer.lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # average gradients across ranks (towers are called through Forward, not a DDP wrapper)
+                for q in params:
+                    if q.grad is not None:
+                        dist.all_reduce(q.grad, op=dist.ReduceOp.AVG)
+            if p.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+            optimizer.step()
+            step_terms.update({k: v.detach() for k, v in terms.items()})
         scheduler.step()
+        terms = step_terms
+        loss = sum(terms.values())
         step += 1
         t2 = time.perf_counter()
         data_wait += t1 - t0
         compute += t2 - t1
         n_window += 1
-        window["loss"] = window.get("loss", 0.0) + float(loss.detach())
+        window["loss"] = window.get("loss", 0.0) + float(loss)
         for k, v in terms.items():
-            window[k] = window.get(k, 0.0) + float(v.detach())
+            window[k] = window.get(k, 0.0) + float(v)
 
         if step % p.log_every == 0 or step == total:
             sps = n_window * p.batch_size * world / max(1e-9, data_wait + compute)
