@@ -76,4 +76,73 @@ def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None
         for v in variants:
             table.add_row(v, *[fmt_cell(cells.get((v, pt), []), 1 if metric == "wall_s" else 3) for pt in points])
         tables.append(table)
+    for metric in metrics:
+        eff = data_efficiency(exp, store, metric)
+        if eff is not None:
+            tables.append(eff)
     return tables
+
+
+def crossing(xs: list[float], ys: list[float], target: float) -> float | None:
+    """Smallest x at which the piecewise-linear curve (xs ascending) reaches ``target``; None if never."""
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if y >= target:
+            if i == 0:
+                return x
+            x0, y0 = xs[i - 1], ys[i - 1]
+            return x0 + (target - y0) / (y - y0) * (x - x0)
+    return None
+
+
+def interpolate(xs: list[float], ys: list[float], x: float) -> float:
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
+def data_efficiency(exp: Experiment, store: Store, metric: str, baseline: str | None = None) -> Table | None:
+    """TiMix's headline, generalised: for each variant, the smallest train fraction at which its mean
+    ``metric`` reaches the baseline's at the largest fraction (linear interpolation between grid
+    points), and the share of the baseline's training time that took. Needs a grid over exactly one
+    ``*.train_fraction`` param; the baseline is the variant named ``baseline`` or else the first."""
+    grid_keys = list(exp.trials[0].grid)
+    if len(grid_keys) != 1 or not grid_keys[0].endswith(".train_fraction"):
+        return None
+    key = grid_keys[0]
+    variants = list(dict.fromkeys(t.variant for t in exp.trials))
+    baseline = baseline or ("baseline" if "baseline" in variants else variants[0])
+    values = final_values(exp, store)
+    curves: dict[str, dict[float, tuple[list[float], list[float]]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
+    for t in exp.trials:
+        v = values.get(t.run_id, {})
+        if metric in v and "wall_s" in v:
+            m, w = curves[t.variant][float(t.grid[key])]
+            m.append(v[metric])
+            w.append(v["wall_s"])
+    if baseline not in curves:
+        return None
+    base = curves[baseline]
+    top = max(base)
+    target = statistics.fmean(base[top][0])
+    base_time = statistics.fmean(base[top][1])
+    table = Table(title=f"data efficiency: fraction of the data (and of {baseline}'s training time) at which each "
+                        f"variant reaches {baseline}'s {metric} at {key}={top} ({target:.3f})")
+    for col in ("variant", "fraction needed", "time share", f"{metric} at {key}={top}"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for variant in variants:
+        curve = curves.get(variant)
+        if not curve:
+            table.add_row(variant, "-", "-", "-")
+            continue
+        xs = sorted(curve)
+        ys = [statistics.fmean(curve[x][0]) for x in xs]
+        ws = [statistics.fmean(curve[x][1]) for x in xs]
+        f = crossing(xs, ys, target)
+        at_top = f"{ys[-1]:.3f}" if xs[-1] == top else "-"
+        if f is None:
+            table.add_row(variant, "never (within the grid)", "-", at_top)
+        else:
+            table.add_row(variant, f"{f:.2f}", f"{interpolate(xs, ws, f) / base_time:.1%}", at_top)
+    return table
