@@ -159,3 +159,13 @@ def test_bad_cli_argument_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["run"])
     assert e.value.code == 2
+
+
+def test_profile_may_tune_a_node_only_some_variants_have(capsys, tmp_path):
+    text = GOOD.replace("  seeds: [0, 1]\n", "  seeds: [0, 1]\n  variants:\n    base: {}\n    zs:\n      nodes:\n        zs: {kind: evaluator.zeroshot, inputs: {model: train, data: shapes}}\n")
+    text = text.replace("gpu: {vision.width: 64}", "gpu: {vision.width: 64, zs.batch_size: 8}")
+    (tmp_path / "g.yaml").write_text(text)
+    assert main(["validate", str(tmp_path / "g.yaml"), "--profile", "gpu"]) == 0
+    bad = text.replace("zs.batch_size: 8", "zz.batch_size: 8")
+    rc, lines = errors_of(capsys, tmp_path, bad, "--profile", "gpu")
+    assert rc == 2 and any("no node 'zz'" in ln for ln in lines), lines

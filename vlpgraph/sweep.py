@@ -123,8 +123,10 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
 
     trials: list[Trial] = []
     seen: set[str] = set()
-    for vname, edit in variants.items():
-        vnodes, vlines = _apply_variant(base_nodes, vname, edit, lines, problems)
+    resolved = {v: _apply_variant(base_nodes, v, e, lines, problems) for v, e in variants.items()}
+    any_variant = set().union(*(set(n) for n, _ in resolved.values()))
+    for vname in variants:
+        vnodes, vlines = resolved[vname]
         for point in points:
             nodes = copy.deepcopy(vnodes)
             tlines = dict(vlines)
@@ -135,6 +137,9 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
                 if split_dotted(key):
                     tlines[("nodes",) + (split_dotted(key)[0], "params", split_dotted(key)[1])] = lines.get(here)
             for key, value, here, what in overrides:
+                node = (split_dotted(key) or ("",))[0]
+                if node not in nodes and node in any_variant:
+                    continue  # a profile may tune a node that only some variants have
                 ok &= apply_dotted(nodes, key, value, here, problems, what)
                 if split_dotted(key):
                     tlines[("nodes", split_dotted(key)[0], "params", split_dotted(key)[1])] = lines.get(here, f"--set {key}")
