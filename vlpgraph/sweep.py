@@ -66,6 +66,7 @@ def _remap_lines(lines: dict, src_prefix: tuple, dst_prefix: tuple) -> dict:
 
 def _apply_variant(nodes: dict, name: str, edit: Any, lines: dict, problems: Problems) -> tuple[dict, dict]:
     here = ("sweep", "variants", name)
+    nodes = copy.deepcopy(nodes)  # dotted edits write in place; the base graph is shared by every variant
     new_lines = dict(lines)
     if not isinstance(edit, dict):
         problems.add(here, f"variant '{name}': expected a mapping (use {{}} for the unchanged graph)")
