@@ -162,5 +162,7 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
 
     flat = [t.flat_params() for t in trials]
     keys = sorted({k for f in flat for k in f})
-    varied = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    # varied: a param whose value differs between trials that have it (a node only some variants
+    # have is what tells the variants apart, not a varied param)
+    varied = [k for k in keys if len({repr(f[k]) for f in flat if k in f}) > 1]
     return Experiment(file, spec.graph, spec.description, trials, varied, list(variants))
