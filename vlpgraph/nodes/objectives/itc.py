@@ -108,6 +108,9 @@ class ITCParams(Params):
     temperature_min: float = Field(0.001, gt=0, description="τ is clamped to at least this")
     temperature_max: float = Field(0.5, gt=0, description="τ is clamped to at most this")
     learn_temperature: bool = Field(True, description="learn τ (False: keep it fixed)")
+    mix_weight: float = Field(
+        1.0, ge=0, description="weight of the 'mix_itc' term (times the mixer's γ) when a mixer is wired"
+    )
     text_pool: Literal["cls", "mean"] = Field(
         "mean",
         description="caption feature: 'cls' (ALBEF) or the mean of non-pad tokens; a from-scratch post-LN "
@@ -132,10 +135,22 @@ class ITC(ports.Objective, ports.Embedder):
     weights into this module's state_dict a second time.
     """
 
-    def __init__(self, vision: ports.VisionTower, text: ports.TextTower, params: ITCParams):
+    def __init__(self, vision: ports.VisionTower, text: ports.TextTower, params: ITCParams,
+                 mixer: ports.Mixer | None = None, node: str = "itc"):
         super().__init__()
         self._towers = (vision, text)
         self.weight = params.weight
+        # a plain object, not a module: whatever it holds (a patch scorer) is its own graph node
+        self.mixer = mixer
+        self.mix_weight = params.mix_weight
+        # one key per objective: the Forward memoises tower passes by (tower, images key), and two
+        # mixing objectives on one tower must not share each other's mixed images
+        self.mixed_key = f"mixed_images/{node}"
+        # the group whose step takes 'mix_itc': its own with steps "separate", else the main one (also
+        # when other objectives give the trial several groups and this one is called with "main")
+        self.mix_group = "mix" if mixer is not None and mixer.steps == "separate" else "main"
+        if self.mix_group == "mix":
+            self.step_groups = ("main", "mix")
         self.temperature_min = params.temperature_min
         self.temperature_max = params.temperature_max
         self.text_pool = params.text_pool
@@ -195,12 +210,39 @@ class ITC(ports.Objective, ports.Embedder):
 
         return fwd.memo(("objective.itc/text", id(self)), compute)
 
-    def forward(self, fwd: ports.Forward, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, fwd: ports.Forward, batch: dict, group: str | None = None) -> dict[str, torch.Tensor]:
+        """Named terms: 'itc', and 'mix_itc' when a mixer is wired and mixes this step.
+
+        group: None (the trial takes one optimiser step: every term), "main" ('itc', and 'mix_itc' when
+        the mixer's ``steps`` is "summed") or "mix" ('mix_itc'; this objective names that group only
+        when the mixer's ``steps`` is "separate").
+        """
         if self.training and isinstance(self.temp, nn.Parameter):
             with torch.no_grad():  # ALBEF keeps the parameter itself inside the range
                 self.temp.clamp_(self.temperature_min, self.temperature_max)
-        loss = contrastive_loss(self.embed_images(fwd), self.embed_texts(fwd), self.temperature)
-        return {"itc": loss}
+        # the mixer runs before the plain term: a patch scorer reading a middle block (head.tpp) then
+        # runs the tower's block pass first and shares its final tokens with this objective's
+        # embedding, instead of a second full pass; the terms do not depend on the order
+        mixed = self.mixer.mix(fwd, batch, self) if self.mixer is not None and group in (None, self.mix_group) else None
+        terms: dict[str, torch.Tensor] = {}
+        if group in (None, "main"):
+            terms["itc"] = contrastive_loss(self.embed_images(fwd), self.embed_texts(fwd), self.temperature)
+        if mixed is not None:
+            terms["mix_itc"] = self.mixed_loss(fwd, batch, mixed)
+        return terms
+
+    def mixed_loss(self, fwd: ports.Forward, batch: dict, mixed: ports.MixedBatch) -> torch.Tensor:
+        """γ · mix_weight · contrastive_loss(mixed images, captions, soft targets) (METHODS.md TiMix 6-7).
+
+        The mixed images go into the batch under this objective's ``mixed_key`` and through the image
+        tower once (memoised separately from the un-mixed pass); the captions' embeddings are the
+        un-mixed step's own."""
+        batch[self.mixed_key] = mixed.images
+        if fwd.batch is not batch:
+            fwd.batch[self.mixed_key] = mixed.images
+        v_mix = self.embed_images(fwd, images_key=self.mixed_key)
+        loss = contrastive_loss(v_mix, self.embed_texts(fwd), self.temperature, targets=mixed.soft_targets)
+        return mixed.gamma * self.mix_weight * loss
 
 
 @register(
@@ -210,6 +252,7 @@ class ITC(ports.Objective, ports.Embedder):
     inputs={
         "vision": In(ports.VisionTower, doc="image tower; its CLS token (position 0) is projected"),
         "text": In(ports.TextTower, doc="text tower; its mean token (or CLS, text_pool) is projected"),
+        "mixer": In(ports.Mixer, optional=True, doc="adds term 'mix_itc' on mixed images with soft targets (e.g. mixer.timix)"),
     },
 )
 def build(params: ITCParams, inputs: dict, ctx: ports.BuildContext) -> ITC:
@@ -225,6 +268,12 @@ def build(params: ITCParams, inputs: dict, ctx: ports.BuildContext) -> ITC:
     from the step's shared Forward, so other objectives reuse them. Under torchrun the features are
     gathered from every rank with gradient and each rank scores its rows against the global batch.
     ALBEF's momentum encoder and feature queue are not part of this node.
+
+    With a `mixer` wired: after 'itc', mixer.mix(fwd, batch, self) returns None (no mixing this step)
+    or a MixedBatch; its images run through the image tower (batch key ``mixed_images/<node>``) and
+    term 'mix_itc' = γ · mix_weight · contrastive loss against the batch's captions with the mixer's
+    soft targets (image->text Y, text->image Yᵀ). With the mixer's `steps: separate` this objective
+    names two optimiser step groups, "main" ('itc') and "mix" ('mix_itc'), as the TiMix reference does.
     """
     vision, text = inputs["vision"], inputs["text"]
-    return ITC(vision, text, params).to(ctx.device)
+    return ITC(vision, text, params, mixer=inputs.get("mixer"), node=ctx.node).to(ctx.device)
