@@ -29,7 +29,18 @@ def _load(args):
     from vlpgraph.sweep import load_experiment
 
     sets = [parse_set(s) for s in (getattr(args, "set", None) or [])]
-    return load_experiment(args.graph, sets=sets, profile=getattr(args, "profile", None))
+    exp = load_experiment(args.graph, sets=sets, profile=getattr(args, "profile", None))
+    wanted = getattr(args, "variant", None)
+    if wanted:
+        from vlpgraph.errors import did_you_mean
+
+        unknown = [v for v in wanted if v not in exp.variants]
+        if unknown:
+            raise UserError([f"{args.graph}: --variant {v}: no such variant{did_you_mean(v, exp.variants)} "
+                             f"(variants: {', '.join(exp.variants)})" for v in unknown])
+        exp.trials = [t for t in exp.trials if t.variant in wanted]
+        exp.variants = [v for v in exp.variants if v in wanted]
+    return exp
 
 
 # ------------------------------------------------------------------------------------- verbs
@@ -194,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     def graph_args(sp, sets=True):
         sp.add_argument("graph", help="the graph file (YAML)")
         sp.add_argument("--profile", help="a named override set from the file's profiles:")
+        sp.add_argument("--variant", action="append", metavar="NAME", help="only this sweep variant (repeatable)")
         if sets:
             sp.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE", help="override a param (repeatable)")
 

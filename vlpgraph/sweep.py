@@ -153,8 +153,11 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
                     problems.messages.append(m)
             if graph is None:
                 continue
+            # the grid values as the trial really has them (--set or a profile may override a grid key)
+            resolved_point = {k: graph.nodes[split_dotted(k)[0]].params.model_dump(mode="json").get(split_dotted(k)[1], v)
+                              for k, v in point.items()}
             for seed in seeds:
-                trial = Trial(vname, seed, dict(point), graph)
+                trial = Trial(vname, seed, resolved_point, graph)
                 if trial.run_id not in seen:  # two edits that resolve to the same graph are one trial
                     seen.add(trial.run_id)
                     trials.append(trial)
