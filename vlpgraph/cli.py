@@ -189,8 +189,9 @@ def cmd_report(args, out: Console, err: Console) -> int:
 
     exp = _load(args)
     store = Store(_store_dir(args))
+    wide = Console(highlight=False, width=max(out.width, 160))  # tables stay readable when piped to a file
     for table in build_report(exp, store, metrics=args.metric):
-        out.print(table)
+        wide.print(table)
     return 0
 
 

@@ -29,12 +29,13 @@ def fmt_cell(values: list[float], digits: int = 3) -> str:
 
 
 def default_metrics(exp: Experiment) -> list[str]:
-    graph = exp.trials[0].graph
-    out = []
-    for name in graph.by_role("evaluator"):
-        headline = getattr(graph.nodes[name].kind.output, "headline", None)
-        if headline:
-            out.append(f"{name}.{headline}")
+    """Each evaluator's headline metric, evaluators in file order across all variants."""
+    out: list[str] = []
+    for trial in exp.trials:
+        for name, node in trial.graph.nodes.items():
+            headline = getattr(node.kind.output, "headline", None) if node.kind.role == "evaluator" else None
+            if headline and f"{name}.{headline}" not in out:
+                out.append(f"{name}.{headline}")
     return out
 
 
