@@ -6,6 +6,7 @@ Also home of :func:`contrastive_loss`, the symmetric InfoNCE that mixers reuse w
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Literal
 
@@ -98,6 +99,54 @@ def contrastive_loss(
     return 0.5 * (F.cross_entropy(logits_i2t, targets_i2t) + F.cross_entropy(logits_t2i, targets_t2i))
 
 
+@torch.no_grad()
+def concat_all_gather(features: torch.Tensor) -> torch.Tensor:
+    """[B, D] on every rank -> [world*B, D] without gradient (ALBEF's ``concat_all_gather``).
+
+    Returns ``features`` unchanged when not distributed."""
+    _, size = world()
+    if size == 1:
+        return features
+    out = [torch.empty_like(features) for _ in range(size)]
+    dist.all_gather(out, features.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def queued_contrastive_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    all_images: torch.Tensor,
+    all_texts: torch.Tensor,
+    temperature: torch.Tensor | float,
+    targets_i2t: torch.Tensor,
+    targets_t2i: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric InfoNCE against columns beyond the batch (ALBEF's momentum / queue ITC).
+
+    image_emb, text_emb: [B, D], L2-normalised, the local rows.
+    all_images, all_texts: [K, D] with K >= B: the columns each modality is scored against — the
+        (gathered) batch first, then queued features; K = B + Q without distribution.
+    targets_i2t: [B, K], row i a distribution over ``all_texts`` for image i; targets_t2i: [B, K] over
+        ``all_images`` for text i. Unlike :func:`contrastive_loss` the two directions take separate
+        targets (ALBEF softmaxes each direction's momentum similarities by row). Constants: detached.
+
+    Returns ½·(CE(image->text) + CE(text->image)), averaged over the local rows, in fp32.
+    """
+    b = image_emb.shape[0]
+    k = all_texts.shape[0]
+    if (image_emb.shape != text_emb.shape or image_emb.dim() != 2 or all_images.shape != all_texts.shape
+            or all_texts.dim() != 2 or all_texts.shape[1] != image_emb.shape[1]):
+        raise ValueError(f"queued_contrastive_loss: rows {tuple(image_emb.shape)}/{tuple(text_emb.shape)} and "
+                         f"columns {tuple(all_images.shape)}/{tuple(all_texts.shape)} must be [B, D] and [K, D]")
+    if targets_i2t.shape != (b, k) or targets_t2i.shape != (b, k):
+        raise ValueError(f"queued_contrastive_loss: targets must be [B, K] = [{b}, {k}], got "
+                         f"{tuple(targets_i2t.shape)} and {tuple(targets_t2i.shape)}")
+    logits_i2t = (image_emb @ all_texts.T).float() / temperature  # [B, K]
+    logits_t2i = (text_emb @ all_images.T).float() / temperature
+    return 0.5 * (F.cross_entropy(logits_i2t, targets_i2t.detach().float())
+                  + F.cross_entropy(logits_t2i, targets_t2i.detach().float()))
+
+
 # ---------------------------------------------------------------------------------- the node
 
 
@@ -116,6 +165,25 @@ class ITCParams(Params):
         description="caption feature: 'cls' (ALBEF) or the mean of non-pad tokens; a from-scratch post-LN "
         "BERT gives nearly one CLS vector for every caption at init and stalls ~100+ steps with 'cls'",
     )
+    momentum: float | None = Field(
+        None, gt=0, lt=1,
+        description="ALBEF momentum distillation: EMA coefficient m of momentum copies of the towers and "
+        "projections (ALBEF: 0.995), updated at the start of each training forward; targets become "
+        "α·softmax(momentum sims / τ) + (1-α)·one-hot. None: off (plain one-hot ITC)",
+    )
+    queue_size: int = Field(
+        0, ge=0,
+        description="ALBEF feature queue: the last queue_size momentum image and text features (a ring "
+        "buffer, checkpointed) are extra negatives/columns of the loss; 0: in-batch only. Needs momentum",
+    )
+    distill_alpha: float = Field(
+        0.4, ge=0, le=1, description="α: weight of the momentum soft targets against one-hot (with momentum)"
+    )
+    alpha_ramp_epochs: float = Field(
+        1.0, ge=0,
+        description="α ramps linearly from 0 to distill_alpha over this many epochs (batch keys step and "
+        "steps_per_epoch; constant distill_alpha when they are absent or this is 0)",
+    )
 
     @model_validator(mode="after")
     def _temperature_in_range(self) -> "ITCParams":
@@ -124,6 +192,13 @@ class ITCParams(Params):
                 f"temperature {self.temperature} must lie in [temperature_min, temperature_max] = "
                 f"[{self.temperature_min}, {self.temperature_max}]"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _queue_needs_momentum(self) -> ITCParams:
+        if self.queue_size > 0 and self.momentum is None:
+            raise ValueError(f"queue_size {self.queue_size} needs momentum (e.g. momentum: 0.995): the queue "
+                             "holds momentum features")
         return self
 
 
@@ -161,6 +236,114 @@ class ITC(ports.Objective, ports.Embedder):
             self.temp = nn.Parameter(temp)
         else:
             self.register_buffer("temp", temp)
+        self.momentum = params.momentum
+        self.queue_size = params.queue_size if params.momentum is not None else 0
+        self.distill_alpha = params.distill_alpha
+        self.alpha_ramp_epochs = params.alpha_ramp_epochs
+        if self.momentum is not None:
+            # ALBEF's momentum model: frozen copies owned (and checkpointed) by this objective, unlike the
+            # online towers it holds by reference; updated by EMA, never by the optimiser
+            self.vision_m = copy.deepcopy(vision)
+            self.text_m = copy.deepcopy(text)
+            self.vision_proj_m = copy.deepcopy(self.vision_proj)
+            self.text_proj_m = copy.deepcopy(self.text_proj)
+            for module in self._momentum_pairs():
+                for p in module[1].parameters():
+                    p.requires_grad_(False)
+            if self.queue_size > 0:
+                d = params.embed_dim
+                self.register_buffer("image_queue", torch.zeros(self.queue_size, d))
+                self.register_buffer("text_queue", torch.zeros(self.queue_size, d))
+                self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+                self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))  # filled rows
+
+    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, momentum) module pairs; empty without momentum."""
+        if self.momentum is None:
+            return []
+        return [(self.vision, self.vision_m), (self.text, self.text_m),
+                (self.vision_proj, self.vision_proj_m), (self.text_proj, self.text_proj_m)]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """EMA: momentum = m·momentum + (1-m)·online, parameter by parameter (ALBEF ``_momentum_update``)."""
+        m = self.momentum
+        for online, mom in self._momentum_pairs():
+            for p, p_m in zip(online.parameters(), mom.parameters()):
+                p_m.mul_(m).add_(p.detach().to(p_m.device, p_m.dtype), alpha=1 - m)
+
+    def alpha(self, batch: dict) -> float:
+        """α of the momentum soft targets: distill_alpha ramped from 0 over alpha_ramp_epochs."""
+        step, per_epoch = batch.get("step"), batch.get("steps_per_epoch")
+        if step is None or not per_epoch or self.alpha_ramp_epochs <= 0:
+            return self.distill_alpha
+        return self.distill_alpha * min(1.0, float(step) / (self.alpha_ramp_epochs * float(per_epoch)))
+
+    def _pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.text_pool == "cls":
+            return tokens[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
+        return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    @torch.no_grad()
+    def momentum_features(self, fwd: ports.Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised momentum image and caption features [B, D] (no gradient). Memoised in ``fwd``."""
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            b = fwd.batch
+            with torch.no_grad():
+                image = F.normalize(self.vision_proj_m(self.vision_m(b["images"])[:, 0]), dim=-1)
+                tokens = self.text_m(b["input_ids"], b["attention_mask"])
+                text = F.normalize(self.text_proj_m(self._pool(tokens, b["attention_mask"])), dim=-1)
+            return image, text
+
+        return fwd.memo(("objective.itc/momentum", id(self)), compute)
+
+    @torch.no_grad()
+    def _enqueue(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> None:
+        """Write rows into the ring buffer (oldest overwritten first); more rows than the queue keeps the last."""
+        q = self.queue_size
+        n = image_feats.shape[0]
+        if n >= q:
+            image_feats, text_feats, n = image_feats[-q:], text_feats[-q:], q
+        idx = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % q
+        self.image_queue[idx] = image_feats.to(self.image_queue.dtype)
+        self.text_queue[idx] = text_feats.to(self.text_queue.dtype)
+        self.queue_ptr.copy_((self.queue_ptr + n) % q)
+        self.queue_count.add_(n).clamp_(max=q)
+
+    def momentum_loss(self, fwd: ports.Forward, batch: dict) -> torch.Tensor:
+        """ALBEF ITC: online features vs (gathered batch ++ queue), targets from the momentum features.
+
+        Under torchrun the batch columns are gathered from every rank (online with gradient, momentum
+        without) and the queue receives the gathered momentum features."""
+        image, text = self.embed_images(fwd), self.embed_texts(fwd)
+        image_m, text_m = self.momentum_features(fwd)
+        rank, size = world()
+        all_images, all_texts = image, text
+        if size > 1:
+            all_images, all_texts = gather_with_grad(image), gather_with_grad(text)
+        all_images_m, all_texts_m = concat_all_gather(image_m), concat_all_gather(text_m)
+        if self.queue_size > 0:
+            count = int(self.queue_count)
+            q_img = self.image_queue[:count].to(image.dtype)
+            q_txt = self.text_queue[:count].to(text.dtype)
+            all_images, all_texts = torch.cat([all_images, q_img]), torch.cat([all_texts, q_txt])
+            cols_img_m, cols_txt_m = torch.cat([all_images_m, q_img]), torch.cat([all_texts_m, q_txt])
+        else:
+            cols_img_m, cols_txt_m = all_images_m, all_texts_m
+        b = image.shape[0]
+        with torch.no_grad():
+            tau = self.temperature.detach()
+            one_hot = torch.zeros(b, all_texts.shape[0], device=image.device)
+            one_hot[torch.arange(b, device=image.device), torch.arange(b, device=image.device) + rank * b] = 1
+            alpha = self.alpha(batch)
+            t_i2t = alpha * F.softmax((image_m @ cols_txt_m.T).float() / tau, dim=1) + (1 - alpha) * one_hot
+            t_t2i = alpha * F.softmax((text_m @ cols_img_m.T).float() / tau, dim=1) + (1 - alpha) * one_hot
+        loss = queued_contrastive_loss(image, text, all_images, all_texts, self.temperature, t_i2t, t_t2i)
+        if self.queue_size > 0 and self.training:
+            self._enqueue(all_images_m, all_texts_m)
+        return loss
 
     @property
     def vision(self) -> ports.VisionTower:
@@ -201,12 +384,7 @@ class ITC(ports.Objective, ports.Embedder):
 
         def compute() -> torch.Tensor:
             tokens = fwd.text_tokens(self.text)  # [B, L, C]
-            if self.text_pool == "cls":
-                pooled = tokens[:, 0]
-            else:
-                mask = fwd.batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
-                pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
-            return F.normalize(self.text_proj(pooled), dim=-1)
+            return F.normalize(self.text_proj(self._pool(tokens, fwd.batch["attention_mask"])), dim=-1)
 
         return fwd.memo(("objective.itc/text", id(self)), compute)
 
@@ -226,7 +404,12 @@ class ITC(ports.Objective, ports.Embedder):
         mixed = self.mixer.mix(fwd, batch, self) if self.mixer is not None and group in (None, self.mix_group) else None
         terms: dict[str, torch.Tensor] = {}
         if group in (None, "main"):
-            terms["itc"] = contrastive_loss(self.embed_images(fwd), self.embed_texts(fwd), self.temperature)
+            if self.momentum is None:
+                terms["itc"] = contrastive_loss(self.embed_images(fwd), self.embed_texts(fwd), self.temperature)
+            else:
+                if self.training:  # the objective cannot hook the optimiser step; ALBEF updates in forward too
+                    self.momentum_update()
+                terms["itc"] = self.momentum_loss(fwd, batch)
         if mixed is not None:
             terms["mix_itc"] = self.mixed_loss(fwd, batch, mixed)
         return terms
@@ -267,7 +450,11 @@ def build(params: ITCParams, inputs: dict, ctx: ports.BuildContext) -> ITC:
     clamped into [temperature_min, temperature_max] (ALBEF: 0.07 in [0.001, 0.5]). Tower passes come
     from the step's shared Forward, so other objectives reuse them. Under torchrun the features are
     gathered from every rank with gradient and each rank scores its rows against the global batch.
-    ALBEF's momentum encoder and feature queue are not part of this node.
+    With `momentum` (ALBEF: 0.995) the node owns EMA copies of both towers and projections (in its
+    state_dict, no gradient), updated at the start of each training forward; 'itc' then uses targets
+    α·softmax(momentum sims / τ) + (1-α)·one-hot per direction, α = distill_alpha ramped from 0 over
+    `alpha_ramp_epochs`. With `queue_size` > 0 the last queue_size momentum features (a checkpointed
+    ring buffer, enqueued after the loss) are extra columns. Off by default.
 
     With a `mixer` wired: after 'itc', mixer.mix(fwd, batch, self) returns None (no mixing this step)
     or a MixedBatch; its images run through the image tower (batch key ``mixed_images/<node>``) and
