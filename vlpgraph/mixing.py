@@ -16,7 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from typing import Literal
+
+from pydantic import Field
+
 from vlpgraph.errors import TrialFailed
+from vlpgraph.registry import Params
 
 # --------------------------------------------------------------------------------- random draws
 
@@ -217,3 +222,17 @@ def distilled_targets(fwd, embedder, temperature: float | None = None) -> torch.
         temperature = getattr(embedder, "temperature", 0.07)
     tau = temperature.detach().float() if isinstance(temperature, torch.Tensor) else float(temperature)
     return torch.softmax(images @ texts.T / tau, dim=1)
+
+
+class PairMixParams(Params):
+    """Params every pair mixer (mixer.mixup, mixer.cutmix) shares: targets and schedule."""
+
+    targets: Literal["onehot", "distilled"] = Field(
+        "onehot",
+        description="soft targets mix 'onehot' captions (λ·I[i] + (1−λ)·I[p(i)]) or the objective's un-mixed "
+        "prediction P ('distilled', as mixer.timix)",
+    )
+    target_temperature: float | None = Field(None, gt=0, description="τ of P for targets 'distilled' (null: the objective's)")
+    ramp_epochs: float = Field(0.0, ge=0, description="γ ramps linearly 0 -> 1 over this many epochs (0: γ = 1)")
+    stop_fraction: float = Field(1.0, ge=0, le=1, description="no mixing once training progress ≥ this (1.0: never stop)")
+    steps: Literal["summed", "separate"] = Field("summed", description="mixed loss in the main step, or its own optimiser step")

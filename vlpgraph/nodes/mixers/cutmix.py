@@ -10,10 +10,10 @@ import torch
 from pydantic import Field, field_validator
 
 from vlpgraph import mixing, ports
-from vlpgraph.registry import Params, register
+from vlpgraph.registry import register
 
 
-class CutMixParams(Params):
+class CutMixParams(mixing.PairMixParams):
     alpha: float = Field(1.0, gt=0, description="λ ~ Beta(alpha, alpha) (timm's cutmix_alpha)")
     prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch (mode 'batch') or a pair (mode 'pair')")
     mode: Literal["batch", "pair"] = Field("batch", description="one box and λ per batch, or one per pair (i, B−1−i)")
@@ -21,15 +21,6 @@ class CutMixParams(Params):
     minmax: tuple[float, float] | None = Field(
         None, description="timm's cutmix_minmax: box sides uniform in [min, max) of the image sides instead of from λ "
         "(λ is then always the box's area share)")
-    targets: Literal["onehot", "distilled"] = Field(
-        "onehot",
-        description="soft targets mix 'onehot' captions (λ·I[i] + (1−λ)·I[p(i)]) or the objective's un-mixed "
-        "prediction P ('distilled', as mixer.timix)",
-    )
-    target_temperature: float | None = Field(None, gt=0, description="τ of P for targets 'distilled' (null: the objective's)")
-    ramp_epochs: float = Field(0.0, ge=0, description="γ ramps linearly 0 -> 1 over this many epochs (0: γ = 1)")
-    stop_fraction: float = Field(1.0, ge=0, le=1, description="no mixing once training progress ≥ this (1.0: never stop)")
-    steps: Literal["summed", "separate"] = Field("summed", description="mixed loss in the main step, or its own optimiser step")
 
     @field_validator("minmax")
     @classmethod
