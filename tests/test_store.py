@@ -368,3 +368,18 @@ def test_waits_behind_a_cooperating_process_then_times_out_clearly(tmp_path):
     finally:
         os.close(fd)
     assert Store(tmp_path).metrics("r") == []
+
+
+def test_patch_scores_of_two_evaluators_and_mixed_samples_do_not_collide(tmp_path):
+    store = Store(tmp_path)
+    store.start_run("r1", graph="g", variant="v", seed=0, params={}, flat_params={}, device="cpu")
+    row = dict(step=5, sample_id=3, caption="a red circle", grid_h=2, grid_w=2, scores=[0.1, 0.2, 0.3, 0.4], image=b"png")
+    store.log_patch_scores("r1", [dict(row, evaluator="grounding"), dict(row, evaluator="grounding_sim", scores=[1, 2, 3, 4])])
+    store.log_patch_scores("r1", [dict(row, evaluator="grounding", kind="mixed", partner_id=7, partner_image=b"p",
+                                       mixed_image=b"m", lam=0.75)])
+    rows = store.query("SELECT evaluator, kind, scores, partner_id, lam FROM patch_scores ORDER BY evaluator, kind")
+    assert [(r["evaluator"], r["kind"]) for r in rows] == [("grounding", "heatmap"), ("grounding", "mixed"), ("grounding_sim", "heatmap")]
+    assert rows[1]["partner_id"] == 7 and rows[1]["lam"] == 0.75
+    assert rows[2]["scores"] == [1.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="mixed_image must be PNG bytes"):
+        store.log_patch_scores("r1", [dict(row, evaluator="g", kind="mixed", mixed_image=[1, 2])])

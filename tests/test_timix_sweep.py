@@ -42,5 +42,10 @@ def test_timix_variant_runs_end_to_end(tmp_path):
     evals = {(r["evaluator"], r["metric"]) for r in store.evals([run["run_id"]])}
     assert ("grounding", "pointing") in evals and ("retrieval", "rsum") in evals
     rows = store.patch_scores(run["run_id"])
-    assert rows and len(rows[0]["scores"]) == rows[0]["grid_h"] * rows[0]["grid_w"]
-    assert rows[0]["image"][:8] == b"\x89PNG\r\n\x1a\n"
+    heat = [r for r in rows if r["kind"] == "heatmap" and r["evaluator"] == "grounding"]
+    assert heat and len(heat[0]["scores"]) == heat[0]["grid_h"] * heat[0]["grid_w"]
+    assert heat[0]["image"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(r["evaluator"] == "grounding_sim" for r in rows)  # both scorers' maps are kept
+    mixed = [r for r in rows if r["kind"] == "mixed"]
+    assert len(mixed) == 4 and all(0 < r["lam"] < 1 and r["mixed_image"][:4] == b"\x89PNG" for r in mixed)
+    assert mixed[0]["mixed_image"] != mixed[0]["image"]

@@ -202,7 +202,7 @@ class Runner:
                 plan.trial.run_id, [dict(step=step, evaluator=name, metric=k, value=float(v)) for k, v in result.metrics.items()]
             )
             if result.patch_scores:
-                self.store.log_patch_scores(plan.trial.run_id, [dict(step=step, **row) for row in result.patch_scores])
+                self.store.log_patch_scores(plan.trial.run_id, [dict(step=step, evaluator=name, **row) for row in result.patch_scores])
             out.update({f"{name}.{k}": float(v) for k, v in result.metrics.items()})
         return out
 

@@ -52,7 +52,7 @@ column always keeps the exact resolved values.
 Keys and idempotence
 --------------------
 ``runs``: run_id (upsert; a resumed run keeps its row). ``metrics``: (run_id, step, name).
-``evals``: (run_id, step, evaluator, metric). ``patch_scores``: (run_id, step, sample_id). All are
+``evals``: (run_id, step, evaluator, metric). ``patch_scores``: (run_id, step, evaluator, kind, sample_id). All are
 PRIMARY KEYs and every log_* call replaces rows with the same key, so repeating a write never
 duplicates; ``delete_metrics_after`` drops what a resumed run will log again. Timestamps are UTC.
 """
@@ -96,9 +96,11 @@ _METRIC_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("epoch", "DOUBLE"
                    ("value", "DOUBLE"), ("wall_s", "DOUBLE")]
 _EVAL_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARCHAR"), ("metric", "VARCHAR"),
                  ("value", "DOUBLE"), ("logged_at", "TIMESTAMP")]
-_PATCH_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("sample_id", "BIGINT"), ("caption", "VARCHAR"),
+_PATCH_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARCHAR"), ("kind", "VARCHAR"),
+                  ("sample_id", "BIGINT"), ("caption", "VARCHAR"),
                   ("grid_h", "INTEGER"), ("grid_w", "INTEGER"), ("scores", "FLOAT[]"), ("image", "BLOB"),
-                  ("boxes", "VARCHAR")]
+                  ("boxes", "VARCHAR"), ("partner_id", "BIGINT"), ("partner_image", "BLOB"),
+                  ("mixed_image", "BLOB"), ("lam", "DOUBLE")]
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -145,6 +147,8 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS patch_scores (
         run_id VARCHAR NOT NULL,
         step BIGINT NOT NULL,
+        evaluator VARCHAR NOT NULL,     -- the evaluator node that wrote the row
+        kind VARCHAR NOT NULL,          -- 'heatmap' (a test sample's patch scores) | 'mixed' (a mixer's output)
         sample_id BIGINT NOT NULL,
         caption VARCHAR,
         grid_h INTEGER,
@@ -152,9 +156,13 @@ SCHEMA = [
         scores FLOAT[],
         image BLOB,
         boxes VARCHAR,
-        PRIMARY KEY (run_id, step, sample_id)
+        partner_id BIGINT,              -- kind 'mixed': the partner sample, its image, the mixed image, λ kept
+        partner_image BLOB,
+        mixed_image BLOB,
+        lam DOUBLE,
+        PRIMARY KEY (run_id, step, evaluator, kind, sample_id)
     )""",
-    "INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')",
+    "INSERT OR IGNORE INTO meta VALUES ('schema_version', '2')",
 ]
 TABLES = ("runs", "metrics", "evals", "patch_scores", "meta")
 
@@ -695,10 +703,12 @@ class Store:
             self._insert_replace(con, "evals", _EVAL_COLUMNS, prepared)
 
     def log_patch_scores(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Write scored (image, caption) pairs; (run_id, step, sample_id) is replaced.
+        """Write scored (image, caption) pairs and mixed samples for the app.
 
-        Row keys: step, sample_id, caption, grid_h, grid_w, scores (grid_h*grid_w floats: list,
-        numpy array or tensor), image (PNG bytes or None), boxes (JSON-able or JSON text, optional).
+        Row keys: step, evaluator, kind ('heatmap' default | 'mixed'), sample_id, caption, grid_h,
+        grid_w, scores (grid_h*grid_w floats: list, numpy array or tensor), image (PNG bytes or None),
+        boxes (JSON-able or JSON text, optional); for kind 'mixed' also partner_id, partner_image,
+        mixed_image (PNG bytes) and lam. (run_id, step, evaluator, kind, sample_id) is replaced.
         """
         validate_run_id(run_id)
         prepared = []
@@ -723,14 +733,23 @@ class Store:
                 boxes = r.get("boxes")
                 if boxes is not None and not isinstance(boxes, str):
                     boxes = _json(boxes)
+                blobs = {}
+                for key in ("partner_image", "mixed_image"):
+                    blob = r.get(key)
+                    if blob is not None and not isinstance(blob, (bytes, bytearray, memoryview)):
+                        raise TypeError(f"{key} must be PNG bytes, got {type(blob).__name__}")
+                    blobs[key] = None if blob is None else bytes(blob)
                 prepared.append([
-                    run_id, int(_scalar(r["step"])), int(_scalar(r["sample_id"])),
+                    run_id, int(_scalar(r["step"])), str(r.get("evaluator") or ""), str(r.get("kind") or "heatmap"),
+                    int(_scalar(r["sample_id"])),
                     None if r.get("caption") is None else str(r["caption"]), grid_h, grid_w, scores,
                     None if image is None else bytes(image), boxes,
+                    _int_or_none(r.get("partner_id")), blobs["partner_image"], blobs["mixed_image"],
+                    _float_or_none(r.get("lam")),
                 ])
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"log_patch_scores: bad row (sample {r.get('sample_id')!r}): {exc}") from exc
-        prepared = self._dedupe(prepared, key=lambda r: (r[1], r[2]))
+        prepared = self._dedupe(prepared, key=lambda r: (r[1], r[2], r[3], r[4]))
         if not prepared:
             return
         with self._writing() as con:

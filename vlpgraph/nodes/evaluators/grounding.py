@@ -32,6 +32,7 @@ class GroundingParams(Params):
     )
     max_samples: int | None = Field(None, ge=1, description="use only the first N test samples (None: all)")
     heatmaps: int = Field(16, ge=0, description="write the patch scores of this many test samples (the first with a mention) to patch_scores")
+    mixed_samples: int = Field(4, ge=0, description="with a mixer wired: write this many mixed test samples (image, partner, mixed image, λ) to patch_scores")
     seed: int = Field(0, description="seed of the random tie-break among equal scores at the k-th place of topk_iou")
 
     @field_validator("topk")
@@ -47,10 +48,11 @@ class GroundingEvaluator(ports.Evaluator):
 
     headline = "pointing"  # the metric `vlpgraph report` shows by default
 
-    def __init__(self, params: GroundingParams, data: ports.PairedData, scorer: ports.PatchScorer):
+    def __init__(self, params: GroundingParams, data: ports.PairedData, scorer: ports.PatchScorer, mixer: ports.Mixer | None = None):
         self.params = params
         self.data = data
         self.scorer = scorer
+        self.mixer = mixer
 
     def evaluate(self, model: ports.Model, ctx: ports.BuildContext) -> ports.EvalResult:
         p, data, scorer = self.params, self.data, self.scorer
@@ -99,6 +101,8 @@ class GroundingEvaluator(ports.Evaluator):
                         wrong.append(pointing_hits(flat[sel], other_masks[sel] & ~masks[sel]))
                     if len(rows) < p.heatmaps:
                         rows += self._heatmap_rows(batch, flat, has, p.heatmaps - len(rows), (gh, gw))
+                if self.mixer is not None and p.mixed_samples:
+                    rows += self._mixed_rows(model, min(n_total, 2 * p.mixed_samples), (gh, gw))
         finally:
             for m, was in scorer_flags.items():
                 m.training = was
@@ -115,6 +119,39 @@ class GroundingEvaluator(ports.Evaluator):
             "n_distractor": float(sum(t.numel() for t in distracted)),
         }
         return ports.EvalResult(metrics=metrics, patch_scores=rows)
+
+    def _mixed_rows(self, model: ports.Model, n: int, grid) -> list[dict]:
+        """What the mixer makes of the first n test samples, as it would mid-training (γ = 1)."""
+        items = [self.data.test[i] for i in range(n)]
+        batch = self.data.collate(items)
+        batch.update(tokenize(model.tokenizer, list(batch["captions"]), "evaluator.grounding"))
+        batch = to_device(batch, model.device)
+        batch.update(progress=0.0, step=10**9, steps_per_epoch=1, total_steps=10**9 + 1)  # past any ramp
+        fwd = ports.Forward(batch)
+        mixed = self.mixer.mix(fwd, batch, model.embedder())
+        if mixed is None:
+            return []
+        scores = self.scorer.patch_scores(fwd).detach().float().cpu().reshape(n, -1)
+        pixels = self.data.denormalize(batch["images"]).cpu()
+        mixed_pixels = self.data.denormalize(mixed.images).cpu()
+        ids = batch.get("sample_ids")
+        rows = []
+        for i in range(min(n, self.params.mixed_samples)):
+            j = int(mixed.partner[i])
+            rows.append({
+                "kind": "mixed",
+                "sample_id": int(ids[i]) if ids is not None else i,
+                "caption": batch["captions"][i],
+                "grid_h": int(grid[0]),
+                "grid_w": int(grid[1]),
+                "scores": [float(v) for v in scores[i].tolist()],
+                "image": png_bytes(pixels[i]),
+                "partner_id": int(ids[j]) if ids is not None else j,
+                "partner_image": png_bytes(pixels[j]),
+                "mixed_image": png_bytes(mixed_pixels[i]),
+                "lam": float(mixed.lam[i]),
+            })
+        return rows
 
     def _heatmap_rows(self, batch: dict, flat: torch.Tensor, has: torch.Tensor, limit: int, grid) -> list[dict]:
         picked = [i for i in range(flat.shape[0]) if bool(has[i])][:limit]
@@ -146,6 +183,7 @@ class GroundingEvaluator(ports.Evaluator):
         "model": In(ports.Model, doc="the trained model (its towers run the scorer)"),
         "data": In(ports.PairedData, needs=frozenset({ports.BOXES}), doc="data with object boxes; its test split is scored"),
         "scorer": In(ports.PatchScorer, doc="patch scores to test: head.tpp, or head.patch_similarity for models without one"),
+        "mixer": In(ports.Mixer, optional=True, doc="a mixer whose output on a few test samples is stored for the app"),
     },
 )
 def build(params: GroundingParams, inputs: dict, ctx: ports.BuildContext) -> GroundingEvaluator:
@@ -164,6 +202,8 @@ def build(params: GroundingParams, inputs: dict, ctx: ports.BuildContext) -> Gro
     whose top patch lies on an unmentioned object only: a text-blind "where are the objects" map does
     well on pointing (objects are salient) but not here. It also writes the patch scores of the first `heatmaps` scored test
     samples to the store's patch_scores table (caption, S x S scores, the de-normalised image as PNG,
-    the mentioned boxes in pixels as JSON) for the app's heatmaps. Runs in eval mode without gradients.
+    the mentioned boxes in pixels as JSON) for the app's heatmaps. With a `mixer` wired it also writes
+    `mixed_samples` rows of kind 'mixed': a test image, its partner, the mixed image and λ kept, as the
+    mixer makes them past its ramp. Runs in eval mode without gradients.
     """
-    return GroundingEvaluator(params, inputs["data"], inputs["scorer"])
+    return GroundingEvaluator(params, inputs["data"], inputs["scorer"], inputs.get("mixer"))
