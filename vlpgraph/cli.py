@@ -24,6 +24,11 @@ def _store_dir(args) -> Path:
     return Path(args.store or os.environ.get(STORE_ENV) or "store")
 
 
+def _wide(out: Console) -> Console:
+    """Tables stay readable when piped to a file or a pager (rich falls back to 80 columns there)."""
+    return Console(highlight=False, width=max(out.width, 160))
+
+
 def _load(args):
     from vlpgraph.spec import parse_set
     from vlpgraph.sweep import load_experiment
@@ -132,6 +137,7 @@ def cmd_nodes(args, out: Console, err: Console) -> int:
     from vlpgraph.graph import port_name
 
     kinds = registry.kinds()
+    out = _wide(out)
     if args.kind is None:
         table = Table(title="node kinds", show_lines=False)
         for col in ("kind", "output", "inputs", "what it does"):
@@ -179,7 +185,7 @@ def cmd_runs(args, out: Console, err: Console) -> int:
         table.add_column(c)
     for r in rows:
         table.add_row(*["" if r.get(c) is None else (f"{r[c]:.0f}" if c == "wall_s" else str(r[c])) for c in cols])
-    out.print(table)
+    _wide(out).print(table)
     return 0
 
 
@@ -189,7 +195,7 @@ def cmd_report(args, out: Console, err: Console) -> int:
 
     exp = _load(args)
     store = Store(_store_dir(args))
-    wide = Console(highlight=False, width=max(out.width, 160))  # tables stay readable when piped to a file
+    wide = _wide(out)
     for table in build_report(exp, store, metrics=args.metric):
         wide.print(table)
     return 0
