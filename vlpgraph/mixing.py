@@ -105,6 +105,20 @@ def draw_lams(rng: np.random.Generator, alpha: float, prob: float, mode: str, b:
     return np.concatenate((lam, lam[::-1]))
 
 
+
+def pair_draw(batch: dict, params, seed: int, node: str, what: str):
+    """The start every pair mixer (mixer.mixup, mixer.cutmix) shares: check the batch is even, apply
+    the schedule, draw λ. Returns (gamma, rng, lams [B]) or None when this step is not mixed."""
+    b = batch["images"].shape[0]
+    require_even(b, what)
+    gamma = schedule(batch, params.ramp_epochs, params.stop_fraction)
+    if gamma is None:
+        return None
+    rng = step_rng(seed, node, int(batch.get("step", 0)))
+    lams = draw_lams(rng, params.alpha, params.prob, params.mode, b)
+    return None if lams is None else (gamma, rng, lams)
+
+
 # ------------------------------------------------------------------------------ window search
 
 

@@ -136,6 +136,15 @@ class TextTower(nn.Module):
     tokenizer: Tokenizer
 
 
+def pool_caption(tokens: torch.Tensor, attention_mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """A TextTower's tokens [B, L, C] -> one caption vector [B, C]: the CLS token (``how="cls"``) or
+    the mean of the non-pad tokens (``"mean"``)."""
+    if how == "cls":
+        return tokens[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
+    return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 class Forward:
     """Memoised encoder passes for one batch, shared by every objective of a step.
 

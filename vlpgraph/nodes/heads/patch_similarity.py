@@ -41,11 +41,7 @@ class PatchSimilarity(ports.PatchScorer):
         def compute() -> torch.Tensor:
             patches = fwd.image_tokens(vision, images_key)[:, self.num_prefix_tokens:]  # [B, N, C]
             tokens = fwd.text_tokens(text)  # [B, L, C]
-            if self.text_pool == "cls":
-                caption = tokens[:, 0]
-            else:
-                mask = fwd.batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
-                caption = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+            caption = ports.pool_caption(tokens, fwd.batch["attention_mask"], self.text_pool)
             cos = torch.einsum("bnc,bc->bn", F.normalize(patches.float(), dim=-1), F.normalize(caption.float(), dim=-1))
             gh, gw = self.grid_size
             return znormalize(cos, dim=1).reshape(cos.shape[0], gh, gw)

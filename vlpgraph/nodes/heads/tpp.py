@@ -85,11 +85,7 @@ class TextAwarePatchPredictor(ports.PatchScorer):
     def caption_vector(self, fwd: ports.Forward) -> torch.Tensor:
         """[B, Ct]: the text CLS or the mean of non-pad tokens (``text_pool``) of the batch's captions."""
         tokens = fwd.text_tokens(self.text)  # [B, L, Ct]
-        if self.text_pool == "cls":
-            pooled = tokens[:, 0]
-        else:
-            mask = fwd.batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
-            pooled = (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+        pooled = ports.pool_caption(tokens, fwd.batch["attention_mask"], self.text_pool)
         return pooled.detach() if self.detach_text else pooled
 
     def patch_logits(self, fwd: ports.Forward, images_key: str = "images") -> torch.Tensor:

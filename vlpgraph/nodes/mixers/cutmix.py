@@ -61,14 +61,10 @@ class CutMix(ports.Mixer):
         p = self.params
         images = batch["images"]
         b, _, h, w = images.shape
-        mixing.require_even(b, f"mixer.cutmix '{self.node}'")
-        gamma = mixing.schedule(batch, p.ramp_epochs, p.stop_fraction)
-        if gamma is None:
+        drawn = mixing.pair_draw(batch, p, self.seed, self.node, f"mixer.cutmix '{self.node}'")
+        if drawn is None:
             return None
-        rng = mixing.step_rng(self.seed, self.node, int(batch.get("step", 0)))
-        lams = mixing.draw_lams(rng, p.alpha, p.prob, p.mode, b)
-        if lams is None:
-            return None
+        gamma, rng, lams = drawn
         boxes, lam_list = self.boxes_and_lams(rng, lams, h, w)
         if p.mode == "batch":
             boxes, lam_list = boxes * b, lam_list * b

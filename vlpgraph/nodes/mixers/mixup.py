@@ -28,14 +28,10 @@ class Mixup(ports.Mixer):
         p = self.params
         images = batch["images"]
         b = images.shape[0]
-        mixing.require_even(b, f"mixer.mixup '{self.node}'")
-        gamma = mixing.schedule(batch, p.ramp_epochs, p.stop_fraction)
-        if gamma is None:
+        drawn = mixing.pair_draw(batch, p, self.seed, self.node, f"mixer.mixup '{self.node}'")
+        if drawn is None:
             return None
-        rng = mixing.step_rng(self.seed, self.node, int(batch.get("step", 0)))
-        lams = mixing.draw_lams(rng, p.alpha, p.prob, p.mode, b)
-        if lams is None:
-            return None
+        gamma, _, lams = drawn
         lam = torch.as_tensor(lams, dtype=torch.float32, device=images.device)
         partner = mixing.flip_partner(b, images.device)
         w = lam.to(images.dtype)[:, None, None, None]

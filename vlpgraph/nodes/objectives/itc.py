@@ -280,10 +280,7 @@ class ITC(ports.Objective, ports.Embedder):
         return self.distill_alpha * min(1.0, float(step) / (self.alpha_ramp_epochs * float(per_epoch)))
 
     def _pool(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.text_pool == "cls":
-            return tokens[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # [B, L, 1]
-        return (tokens * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return ports.pool_caption(tokens, attention_mask, self.text_pool)
 
     @torch.no_grad()
     def momentum_features(self, fwd: ports.Forward) -> tuple[torch.Tensor, torch.Tensor]:
