@@ -50,3 +50,15 @@ def cli_env(tmp_path):
     env["VLPGRAPH_STORE"] = str(tmp_path / "store")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+@pytest.fixture(scope="session")
+def app_store(tmp_path_factory) -> Path:
+    """A store the app's tests read: the smoke graph plus graphs/timix_sweep.yaml on its tiny profile
+    (15 runs of 3 variants x 5 train fractions, grounding heatmaps and TiMix mixed samples). ~25 s."""
+    from vlpgraph.cli import main
+
+    root = tmp_path_factory.mktemp("app") / "store"
+    assert main(["run", str(ROOT / "graphs" / "smoke.yaml"), "--store", str(root)]) == 0
+    assert main(["run", str(ROOT / "graphs" / "timix_sweep.yaml"), "--profile", "tiny", "--store", str(root)]) == 0
+    return root

@@ -201,6 +201,40 @@ def cmd_report(args, out: Console, err: Console) -> int:
     return 0
 
 
+APP_MAIN = Path(__file__).resolve().parents[1] / "app" / "main.py"
+
+
+def app_command(store: Path, host: str, port: int) -> list[str]:
+    """The `streamlit run` command line that serves the app (no browser, no telemetry, no file watcher)."""
+    return [sys.executable, "-m", "streamlit", "run", str(APP_MAIN),
+            "--server.address", host, "--server.port", str(port), "--server.headless", "true",
+            "--server.fileWatcherType", "none", "--server.runOnSave", "false",
+            "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
+            "--theme.base", "light"]
+
+
+def cmd_app(args, out: Console, err: Console) -> int:
+    import socket
+
+    if not APP_MAIN.exists():
+        raise UserError(f"the app's files are not beside this installation ({APP_MAIN} is missing): "
+                        "`vlpgraph app` runs from a source checkout installed with `pip install -e .`")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: expected 1-65535")
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror} (try another --port)") from None
+    store = _store_dir(args).expanduser().resolve()
+    env = {**os.environ, STORE_ENV: str(store)}
+    err.print(f"vlpgraph app: store {store}; open http://{'localhost' if args.host == '127.0.0.1' else args.host}:"
+              f"{args.port} (Ctrl-C stops it)", highlight=False)
+    # exec: streamlit becomes this process, so Ctrl-C and a test's kill reach it directly
+    os.execve(sys.executable, app_command(store, args.host, args.port), env)
+    return 0  # not reached
+
+
 # ------------------------------------------------------------------------------------- parser
 
 
@@ -250,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(sp)
     sp.add_argument("--metric", action="append", metavar="EVALUATOR.METRIC", help="metric(s) to tabulate (default: each evaluator's headline)")
     sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("app", help="the analysis app in the browser (Streamlit): runs, ablations, "
+                                    "data efficiency, patch heatmaps, graphs")
+    store_arg(sp)
+    sp.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    sp.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the store to the network)")
+    sp.set_defaults(fn=cmd_app)
     return p
 
 

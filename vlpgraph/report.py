@@ -12,6 +12,7 @@ from collections import defaultdict
 
 from rich.table import Table
 
+from vlpgraph.analysis import crossing, interpolate  # noqa: F401  (one copy, shared with the app)
 from vlpgraph.store import Store
 from vlpgraph.sweep import Experiment
 
@@ -82,25 +83,6 @@ def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None
         if eff is not None:
             tables.append(eff)
     return tables
-
-
-def crossing(xs: list[float], ys: list[float], target: float) -> float | None:
-    """Smallest x at which the piecewise-linear curve (xs ascending) reaches ``target``; None if never."""
-    for i, (x, y) in enumerate(zip(xs, ys)):
-        if y >= target:
-            if i == 0:
-                return x
-            x0, y0 = xs[i - 1], ys[i - 1]
-            return x0 + (target - y0) / (y - y0) * (x - x0)
-    return None
-
-
-def interpolate(xs: list[float], ys: list[float], x: float) -> float:
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            t = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
-            return ys[i - 1] + t * (ys[i] - ys[i - 1])
-    return ys[-1]
 
 
 def data_efficiency(exp: Experiment, store: Store, metric: str, baseline: str | None = None) -> Table | None:

@@ -198,9 +198,11 @@ class Runner:
             node = plan.trial.graph.nodes[name]
             ctx = BuildContext(name, node.hash, plan.trial.seed, self.store.root / "cache", self.device, self._log)
             result = evaluator.evaluate(plan.model, ctx)
-            self.store.log_evals(
-                plan.trial.run_id, [dict(step=step, evaluator=name, metric=k, value=float(v)) for k, v in result.metrics.items()]
-            )
+            headline = getattr(evaluator, "headline", None)
+            self.store.log_evals(plan.trial.run_id, [
+                dict(step=step, evaluator=name, metric=k, value=float(v), headline=k == headline)
+                for k, v in result.metrics.items()
+            ])
             if result.patch_scores:
                 self.store.log_patch_scores(plan.trial.run_id, [dict(step=step, evaluator=name, **row) for row in result.patch_scores])
             out.update({f"{name}.{k}": float(v) for k, v in result.metrics.items()})

@@ -95,7 +95,7 @@ _INSERT_CHUNK = 5000  # rows per INSERT statement
 _METRIC_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("epoch", "DOUBLE"), ("name", "VARCHAR"),
                    ("value", "DOUBLE"), ("wall_s", "DOUBLE")]
 _EVAL_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARCHAR"), ("metric", "VARCHAR"),
-                 ("value", "DOUBLE"), ("logged_at", "TIMESTAMP")]
+                 ("value", "DOUBLE"), ("logged_at", "TIMESTAMP"), ("headline", "BOOLEAN")]
 _PATCH_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARCHAR"), ("kind", "VARCHAR"),
                   ("sample_id", "BIGINT"), ("caption", "VARCHAR"),
                   ("grid_h", "INTEGER"), ("grid_w", "INTEGER"), ("scores", "FLOAT[]"), ("image", "BLOB"),
@@ -142,8 +142,11 @@ SCHEMA = [
         metric VARCHAR NOT NULL,
         value DOUBLE,
         logged_at TIMESTAMP,
+        headline BOOLEAN,               -- the evaluator's headline metric (what tables show by default)
         PRIMARY KEY (run_id, step, evaluator, metric)
     )""",
+    # stores made before the headline flag existed gain the column at their next write
+    "ALTER TABLE evals ADD COLUMN IF NOT EXISTS headline BOOLEAN",
     """CREATE TABLE IF NOT EXISTS patch_scores (
         run_id VARCHAR NOT NULL,
         step BIGINT NOT NULL,
@@ -356,6 +359,18 @@ class Store:
 
     def exists(self) -> bool:
         return self.db_path.exists()
+
+    def version(self) -> tuple:
+        """A cheap token that changes whenever the database changes (size and mtime of the file and
+        its write-ahead log): the app keys its caches on it. Takes no lock and opens nothing."""
+        out = []
+        for path in (self.db_path, self.db_path.with_name(DB_NAME + ".wal")):
+            try:
+                st = path.stat()
+                out.append((st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                out.append(None)
+        return tuple(out)
 
     # ---------------------------------------------------------------- connections
 
@@ -685,13 +700,17 @@ class Store:
         return len(deleted)
 
     def log_evals(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Write evaluation results; (run_id, step, evaluator, metric) is replaced, never duplicated."""
+        """Write evaluation results; (run_id, step, evaluator, metric) is replaced, never duplicated.
+
+        Row keys: step, evaluator, metric, value, and optionally headline (True for the evaluator's
+        headline metric, the one tables and the app show by default).
+        """
         validate_run_id(run_id)
         now = _now()
         try:
             prepared = [
                 [run_id, int(_scalar(r["step"])), _name(r["evaluator"]), _name(r["metric"]),
-                 _float_or_none(r["value"]), now]
+                 _float_or_none(r["value"]), now, bool(r.get("headline", False))]
                 for r in rows
             ]
         except (KeyError, TypeError, ValueError) as exc:
