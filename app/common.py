@@ -76,3 +76,18 @@ def require_runs() -> dict:
 def graph_label() -> str:
     graph = st.session_state.get("graph")
     return graph if graph and graph != ALL_GRAPHS else "all graphs"
+
+
+def follow_default(key: str, options: list, default: list) -> None:
+    """Before a multiselect with this key is drawn: until the user changes it, it shows ``default``
+    (so metrics that appear while a sweep runs show up on refresh); afterwards it keeps their choice,
+    minus values that are no longer among the options. Pass ``on_change=touched, args=(key,)``."""
+    mine = st.session_state.get(key)
+    if mine is None or not st.session_state.get(f"{key}__touched"):
+        st.session_state[key] = [d for d in default if d in options]
+    else:
+        st.session_state[key] = [v for v in mine if v in options]
+
+
+def touched(key: str) -> None:
+    st.session_state[f"{key}__touched"] = True

@@ -62,3 +62,53 @@ def app_store(tmp_path_factory) -> Path:
     assert main(["run", str(ROOT / "graphs" / "smoke.yaml"), "--store", str(root)]) == 0
     assert main(["run", str(ROOT / "graphs" / "timix_sweep.yaml"), "--profile", "tiny", "--store", str(root)]) == 0
     return root
+
+
+# The synthetic store's sweep: 2 variants x 5 train fractions x 6 seeds, plus one failed run.
+SYN_VARIANTS = ("baseline", "timix")
+SYN_FRACTIONS = (0.1, 0.2, 0.4, 0.7, 1.0)
+SYN_SEEDS = tuple(range(6))
+SYN_STEPS = 200
+
+
+def syn_rsum(variant: str, fraction: float, seed: int) -> float:
+    """retrieval.rsum of a synthetic run at its final step (seeds spread it, so std > 0)."""
+    return round(fraction * (1.3 if variant == "timix" else 1.0) + 0.01 * seed, 6)
+
+
+def syn_wall(variant: str, fraction: float, seed: int) -> float:
+    return 100 * fraction * (1.5 if variant == "timix" else 1.0) + seed
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> Path:
+    """A store written through the Store API with values the tests can compute by hand: 60 completed
+    runs of graph 'syn' (rsum = syn_rsum at step 200, half that at step 100) and one failed run whose
+    absurd rsum (100) must never reach an aggregate."""
+    from vlpgraph.store import Store
+
+    root = tmp_path_factory.mktemp("syn") / "store"
+    store = Store(root)
+
+    def write(run_id, variant, fraction, seed, status, rsum, wall):
+        doc = {"graph": "syn", "variant": variant, "seed": seed, "grid": {"shapes.train_fraction": fraction},
+               "nodes": {"shapes": {"kind": "dataset.shapes", "inputs": {}, "params": {"train_fraction": fraction}},
+                         "vision": {"kind": "encoder.vit", "inputs": {}, "params": {"width": 64}},
+                         "train": {"kind": "trainer", "inputs": {"data": "shapes"}, "params": {"lr": 0.001}}}}
+        store.start_run(run_id, graph="syn", variant=variant, seed=seed, params=doc, device="cpu",
+                        flat_params={"shapes.train_fraction": fraction, "vision.width": 64, "train.lr": 0.001})
+        store.log_metrics(run_id, [dict(step=s, name="loss", value=10 - 0.01 * s + 0.001 * seed, wall_s=0.1 * s)
+                                   for s in range(SYN_STEPS)] +
+                          [dict(step=s, name="lr", value=1e-3) for s in range(0, SYN_STEPS, 10)])
+        store.log_evals(run_id, [dict(step=SYN_STEPS // 2, evaluator="retrieval", metric="rsum", value=rsum / 2, headline=True),
+                                 dict(step=SYN_STEPS, evaluator="retrieval", metric="rsum", value=rsum, headline=True),
+                                 dict(step=SYN_STEPS, evaluator="retrieval", metric="n", value=64)])
+        store.finish_run(run_id, status, wall_s=wall, step=SYN_STEPS, error="boom" if status == "failed" else None)
+
+    for variant in SYN_VARIANTS:
+        for fraction in SYN_FRACTIONS:
+            for seed in SYN_SEEDS:
+                write(f"{variant}-{fraction}-s{seed}", variant, fraction, seed, "completed",
+                      syn_rsum(variant, fraction, seed), syn_wall(variant, fraction, seed))
+    write("baseline-1.0-s99", "baseline", 1.0, 99, "failed", 100.0, 1.0)
+    return root

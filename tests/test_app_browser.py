@@ -32,7 +32,7 @@ pytestmark = [
 
 # url path -> text the page must show once it has rendered, and how many plotly charts it draws
 PAGES = {
-    "runs": ("15 runs shown", 0),  # the sidebar picks the newest graph: timix_sweep
+    "": ("15 runs shown", 0),  # the default page (Runs); the sidebar picks the newest graph: timix_sweep
     "ablations": ("Download CSV", 1),
     "efficiency": ("Where each variant reaches", 2),
     "heatmaps": ("Mixed samples", 1),
@@ -86,15 +86,17 @@ def test_every_page_renders_in_chromium(served):
                 try:
                     page.get_by_text(text, exact=False).first.wait_for(timeout=60_000)
                 except Exception:
-                    page.screenshot(path=str(SHOTS / f"{path}-FAILED.png"), full_page=True)
+                    page.screenshot(path=str(SHOTS / f"{path or 'runs'}-FAILED.png"), full_page=True)
                     raise
                 if charts:
                     page.locator(".js-plotly-plot").nth(charts - 1).wait_for(timeout=60_000)
                 # let the script finish (the status widget disappears when Streamlit is idle)
                 page.wait_for_function("!document.querySelector('[data-testid=\"stStatusWidget\"]')",
                                        timeout=60_000)
+                page.wait_for_timeout(500)  # canvas-drawn tables (st.dataframe) paint after the script ends
                 assert page.locator("[data-testid='stException']").count() == 0, f"{path}: an exception is shown"
+                assert page.get_by_text("Page not found").count() == 0, path
                 assert page.locator(".js-plotly-plot").count() >= charts, path
-                page.screenshot(path=str(SHOTS / f"{path}.png"), full_page=True)
+                page.screenshot(path=str(SHOTS / f"{path or 'runs'}.png"), full_page=True)
         finally:
             browser.close()

@@ -157,10 +157,11 @@ def swept_columns(store: Store, filters: Sequence[Filter] = ()) -> list[str]:
         if not params:
             return []
         where, values = where_sql(cols, filters)
-        counts = con.execute(
-            "SELECT " + ", ".join(f"count(DISTINCT r.{quote_ident(p)})" for p in params)
+        # min != max is "more than one non-null value", ~10x cheaper than count(DISTINCT) per column
+        varies = con.execute(
+            "SELECT " + ", ".join(f"min(r.{quote_ident(p)}) IS DISTINCT FROM max(r.{quote_ident(p)})" for p in params)
             + f" FROM runs r WHERE TRUE{where}", values).fetchone()
-        return [p for p, n in zip(params, counts) if n and n > 1]
+        return [p for p, v in zip(params, varies) if v]
     return store._read(q)
 
 
@@ -201,7 +202,8 @@ def headline_metrics(metrics: pd.DataFrame) -> list[str]:
 
 def runs_table(store: Store, filters: Sequence[Filter] = (), metrics: Sequence[str] = (),
                mode: str = "last", step: int | None = None, params: Sequence[str] = ()) -> pd.DataFrame:
-    """One row per matching run: core columns, the given param columns, then one column per metric.
+    """One row per matching run: core columns, the given param columns, one column per metric, then
+    step, wall_s and created_at.
 
     ``mode``: ``last`` = the value at the run's latest evaluation, ``best`` = max (min for losses)
     over its evaluations, ``step`` = the latest evaluation at or before ``step``.
@@ -236,7 +238,9 @@ def runs_table(store: Store, filters: Sequence[Filter] = (), metrics: Sequence[s
             f"GROUP BY ALL ORDER BY sel.created_at, sel.run_id"
         )
         bound = values + [metrics] + ([int(step)] if mode == "step" else []) + metrics
-        return _df(con, sql, bound)
+        frame = _df(con, sql, bound)
+        order = [*RUN_COLUMNS, *params, *metrics, *RUN_TAIL_COLUMNS]  # metrics before the bookkeeping
+        return frame[[c for c in order if c in frame.columns]]
 
     return store._read(q)
 
@@ -487,14 +491,16 @@ def argmax_patch(scores: Sequence[float], grid_h: int, grid_w: int) -> tuple[int
 
 
 def patch_touches_box(row: int, col: int, box: Sequence[float], patch_h: float, patch_w: float,
-                      eps: float = 1e-3) -> bool:
-    """Whether a box (x0, y0, x1, y1 in pixels) touches patch (row, col): the rule of
-    vlpgraph.patches (floor on the low side, ceil on the high side, a box ending exactly on a patch
-    edge does not reach the next one), restated in NumPy so the app need not import torch."""
+                      grid_h: int, grid_w: int, eps: float = 1e-3) -> bool:
+    """Whether a box (x0, y0, x1, y1 in pixels) touches patch (row, col) of a grid_h x grid_w grid:
+    the rule of vlpgraph.patches (floor on the low side, ceil on the high side, a box ending exactly
+    on a patch edge does not reach the next one, clamped to the grid), restated without torch so
+    the app need not import it; tests check the two agree."""
     x0, y0, x1, y1 = (float(v) for v in box)
-    c0, r0 = math.floor(x0 / patch_w + eps / patch_w), math.floor(y0 / patch_h + eps / patch_h)
-    c1 = max(math.ceil(x1 / patch_w - eps / patch_w), c0 + 1)
-    r1 = max(math.ceil(y1 / patch_h - eps / patch_h), r0 + 1)
+    c0 = min(max(math.floor(x0 / patch_w + eps / patch_w), 0), grid_w - 1)
+    r0 = min(max(math.floor(y0 / patch_h + eps / patch_h), 0), grid_h - 1)
+    c1 = max(min(max(math.ceil(x1 / patch_w - eps / patch_w), 0), grid_w), c0 + 1)
+    r1 = max(min(max(math.ceil(y1 / patch_h - eps / patch_h), 0), grid_h), r0 + 1)
     return r0 <= row < r1 and c0 <= col < c1
 
 
@@ -506,7 +512,7 @@ def pointing(sample: dict, image_size: tuple[int, int]) -> dict[str, Any]:
     h, w = image_size
     ph, pw = h / gh, w / gw
     boxes = sample.get("boxes") or []
-    hit = any(patch_touches_box(r, c, b, ph, pw) for b in boxes) if boxes else None
+    hit = any(patch_touches_box(r, c, b, ph, pw, gh, gw) for b in boxes) if boxes else None
     return {"row": r, "col": c, "patch_h": ph, "patch_w": pw, "hit": hit}
 
 

@@ -210,7 +210,7 @@ def app_command(store: Path, host: str, port: int) -> list[str]:
             "--server.address", host, "--server.port", str(port), "--server.headless", "true",
             "--server.fileWatcherType", "none", "--server.runOnSave", "false",
             "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
-            "--theme.base", "light"]
+            "--theme.base", "light", "--client.toolbarMode", "minimal"]
 
 
 def cmd_app(args, out: Console, err: Console) -> int:

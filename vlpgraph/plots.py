@@ -192,9 +192,15 @@ def dag_layout(document: Mapping[str, Any]) -> tuple[nx.DiGraph, dict[str, tuple
     layers: dict[str, int] = {}
     for n in nx.topological_sort(g) if nx.is_directed_acyclic_graph(g) else g.nodes:
         layers[n] = max((layers.get(p, 0) + 1 for p in g.predecessors(n)), default=0)
-    pos = {}
+    pos: dict[str, tuple[float, float]] = {}
     for layer in sorted(set(layers.values())):
         members = [n for n in g.nodes if layers[n] == layer]
+        # barycentre ordering: a node sits near the mean height of what feeds it (fewer crossings)
+        def height(n: str) -> float:
+            fed_by = [pos[p][1] for p in g.predecessors(n)]
+            return -float(np.mean(fed_by)) if fed_by else 0.0
+
+        members.sort(key=height)
         for i, n in enumerate(members):
             pos[n] = (float(layer), (len(members) - 1) / 2 - i)
     return g, pos
@@ -205,13 +211,11 @@ def dag_figure(document: Mapping[str, Any], title: str = "") -> go.Figure:
     if not g:
         return empty_figure("this run stored no graph")
     fig = go.Figure()
-    for s, t, data in g.edges(data=True):
+    for s, t in g.edges:  # arrows only: port names would clutter; the page's table lists them
         (x0, y0), (x1, y1) = pos[s], pos[t]
         fig.add_annotation(x=x1, y=y1, ax=x0, ay=y0, xref="x", yref="y", axref="x", ayref="y", showarrow=True,
                            arrowhead=2, arrowsize=1.2, arrowwidth=1.5, arrowcolor="#999", standoff=16, startstandoff=16,
                            text="")
-        fig.add_trace(go.Scatter(x=[(x0 + x1) / 2], y=[(y0 + y1) / 2], mode="text", text=[data["port"]],
-                                 textfont=dict(size=10, color="#888"), hoverinfo="skip", showlegend=False))
     for role, colour_ in ROLE_COLOURS.items():
         names = [n for n in g.nodes if g.nodes[n]["kind"].split(".")[0] == role]
         if not names:
@@ -225,7 +229,8 @@ def dag_figure(document: Mapping[str, Any], title: str = "") -> go.Figure:
             x=[pos[n][0] for n in names], y=[pos[n][1] for n in names], mode="markers+text", name=role,
             marker=dict(size=34, color=colour_, line=dict(color="white", width=2)), text=names,
             textposition="bottom center", hovertext=hover, hoverinfo="text"))
-    fig.update_layout(**{**_LAYOUT, "legend": dict(orientation="h", y=1.08)}, title=title, height=520,
+    fig.update_layout(**{**_LAYOUT, "legend": dict(orientation="h", y=-0.05), "margin": dict(l=20, r=20, t=50, b=40)},
+                      title=title, height=540,
                       xaxis=dict(visible=False), yaxis=dict(visible=False), hoverlabel=dict(align="left"))
     return fig
 

@@ -49,8 +49,8 @@ filters = tuple(filters)
 metrics_df = common.q("eval_metrics", base)
 all_metrics = metrics_df["name"].tolist()
 c1, c2, c3 = st.columns([3, 2, 1])
-metrics = c1.multiselect("metrics", all_metrics, default=common.analysis.headline_metrics(metrics_df),
-                         key="runs_metrics")
+common.follow_default("runs_metrics", all_metrics, common.analysis.headline_metrics(metrics_df))
+metrics = c1.multiselect("metrics", all_metrics, key="runs_metrics", on_change=common.touched, args=("runs_metrics",))
 mode_label = c2.radio("metric value", ["last", "best", "at step"], horizontal=True, key="runs_mode",
                       help="last: the latest evaluation; best: max over evaluations (min for losses); "
                            "at step: the latest evaluation at or before the step")
