@@ -198,3 +198,12 @@ def test_ema_smoothing():
     smooth = analysis.ema([0.0, 10.0] * 20, 0.9)
     assert max(smooth[10:]) - min(smooth[10:]) < 5  # smoother than the raw 0/10 zig-zag
     assert json.dumps(analysis.ema([float("nan"), 1.0], 0.5)) == "[NaN, 1.0]"
+
+
+def test_parallel_figure_has_an_axis_per_column_and_a_line_per_run(synthetic_store):
+    store = Store(synthetic_store)
+    runs = analysis.runs_table(store, SYN, ["retrieval.rsum"], params=["shapes.train_fraction"])
+    fig = plots.parallel_figure(runs, ["shapes.train_fraction", "retrieval.rsum"], "retrieval.rsum")
+    [trace] = fig.data
+    assert [d.label for d in trace.dimensions] == ["shapes.train_fraction", "retrieval.rsum"]
+    assert len(trace.dimensions[1].values) == len(runs) == 61

@@ -92,6 +92,9 @@ def test_runs_page_filters_modes_and_compare(app_store, monkeypatch):
     assert len(runs) == 15 and set(runs["graph"]) == {"timix_sweep"}  # the newest graph by default
     assert {"retrieval.rsum", "zeroshot.top1", "shapes.train_fraction"} <= set(runs.columns)
     assert runs["retrieval.rsum"].notna().all()
+    [parallel] = figures(at)  # parallel coordinates: swept params, then the metrics shown
+    labels = [d["label"] for d in parallel.data[0].dimensions]
+    assert labels[0] == "shapes.train_fraction" and "retrieval.rsum" in labels
 
     at.selectbox(key="graph").set_value("(all graphs)").run()
     ok(at)
@@ -127,16 +130,16 @@ def test_runs_page_filters_modes_and_compare(app_store, monkeypatch):
     diff = table(at, "runs_diff")
     assert "shapes.train_fraction" in diff.index and "vision.width" not in diff.index
     assert all(len(set(row)) > 1 for row in diff.itertuples(index=False))
-    fig = figures(at)[0]
+    fig = figures(at)[-1]
     assert len(fig["data"]) == 4  # two runs x (faint raw + smoothed)
     at.slider(key="runs_smoothing").set_value(0.0).run()
-    fig = figures(at)[0]
+    fig = figures(at)[-1]
     assert len(fig["data"]) == 2
     steps = array(fig.data[0].x).tolist()
     assert steps == sorted(steps) and len(steps) > 1
     at.selectbox(key="runs_curve").set_value("lr").run()
     ok(at)
-    assert figures(at)[0]["layout"]["title"]["text"] == "lr"
+    assert figures(at)[-1]["layout"]["title"]["text"] == "lr"
 
 
 def _capture_downloads(monkeypatch) -> dict[str, bytes]:
@@ -310,3 +313,35 @@ def test_the_app_reads_while_a_sweep_writes(tmp_path, monkeypatch, cli_env):
     assert reads >= 5
     assert seen == sorted(seen)  # runs and completions only ever grow
     assert seen and seen[0][1] < 4  # it read before the sweep had finished
+
+
+# ------------------------------------------------------------------------------------ the CLI verb
+
+
+def test_app_verb_binds_localhost_and_refuses_a_busy_port(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from vlpgraph import cli
+
+    args = cli.build_parser().parse_args(["app"])
+    assert (args.host, args.port) == ("127.0.0.1", 8501)
+    command = cli.app_command(tmp_path, args.host, 9999)
+    assert command[command.index("--server.address") + 1] == "127.0.0.1"
+    assert command[command.index("--server.port") + 1] == "9999"
+    assert command[command.index("run") + 1] == str(ROOT / "app" / "main.py")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        monkeypatch.setattr(cli.os, "execve", lambda *a: pytest.fail("must not start streamlit"))
+        assert main(["app", "--store", str(tmp_path), "--port", str(port)]) == 2
+    assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["app", "--port", "70000"]) == 2
+    started = []
+    monkeypatch.setattr(cli.os, "execve", lambda exe, argv, env: started.append((argv, env)))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    assert main(["app", "--store", str(tmp_path / "s"), "--port", str(port)]) == 0
+    [(argv, env)] = started
+    assert env["VLPGRAPH_STORE"] == str((tmp_path / "s").resolve()) and argv[1:3] == ["-m", "streamlit"]

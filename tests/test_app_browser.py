@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
+from vlpgraph.store import Store
 
 CHROMIUM = "/usr/bin/chromium"
 SHOTS = ROOT / "tests" / "screenshots"
@@ -30,6 +31,8 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (run scripts/install-chromium)"),
 ]
 
+# Streamlit scrolls inside its own container, so a full-page screenshot is only as tall as the
+# viewport: a tall viewport shows each page whole.
 # url path -> text the page must show once it has rendered, and how many plotly charts it draws
 PAGES = {
     "": ("15 runs shown", 0),  # the default page (Runs); the sidebar picks the newest graph: timix_sweep
@@ -73,14 +76,14 @@ def served(app_store):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_every_page_renders_in_chromium(served):
+def test_every_page_renders_in_chromium(served, app_store):
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1600, "height": 2000})
             for path, (text, charts) in PAGES.items():
                 page.goto(f"{served}/{path}")
                 try:
@@ -98,5 +101,25 @@ def test_every_page_renders_in_chromium(served):
                 assert page.get_by_text("Page not found").count() == 0, path
                 assert page.locator(".js-plotly-plot").count() >= charts, path
                 page.screenshot(path=str(SHOTS / f"{path or 'runs'}.png"), full_page=True)
+                if path == "":  # pick two runs to compare: the config diff and their curves appear
+                    compare = page.locator("[data-testid='stMultiSelect']").filter(has_text="runs to compare")
+                    for variant in ("baseline", "timix"):
+                        [run] = Store(app_store).runs({"variant": variant, "shapes.train_fraction": 1.0})
+                        compare.click()
+                        page.keyboard.type(run["run_id"][:8])  # labels end with the run id's first 8 characters
+                        page.keyboard.press("Enter")
+                        page.keyboard.press("Escape")
+                    page.get_by_text("Config diff").wait_for(timeout=60_000)
+                    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+                    page.wait_for_timeout(500)
+                    assert page.locator("[data-testid='stException']").count() == 0
+                    page.screenshot(path=str(SHOTS / "runs-compare.png"), full_page=True)
+                if path == "ablations":  # the download is exactly the table shown
+                    with page.expect_download() as download:
+                        page.get_by_text("Download CSV").click()
+                    lines = Path(download.value.path()).read_text().splitlines()
+                    assert lines[0] == "variant,0.1,0.2,0.4,0.7,1"
+                    assert [line.split(",")[0] for line in lines[1:]] == ["baseline", "cutmix", "timix"]
+                    assert all(cell.endswith("(1)") for line in lines[1:] for cell in line.split(",")[1:])
         finally:
             browser.close()

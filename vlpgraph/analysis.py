@@ -246,14 +246,19 @@ def runs_table(store: Store, filters: Sequence[Filter] = (), metrics: Sequence[s
 
 
 def run_labels(table: pd.DataFrame, params: Sequence[str] = ()) -> dict[str, str]:
-    """run_id -> a short readable label: graph/variant, the given params' values, seed, id prefix."""
+    """run_id -> a short readable label: graph/variant, the given params' values (those the run
+    has), seed, id prefix."""
     out = {}
     for row in table.to_dict("records"):
         bits = [f"{row.get('graph')}/{row.get('variant')}"]
-        bits += [f"{p.split('.')[-1]}={_short(row.get(p))}" for p in params if p in row]
+        bits += [f"{p.split('.')[-1]}={_short(row[p])}" for p in params if p in row and not _missing(row[p])]
         bits += [f"s{row.get('seed')}", str(row["run_id"])[:8]]
         out[row["run_id"]] = " · ".join(bits)
     return out
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _short(value: Any) -> str:

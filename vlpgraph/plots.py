@@ -68,6 +68,17 @@ def curves_figure(curves: pd.DataFrame, labels: Mapping[str, str], name: str, sm
     return fig
 
 
+def parallel_figure(table: pd.DataFrame, axes: Sequence[str], colour_by: str) -> go.Figure:
+    """One line per run through its values on each axis (swept params, then metrics), coloured by
+    ``colour_by``; drag on an axis to filter in the browser."""
+    dims = [dict(label=a, values=table[a].astype(float)) for a in axes]
+    fig = go.Figure(go.Parcoords(line=dict(color=table[colour_by].astype(float), colorscale="Viridis",
+                                           showscale=True, colorbar=dict(title=colour_by)),
+                                 dimensions=dims))
+    fig.update_layout(**{**_LAYOUT, "margin": dict(l=60, r=60, t=60, b=30)}, height=400)
+    return fig
+
+
 # --------------------------------------------------------------------------- ablations
 
 

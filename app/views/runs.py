@@ -1,5 +1,6 @@
 """Runs: every run with its status, swept params and headline metrics; filters; compare runs."""
 
+import pandas as pd
 import streamlit as st
 
 import common
@@ -60,8 +61,20 @@ mode = {"last": "last", "best": "best", "at step": "step"}[mode_label]
 
 table = common.q("runs_table", filters, tuple(metrics), mode, int(step) if mode == "step" else None, tuple(swept))
 st.caption(f"{len(table)} runs shown · graph: {common.graph_label()} · swept params: {', '.join(swept) or 'none'}")
-st.dataframe(table, hide_index=True, key="runs_table",
-             column_config={m: st.column_config.NumberColumn(m, format="%.4f") for m in metrics})
+config = {m: st.column_config.NumberColumn(m, format="%.4f") for m in metrics}
+config["run_id"] = st.column_config.TextColumn("run_id", pinned=True)
+for narrow in ("status", "seed", "step"):
+    config[narrow] = st.column_config.Column(narrow, width="small")
+order = [c for c in table.columns if not (c == "graph" and base)]  # one graph picked: no graph column
+st.dataframe(table, hide_index=True, key="runs_table", column_config=config, column_order=order)
+
+# ---- parallel coordinates: every shown run as a line through its swept params and metrics
+axes = [c for c in (*swept, *metrics) if c in table.columns and pd.api.types.is_numeric_dtype(table[c])
+        and table[c].notna().any()]
+if len(axes) >= 2 and len(table) > 1:
+    with st.expander("Parallel coordinates (swept params → metrics)", expanded=False):
+        colour_by = st.selectbox("colour by", axes, index=len(axes) - 1, key="runs_parcoords_colour")
+        st.plotly_chart(plots.parallel_figure(table, axes, colour_by), key="runs_parcoords")
 
 # ---- compare
 st.subheader("Compare runs")
