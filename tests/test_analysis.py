@@ -207,3 +207,14 @@ def test_parallel_figure_has_an_axis_per_column_and_a_line_per_run(synthetic_sto
     [trace] = fig.data
     assert [d.label for d in trace.dimensions] == ["shapes.train_fraction", "retrieval.rsum"]
     assert len(trace.dimensions[1].values) == len(runs) == 61
+
+
+def test_in_filters_match_typed_columns(synthetic_store):
+    store = Store(synthetic_store)
+    runs = analysis.runs_table(store, SYN + (("seed", "in", (0, "1")), ("shapes.train_fraction", "in", (1.0, 0.1))))
+    assert len(runs) == 2 * 2 * 2 and set(runs["seed"]) == {0, 1}
+    one = runs.iloc[0]
+    exact = analysis.runs_table(store, (("created_at", "in", (one["created_at"].to_pydatetime(),)),))
+    assert exact["run_id"].tolist() == [one["run_id"]]
+    with pytest.raises(UserError, match="not a valid double"):
+        analysis.runs_table(store, (("shapes.train_fraction", "in", ("lots",)),))

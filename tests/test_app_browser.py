@@ -110,7 +110,7 @@ def test_every_page_renders_in_chromium(served, app_store):
                         page.keyboard.press("Enter")
                         page.keyboard.press("Escape")
                     page.get_by_text("Config diff").wait_for(timeout=60_000)
-                    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+                    page.locator(".js-plotly-plot").last.wait_for(timeout=60_000)  # the first is in a closed expander
                     page.wait_for_timeout(500)
                     assert page.locator("[data-testid='stException']").count() == 0
                     page.screenshot(path=str(SHOTS / "runs-compare.png"), full_page=True)

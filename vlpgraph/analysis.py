@@ -11,7 +11,7 @@ the app itself never builds a query. Rules they keep:
 - Nothing here imports torch or the node registry: the app starts in about a second.
 
 Filters are tuples ``(column, op, value)`` (hashable, so the app can cache on them) with op one of
-``in`` (value: a tuple), ``contains`` (case-insensitive substring of the text form), ``between``
+``in`` (value: a tuple of values, each made to fit the column's type), ``contains`` (case-insensitive substring of the text form), ``between``
 (value: (lo, hi), either may be None), ``=``, ``!=``, ``>=``, ``<=``.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from vlpgraph.errors import UserError, did_you_mean
-from vlpgraph.store import Store, quote_ident, validate_run_id
+from vlpgraph.store import Store, _coerce_filter, quote_ident, validate_run_id
 
 Filter = tuple[str, str, Any]
 OPS = ("in", "contains", "between", "=", "!=", ">=", "<=")
@@ -65,11 +65,11 @@ def where_sql(columns: dict[str, tuple[str, str]], filters: Iterable[Filter], al
         ident = f"{alias}.{quote_ident(name)}"
         if op == "in":
             items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
-            present = [v for v in items if v is not None]
+            present = [_coerce_filter(v, name, dtype) for v in items if v is not None]
             parts = []
             if present:
-                parts.append(f"CAST({ident} AS VARCHAR) IN (SELECT unnest(?::VARCHAR[]))")
-                values.append([_text(v) for v in present])
+                parts.append(f"{ident} IN ({', '.join('?' * len(present))})")
+                values.extend(present)
             if len(present) < len(items):
                 parts.append(f"{ident} IS NULL")
             clauses.append("(" + (" OR ".join(parts) or "FALSE") + ")")
@@ -90,15 +90,6 @@ def where_sql(columns: dict[str, tuple[str, str]], filters: Iterable[Filter], al
         else:
             raise UserError(f"unknown filter operator {op!r}; use one of {', '.join(OPS)}")
     return "".join(f" AND {c}" for c in clauses), values
-
-
-def _text(value: Any) -> str:
-    """The text DuckDB gives a value when cast to VARCHAR (for `in` filters over any column type)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return repr(value)  # DuckDB renders DOUBLE 1.0 as '1.0'
-    return str(value)
 
 
 def _df(con, sql: str, values: Sequence[Any] = ()) -> pd.DataFrame:
