@@ -7,6 +7,7 @@ after nothing changed costs no query, and one after a sweep wrote something sees
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import streamlit as st
@@ -91,3 +92,9 @@ def follow_default(key: str, options: list, default: list) -> None:
 
 def touched(key: str) -> None:
     st.session_state[f"{key}__touched"] = True
+
+
+def plain(text: str | None) -> str:
+    """Text from the store (a caption) made safe to show inside Markdown: its markup characters are
+    escaped, so a caption like '*big* [x](y)' shows as written."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~$])", r"\\\1", text or "")

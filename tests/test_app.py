@@ -345,3 +345,11 @@ def test_app_verb_binds_localhost_and_refuses_a_busy_port(tmp_path, capsys, monk
     assert main(["app", "--store", str(tmp_path / "s"), "--port", str(port)]) == 0
     [(argv, env)] = started
     assert env["VLPGRAPH_STORE"] == str((tmp_path / "s").resolve()) and argv[1:3] == ["-m", "streamlit"]
+
+
+def test_captions_show_as_written_not_as_markdown(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "app"))
+    import common
+
+    assert common.plain("a *big* [red](x) circle_") == r"a \*big\* \[red\]\(x\) circle\_"
+    assert common.plain(None) == ""

@@ -1,6 +1,7 @@
 """Data efficiency: a metric against the train fraction and against training wall time, a line per
 variant with a ±std band, and where each variant reaches the baseline's full-data value."""
 
+import pandas as pd
 import streamlit as st
 
 import common
@@ -50,9 +51,9 @@ if target is None:
 st.markdown(f"**Where each variant reaches {baseline}'s {metric} with all the data ({target:.3f})** — "
             "linear interpolation between grid points; ★ on the charts.")
 shown = marks.assign(
-    fraction=marks["fraction"].map(lambda v: "never (within the grid)" if v != v or v is None else f"{v:.2f}"),
-    wall_s=marks["wall_s"].map(lambda v: "–" if v != v or v is None else f"{v:.1f}"),
-    time_share=marks["time_share"].map(lambda v: "–" if v != v or v is None else f"{v:.0%}"),
+    fraction=marks["fraction"].map(lambda v: "never (within the grid)" if pd.isna(v) else f"{v:.2f}"),
+    wall_s=marks["wall_s"].map(lambda v: "–" if pd.isna(v) else f"{v:.1f}"),
+    time_share=marks["time_share"].map(lambda v: "–" if pd.isna(v) else f"{v:.0%}"),
     value_at_max=marks["value_at_max"].map(lambda v: f"{v:.3f}"),
 ).rename(columns={"fraction": f"{x} needed", "wall_s": "wall s then", "time_share": f"share of {baseline}'s time",
                   "value_at_max": f"{metric} at max {x}"})

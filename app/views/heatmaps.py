@@ -52,7 +52,7 @@ if keys:
                              format_func=lambda i: f"#{i}: {captions.get(i) or ''}", key="hm_sample")
     opacity = c2.slider("overlay opacity", 0.0, 1.0, 0.5, 0.05, key="hm_opacity")
     show_boxes = c3.checkbox("ground-truth boxes", True, key="hm_boxes")
-    st.markdown(f"**Caption:** {captions.get(sample_id) or '(none)'}")
+    st.markdown(f"**Caption:** {common.plain(captions.get(sample_id)) or '(none)'}")
     shown = [first] + ([other] if other != "(none)" else [])
     panels = st.columns(len(shown))
     for panel, key in zip(panels, shown):
@@ -91,4 +91,4 @@ for col, (title, blob) in zip(cols, [(f"image #{mid}", row["image"]), (f"partner
     if blob is not None:
         col.image(plots.upscale_png(blob), caption=title)
 cols[3].metric("λ (share of the caption's own image)", f"{row['lam']:.3f}" if pd.notna(row["lam"]) else "–")
-cols[3].caption(row.get("caption") or "")
+cols[3].caption(common.plain(row.get("caption")))
