@@ -37,8 +37,7 @@ def open_app(store, monkeypatch, page: str = "runs", graph: str | None = None) -
 
 
 def goto(at: AppTest, page: str) -> AppTest:
-    if page != "runs":
-        at.switch_page(f"views/{page}.py")
+    at.switch_page(f"views/{page}.py")
     at.run()
     ok(at)
     assert [t.value for t in at.title] == [TITLES[page]]
@@ -81,6 +80,25 @@ def test_empty_store_says_what_to_run_on_every_page(tmp_path, monkeypatch):
         assert any("vlpgraph run graphs/smoke.yaml" in i.value for i in at.info), page
         assert not at.dataframe and not at.get("plotly_chart"), page
     assert not root.exists()  # reading creates nothing
+
+
+def test_a_store_with_only_a_running_run_shows_every_page(tmp_path, monkeypatch):
+    store = Store(tmp_path / "store")
+    store.start_run("r1-s0", graph="g", variant="default", seed=0, device="cpu", flat_params={"train.lr": 0.1},
+                    params={"graph": "g", "nodes": {"train": {"kind": "trainer", "inputs": {}, "params": {"lr": 0.1}}}})
+    store.log_metrics("r1-s0", [dict(step=s, name="loss", value=1.0 / (s + 1)) for s in range(5)], through_step=4)
+    at = open_app(store.root, monkeypatch)
+    assert table(at, "runs_table")["status"].tolist() == ["running"]
+    for page in PAGES[1:]:
+        goto(at, page)  # no exception on any page
+    assert any("sweep no numeric param" in i.value for i in goto(at, "efficiency").info)
+    assert any("No completed run" in i.value for i in goto(at, "ablations").info)
+    # a second trial with another lr: a swept param, still no evaluation anywhere
+    store.start_run("r2-s0", graph="g", variant="default", seed=0, device="cpu", flat_params={"train.lr": 0.2},
+                    params={"graph": "g", "nodes": {}})
+    for page in PAGES:
+        goto(at, page)
+    assert any("no evaluation yet" in i.value for i in goto(at, "efficiency").info)
 
 
 # ------------------------------------------------------------------------------------ real runs

@@ -32,6 +32,10 @@ if not fractions:
     st.stop()
 
 metrics_df = common.q("eval_metrics", base)
+if metrics_df.empty:
+    st.info(f"The runs of {common.graph_label()} have no evaluation yet: evaluators run when a trial's "
+            "training ends. Press Refresh later.")
+    st.stop()
 headline = analysis.headline_metrics(metrics_df)
 variants = common.q("distinct_values", ["variant"], base)["variant"] or []
 c1, c2, c3 = st.columns(3)
