@@ -69,11 +69,15 @@ order = [c for c in table.columns if not (c == "graph" and base)]  # one graph p
 st.dataframe(table, hide_index=True, key="runs_table", column_config=config, column_order=order)
 
 # ---- parallel coordinates: every shown run as a line through its swept params and metrics
+# (plotly drops a line with a missing value, so only columns every shown run has become axes)
 axes = [c for c in (*swept, *metrics) if c in table.columns and pd.api.types.is_numeric_dtype(table[c])
-        and table[c].notna().any()]
+        and table[c].notna().all()]
 if len(axes) >= 2 and len(table) > 1:
     with st.expander("Parallel coordinates (swept params → metrics)", expanded=False):
-        colour_by = st.selectbox("colour by", axes, index=len(axes) - 1, key="runs_parcoords_colour")
+        st.caption("Axes: the swept params and metrics that every run shown has (filter by variant to see the "
+                   "others). Drag along an axis to highlight a range.")
+        metric_axes = [a for a in axes if a in metrics] or axes
+        colour_by = st.selectbox("colour by", axes, index=axes.index(metric_axes[0]), key="runs_parcoords_colour")
         st.plotly_chart(plots.parallel_figure(table, axes, colour_by), key="runs_parcoords")
 
 # ---- compare
