@@ -139,6 +139,7 @@ def test_efficiency_marks_where_each_variant_reaches_the_baseline(synthetic_stor
     assert len(stars) == 2 and all(t.marker.symbol == "star" for t in stars)
     bands = [t for t in fig.data if t.fill == "toself"]
     assert len(bands) == 2 and len(bands[0].x) == 2 * len(SYN_FRACTIONS)
+    assert all(b.mode == "lines" for b in bands)  # no markers at the band's corners
 
 
 def test_pointing_rule_matches_the_training_code():

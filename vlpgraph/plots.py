@@ -116,11 +116,11 @@ def efficiency_figure(long: pd.DataFrame, metric: str, x: str, x_title: str, bas
         return empty_figure(f"no completed runs with {metric}")
     fig = go.Figure()
     for i, (variant, group) in enumerate(long.groupby("row", sort=False)):
-        group = group.sort_values(x)
+        group = group.sort_values("col")  # in order of data amount, also when x is the wall time
         c = colour(i)
         xs, mean, std = group[x].astype(float).to_numpy(), group["mean"].to_numpy(), group["std"].to_numpy()
         fig.add_trace(go.Scatter(x=np.concatenate([xs, xs[::-1]]), y=np.concatenate([mean + std, (mean - std)[::-1]]),
-                                 fill="toself", fillcolor=_rgba(c, 0.15), line=dict(width=0), hoverinfo="skip",
+                                 mode="lines", fill="toself", fillcolor=_rgba(c, 0.15), line=dict(width=0), hoverinfo="skip",
                                  legendgroup=str(variant), showlegend=False, name=f"{variant} ± std"))
         fig.add_trace(go.Scatter(x=xs, y=mean, mode="lines+markers", name=str(variant), legendgroup=str(variant),
                                  line=dict(color=c, width=3 if variant == baseline else 2),
