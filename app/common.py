@@ -22,10 +22,6 @@ def store() -> Store:
     return Store(default_root())
 
 
-def version() -> tuple:
-    return store().version()
-
-
 @st.cache_data(max_entries=2048, show_spinner=False)
 def _query(name: str, root: str, version: tuple, args: tuple, kwargs: tuple) -> Any:
     return getattr(analysis, name)(Store(root), *args, **dict(kwargs))

@@ -10,9 +10,9 @@ the app itself never builds a query. Rules they keep:
   DuckDB's catalog) and is then quoted; anything else is a :class:`~vlpgraph.errors.UserError`.
 - Nothing here imports torch or the node registry: the app starts in about a second.
 
-Filters are tuples ``(column, op, value)`` (hashable, so the app can cache on them) with op one of
-``in`` (value: a tuple of values, each made to fit the column's type), ``contains`` (case-insensitive substring of the text form), ``between``
-(value: (lo, hi), either may be None), ``=``, ``!=``, ``>=``, ``<=``.
+Filters are tuples ``(column, op, value)`` (hashable, so the app can cache on them); the operators
+and how each becomes SQL are vlpgraph.store.filter_clause's (``in``, ``contains``, ``between``,
+``=``, ``!=``, ``>=``, ``<=``), shared with Store.runs(where=...).
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ import numpy as np
 import pandas as pd
 
 from vlpgraph.errors import UserError, did_you_mean
-from vlpgraph.store import Store, _coerce_filter, quote_ident, validate_run_id
+from vlpgraph.store import Store, filter_clause, quote_ident, validate_run_id
 
 Filter = tuple[str, str, Any]
-OPS = ("in", "contains", "between", "=", "!=", ">=", "<=")
 # Core columns the runs page shows before the swept params.
 RUN_COLUMNS = ("run_id", "status", "graph", "variant", "seed")
 RUN_TAIL_COLUMNS = ("step", "wall_s", "created_at")
@@ -62,33 +61,11 @@ def where_sql(columns: dict[str, tuple[str, str]], filters: Iterable[Filter], al
     values: list[Any] = []
     for column, op, value in filters:
         name, dtype = _column(columns, column)
-        ident = f"{alias}.{quote_ident(name)}"
-        if op == "in":
-            items = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
-            present = [_coerce_filter(v, name, dtype) for v in items if v is not None]
-            parts = []
-            if present:
-                parts.append(f"{ident} IN ({', '.join('?' * len(present))})")
-                values.extend(present)
-            if len(present) < len(items):
-                parts.append(f"{ident} IS NULL")
-            clauses.append("(" + (" OR ".join(parts) or "FALSE") + ")")
-        elif op == "contains":
-            clauses.append(f"contains(lower(CAST({ident} AS VARCHAR)), lower(?))")
-            values.append(str(value))
-        elif op == "between":
-            lo, hi = value
-            if lo is not None:
-                clauses.append(f"{ident} >= ?")
-                values.append(lo)
-            if hi is not None:
-                clauses.append(f"{ident} <= ?")
-                values.append(hi)
-        elif op in ("=", "!=", ">=", "<="):
-            clauses.append(f"{ident} {op} ?")
-            values.append(value)
-        else:
-            raise UserError(f"unknown filter operator {op!r}; use one of {', '.join(OPS)}")
+        if op == "in" and not isinstance(value, (list, tuple, set, frozenset)):
+            value = (value,)
+        clause, bound = filter_clause(f"{alias}.{quote_ident(name)}", name, dtype, op, value)
+        clauses.append(clause)
+        values.extend(bound)
     return "".join(f" AND {c}" for c in clauses), values
 
 

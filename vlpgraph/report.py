@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from rich.table import Table
 
-from vlpgraph.analysis import crossing, interpolate  # noqa: F401  (one copy, shared with the app)
+from vlpgraph.analysis import crossing, format_cell, interpolate  # noqa: F401  (one copy, shared with the app)
 from vlpgraph.store import Store
 from vlpgraph.sweep import Experiment
 
@@ -25,8 +25,7 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 def fmt_cell(values: list[float], digits: int = 3) -> str:
     if not values:
         return "-"
-    m, s, n = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f} ({n})"
+    return format_cell(*mean_std(values), digits)
 
 
 def default_metrics(exp: Experiment) -> list[str]:

@@ -809,20 +809,11 @@ class Store:
                 names = [n for n, _ in columns.values()]
                 raise UserError(f"unknown column {str(key)!r} in table {table}{did_you_mean(str(key), names)}")
             name, dtype = found
-            ident = quote_ident(name)
-            if value is None:
-                clauses.append(f"{ident} IS NULL")
-                continue
             many = isinstance(value, (list, tuple, set, frozenset))
-            items = [_coerce_filter(v, name, dtype) for v in (value if many else [value])]
-            if many:
-                if not items:
-                    clauses.append("FALSE")
-                    continue
-                clauses.append(f"{ident} IN ({', '.join('?' * len(items))})")
-            else:
-                clauses.append(f"{ident} = ?")
-            values.extend(items)
+            clause, bound = filter_clause(quote_ident(name), name, dtype, "in" if many or value is None else "=",
+                                          value if many else (value,) if value is None else value)
+            clauses.append(clause)
+            values.extend(bound)
         return " WHERE " + " AND ".join(clauses), values
 
     def runs(self, where: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -888,6 +879,32 @@ class Store:
     def query_df(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None):
         """Like query, as a pandas DataFrame (for the app)."""
         return self._read(lambda con: con.execute(sql, params or []).df())
+
+
+FILTER_OPS = ("in", "contains", "between", "=", "!=", ">=", "<=")
+
+
+def filter_clause(ident: str, column: str, dtype: str, op: str, value: Any) -> tuple[str, list[Any]]:
+    """One WHERE condition on a column already checked against the table and quoted (``ident``):
+    the SQL text and its bound values - a value never becomes SQL text. ``in``: value is a
+    collection (None in it matches NULL, an empty one matches nothing); ``contains``:
+    case-insensitive substring of the text form; ``between``: (lo, hi), either may be None;
+    ``=``, ``!=``, ``>=``, ``<=``: one value. Values are made to fit the column's type first."""
+    if op == "in":
+        items = list(value)
+        present = [_coerce_filter(v, column, dtype) for v in items if v is not None]
+        parts = [f"{ident} IN ({', '.join('?' * len(present))})"] if present else []
+        if len(present) < len(items):
+            parts.append(f"{ident} IS NULL")
+        return "(" + (" OR ".join(parts) or "FALSE") + ")", present
+    if op == "contains":
+        return f"contains(lower(CAST({ident} AS VARCHAR)), lower(?))", [str(value)]
+    if op == "between":
+        bounds = [(o, _coerce_filter(v, column, dtype)) for o, v in zip((">=", "<="), value) if v is not None]
+        return "(" + (" AND ".join(f"{ident} {o} ?" for o, _ in bounds) or "TRUE") + ")", [v for _, v in bounds]
+    if op in ("=", "!=", ">=", "<="):
+        return f"{ident} {op} ?", [_coerce_filter(value, column, dtype)]
+    raise UserError(f"unknown filter operator {op!r}; use one of {', '.join(FILTER_OPS)}")
 
 
 def _coerce_filter(value: Any, column: str, dtype: str) -> Any:

@@ -17,7 +17,7 @@ def dag(root: str, version: tuple, run_id: str):
 st.title("Graph")
 common.require_runs()
 runs = common.q("graph_runs", common.base_filters())
-labels = common.analysis.run_labels(runs)
+labels = analysis.run_labels(runs)
 run_id = st.selectbox("run", runs["run_id"].tolist(), format_func=lambda r: labels.get(r, r), key="graph_run")
 s = common.store()
 doc, fig = dag(str(s.root), s.version(), run_id)

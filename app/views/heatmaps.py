@@ -14,8 +14,8 @@ def heatmap(root: str, version: tuple, run_id: str, evaluator: str, sample_id: i
             title: str):
     sample = analysis.patch_sample(Store(root), run_id, evaluator, sample_id)
     if sample is None:
-        return None, None
-    return sample, plots.heatmap_figure(sample, opacity, title, boxes)
+        return None
+    return plots.heatmap_figure(sample, opacity, title, boxes)
 
 
 st.title("Patch heatmaps")
@@ -29,7 +29,7 @@ if runs.empty:
     st.stop()
 
 heat = runs[runs["kind"] == "heatmap"].reset_index(drop=True)
-labels = common.analysis.run_labels(heat.drop_duplicates("run_id"))
+labels = analysis.run_labels(heat.drop_duplicates("run_id"))
 keys = [f"{r}|{e}" for r, e in zip(heat["run_id"], heat["evaluator"])]
 
 
@@ -57,7 +57,7 @@ if keys:
     panels = st.columns(len(shown))
     for panel, key in zip(panels, shown):
         rid, ev = key.split("|", 1)
-        sample, fig = heatmap(str(s.root), s.version(), rid, ev, int(sample_id), opacity, show_boxes,
+        fig = heatmap(str(s.root), s.version(), rid, ev, int(sample_id), opacity, show_boxes,
                               labels.get(rid, rid).split(" · ")[0] + f" · {ev}")
         with panel:
             st.caption(key_label(key))
@@ -74,7 +74,7 @@ if mixed.empty:
     st.caption("No run stored mixed samples (an `evaluator.grounding` with a `mixer:` input writes them).")
     st.stop()
 mixed_keys = [f"{r}|{e}" for r, e in zip(mixed["run_id"], mixed["evaluator"])]
-mlabels = common.analysis.run_labels(mixed.drop_duplicates("run_id"))
+mlabels = analysis.run_labels(mixed.drop_duplicates("run_id"))
 c1, c2 = st.columns([3, 2])
 mkey = c1.selectbox("run", mixed_keys, index=len(mixed_keys) - 1,
                     format_func=lambda k: f"{mlabels.get(k.split('|')[0], k)} · {k.split('|')[1]}", key="hm_mixed_run")

@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import common
-from vlpgraph import plots
+from vlpgraph import analysis, plots
 
 st.title("Runs")
 common.require_runs()
@@ -50,7 +50,7 @@ filters = tuple(filters)
 metrics_df = common.q("eval_metrics", base)
 all_metrics = metrics_df["name"].tolist()
 c1, c2, c3 = st.columns([3, 2, 1])
-common.follow_default("runs_metrics", all_metrics, common.analysis.headline_metrics(metrics_df))
+common.follow_default("runs_metrics", all_metrics, analysis.headline_metrics(metrics_df))
 metrics = c1.multiselect("metrics", all_metrics, key="runs_metrics", on_change=common.touched, args=("runs_metrics",))
 mode_label = c2.radio("metric value", ["last", "best", "at step"], horizontal=True, key="runs_mode",
                       help="last: the latest evaluation; best: max over evaluations (min for losses); "
@@ -82,7 +82,7 @@ if len(axes) >= 2 and len(table) > 1:
 
 # ---- compare
 st.subheader("Compare runs")
-labels = common.analysis.run_labels(table, swept)
+labels = analysis.run_labels(table, swept)
 chosen = st.multiselect("runs to compare", table["run_id"].tolist(), format_func=lambda r: labels.get(r, r),
                         key="runs_compare", max_selections=12, placeholder="pick two or more runs")
 if not chosen:
