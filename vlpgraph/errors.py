@@ -18,6 +18,16 @@ class TrialFailed(Exception):
     """A trial could not finish (NaN loss, a node's error at run time); the sweep records it and goes on."""
 
 
+class Interrupted(Exception):
+    """A signal (SIGTERM, SIGINT) asked the run to stop: the training loop finished its step, saved a
+    checkpoint at ``step`` and left; the sweep records the trial as interrupted and stops."""
+
+    def __init__(self, step: int, signal_name: str = "a signal"):
+        self.step = step
+        self.signal_name = signal_name
+        super().__init__(f"interrupted by {signal_name} at step {step}")
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -186,6 +186,7 @@ class Runner:
             on_resume=on_resume,
             on_step=on_step,
             on_eval=lambda step: self._evaluate(plan, step),
+            on_note=self._log,
         )
 
     def _evaluate(self, plan: Plan, step: int, only: list[str] | None = None) -> dict[str, float]:

@@ -152,6 +152,10 @@ class Hooks:
     on_resume: Callable[[int], None] = lambda step: None
     on_step: Callable[[int, int, float, float], None] = lambda step, total, loss, sps: None
     on_eval: Callable[[int], None] = lambda step: None
+    # polled after every step: True asks the loop to checkpoint and raise errors.Interrupted
+    should_stop: Callable[[], bool] = lambda: False
+    # a one-line note for the user (a warning about the schedule, say); the runner prints it
+    on_note: Callable[[str], None] = lambda message: None
 
 
 @dataclass
