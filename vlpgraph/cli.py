@@ -65,6 +65,11 @@ def cmd_run(args, out: Console, err: Console) -> int:
             out.print(f"[{i}/{len(exp.trials)}] {trial_label(t)}  run_id={t.run_id}", highlight=False)
         return 0
     store = Store(_store_dir(args))
+    if rank == 0:
+        from vlpgraph.sweep import data_changes
+
+        for line in data_changes(exp, store):  # edited data: say why trials that ran before train again
+            err.print(line, highlight=False, markup=False)
     try:
         outcomes = Runner(store, device, err, rank=rank).run(exp)
     finally:
@@ -121,7 +126,7 @@ def cmd_show(args, out: Console, err: Console) -> int:
         if args.format == "dot":
             out.print(render_dot(t.graph), highlight=False, markup=False)
         else:
-            out.print(f"{exp.name} [{t.variant}]", highlight=False)
+            out.print(f"{exp.name} [{t.variant}]", highlight=False, markup=False)  # [name] is not rich markup
             out.print(render_dag(t.graph), highlight=False, markup=False)
     return 0
 

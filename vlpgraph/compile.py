@@ -44,7 +44,7 @@ def compile_trial(trial: Trial, cache_root: Path, device: torch.device, log: Cal
             srcs = node.input_names(port)
             inputs[port] = {s: built[s] for s in srcs} if spec.many else built[srcs[0]]
         upstream = {n: built[n] for n in graph.upstream(name) if n != name}
-        ctx = BuildContext(name, node.hash, trial.seed, cache_root, device, log, upstream)
+        ctx = BuildContext(name, node.hash, trial.seed, cache_root, device, log, upstream, graph.base_dir)
         torch.manual_seed(node_seed(trial.seed, name))
         try:
             out = node.kind.build(node.params, inputs, ctx)

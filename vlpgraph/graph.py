@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import networkx as nx
@@ -29,6 +30,9 @@ class BoundNode:
     params: Params
     inputs: dict[str, str | list[str]]
     hash: str = ""
+    # what the node reads from disk (kind.fingerprint), part of its hash; None for kinds without one
+    fingerprint: dict[str, Any] | None = None
+    facts: dict[str, Any] = field(default_factory=dict)  # kind.facts: known before building
 
     def input_names(self, port: str) -> list[str]:
         v = self.inputs.get(port)
@@ -41,6 +45,7 @@ class Graph:
     nodes: dict[str, BoundNode]
     dag: nx.DiGraph
     order: list[str]
+    base_dir: Path = field(default_factory=Path.cwd)  # relative paths in params resolve here: the graph file's folder
 
     def by_role(self, role: str) -> list[str]:
         return [n for n in self.order if self.nodes[n].kind.role == role]
@@ -71,6 +76,8 @@ def _param_problems(err: ValidationError, kind: NodeKind, name: str, problems: P
         pname = ".".join(map(str, loc))
         if e["type"] == "extra_forbidden":
             msg = f"unknown param '{pname}'{did_you_mean(loc[0], fields)}"
+        elif e["type"] == "params_problem":  # Params.problems(): the message says it all
+            msg = f"param '{pname}': {e['msg']}" if loc else e["msg"]
         elif e["type"] == "missing":
             msg = f"missing param '{pname}'"
         else:
@@ -82,8 +89,18 @@ def _param_problems(err: ValidationError, kind: NodeKind, name: str, problems: P
         problems.add(path, msg, node=name, kind=kind.name)
 
 
-def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems) -> Graph | None:
-    """Validate every node against its kind and every edge against port types; None if unusable."""
+def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems, base_dir: Path | None = None,
+         removed: dict[str, str] | None = None) -> Graph | None:
+    """Validate every node against its kind and every edge against port types; None if unusable.
+
+    base_dir: the folder relative paths in params resolve against (the graph file's; default: the
+    working directory). removed: nodes of the file that a variant deletes ({node: variant}), named
+    when an input still refers to one. After the port checks each kind's ``check`` runs against its
+    inputs' static facts (split sizes, image size), and every node's fingerprint (what it reads
+    from disk) is taken for its hash.
+    """
+    base_dir = Path.cwd() if base_dir is None else Path(base_dir)
+    removed = removed or {}
     kinds = registry.kinds()
     n_before = problems.added
     bound: dict[str, BoundNode] = {}
@@ -117,7 +134,9 @@ def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems) -> Gra
                 continue
             for src in [ref] if isinstance(ref, str) else ref:
                 if src not in nodes_raw:
-                    problems.add(path, f"input '{port}' refers to node '{src}', which does not exist{did_you_mean(src, nodes_raw)}", node=name, kind=kind.name)
+                    why = (f"which variant '{removed[src]}' deletes" if src in removed
+                           else f"which does not exist{did_you_mean(src, nodes_raw)}")
+                    problems.add(path, f"input '{port}' refers to node '{src}', {why}", node=name, kind=kind.name)
                     continue
                 dag.add_edge(src, name, port=port)
                 if src not in bound:
@@ -145,9 +164,27 @@ def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems) -> Gra
         problems.add(("nodes",), f"a graph needs exactly one trainer node (found: {found})")
     if problems.added > n_before:
         return None
-    graph = Graph(graph_name, bound, dag, list(nx.lexicographical_topological_sort(dag)))
+    _check_facts(bound, base_dir, problems)
+    if problems.added > n_before:
+        return None
+    graph = Graph(graph_name, bound, dag, list(nx.lexicographical_topological_sort(dag)), base_dir)
+    for node in bound.values():
+        if node.kind.fingerprint is not None:
+            node.fingerprint = node.kind.fingerprint(node.params, base_dir)
     assign_hashes(graph)
     return graph
+
+
+def _check_facts(bound: dict[str, BoundNode], base_dir: Path, problems: Problems) -> None:
+    """Each kind's ``check`` against the static facts of its inputs (the ports are known good here)."""
+    for node in bound.values():
+        node.facts = dict(node.kind.facts(node.params, base_dir))
+    for name, node in bound.items():
+        inputs = {port: [{"node": src, **bound[src].facts} for src in node.input_names(port)] for port in node.inputs}
+        for problem in node.kind.check(node.params, inputs):
+            param, msg = problem if isinstance(problem, tuple) else ("", problem)
+            path = ("nodes", name, "params", param) if param else ("nodes", name)
+            problems.add(path, msg, node=name, kind=node.kind.name)
 
 
 def canonical(value: Any) -> str:
@@ -155,11 +192,13 @@ def canonical(value: Any) -> str:
 
 
 def assign_hashes(graph: Graph) -> None:
-    """hash(node) = sha256(kind, canonical params, inputs' hashes, package version) (DESIGN §3)."""
+    """hash(node) = sha256(kind, canonical params, inputs' hashes, package version) (DESIGN §3), plus
+    the node's fingerprint for kinds that read files: edited data is different data."""
     for name in graph.order:
         node = graph.nodes[name]
         ins = {p: [graph.nodes[s].hash for s in node.input_names(p)] for p in sorted(node.inputs)}
-        blob = canonical(
-            {"kind": node.kind.name, "params": node.params.model_dump(mode="json"), "inputs": ins, "version": vlpgraph.__version__}
-        )
+        doc = {"kind": node.kind.name, "params": node.params.model_dump(mode="json"), "inputs": ins, "version": vlpgraph.__version__}
+        if node.fingerprint is not None:  # kinds without one keep the hashes they always had
+            doc["data"] = node.fingerprint
+        blob = canonical(doc)
         node.hash = hashlib.sha256(blob.encode()).hexdigest()

@@ -293,7 +293,8 @@ class BuildContext:
     cache_dir: ``store/cache/<node_hash>/`` for expensive outputs (created on demand);
     device: the trial's torch device; log: a callable for one-line notes to the user;
     upstream: every node this one depends on, directly or not, built ({name: output}, in build order)
-    — the trainer collects the trial's modules from it.
+    — the trainer collects the trial's modules from it; base_dir: the folder relative paths in
+    params resolve against (the graph file's folder; the working directory when built without one).
     """
 
     node: str
@@ -303,6 +304,7 @@ class BuildContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     log: Callable[[str], None] = print
     upstream: dict[str, Any] = field(default_factory=dict)
+    base_dir: Path = field(default_factory=Path.cwd)
 
     @property
     def cache_dir(self) -> Path:

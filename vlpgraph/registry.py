@@ -20,17 +20,50 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 ROLES = ("dataset", "encoder", "head", "mixer", "objective", "evaluator", "trainer")
 
 
 class Params(BaseModel):
-    """Base class of every node's params model: unknown keys are errors, values are validated."""
+    """Base class of every node's params model: unknown keys are errors, values are validated.
+
+    Checks that involve several params go in :meth:`problems`, which returns every problem found
+    (a pydantic model validator stops at its first ``raise``, so a node would show only one).
+    """
 
     model_config = {"extra": "forbid", "validate_default": True}
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Cross-param problems as ``(param, message)`` pairs (``param`` "" for the node as a whole)."""
+        return []
+
+    @model_validator(mode="after")
+    def _all_problems(self):
+        found = self.problems()
+        if found:
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=PydanticCustomError("params_problem", msg),
+                                 loc=(param,) if param else (), input=getattr(self, param, None) if param else None)
+                for param, msg in found
+            ])
+        return self
+
+
+# Static facts a data kind knows from its params, before anything is built. Keys (each optional):
+#   train_size, test_size: samples in the training split (after train_fraction) and in the test split
+#   image_size: the side of the square images it yields
+#   at_most: True when the sizes are upper bounds (files: samples dropped as unreadable at build)
+Facts = dict[str, Any]
+
+
+def size_of(facts: Facts, key: str) -> str:
+    """'32 samples' or, for an upper bound, 'at most 32 samples' (for messages about a split size)."""
+    return f"{'at most ' if facts.get('at_most') else ''}{facts[key]} samples"
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,15 @@ class NodeKind:
     # Capabilities this node's output provides, as a function of its validated params
     # (dataset.captions has boxes only when its manifest has a boxes column, say).
     provides: Callable[[Params], frozenset[str]] = lambda p: frozenset()
+    # What the node reads from outside the graph file (e.g. a manifest's content hash and a
+    # fingerprint of its images), as a JSON-able dict: part of the node's hash, so edited data is a
+    # new trial. fingerprint(params, base_dir) -> dict; base_dir: the folder relative paths resolve against.
+    fingerprint: Callable[[Params, Path], dict[str, Any]] | None = None
+    # facts(params, base_dir) -> Facts known before building (a data kind's split sizes, image size).
+    facts: Callable[[Params, Path], Facts] = lambda p, base_dir: {}
+    # check(params, inputs) -> problems that need the inputs' facts; inputs: {port: [facts of each
+    # upstream node, with its name under "node"]}. A problem is a message, or (param, message).
+    check: Callable[[Params, dict[str, list[Facts]]], list[str | tuple[str, str]]] = lambda p, inputs: []
     doc: str = ""
 
     @property
@@ -88,8 +130,15 @@ def register(
     output: type,
     inputs: dict[str, In] | None = None,
     provides: frozenset[str] | Callable[[Params], frozenset[str]] = frozenset(),
+    fingerprint: Callable[[Params, Path], dict[str, Any]] | None = None,
+    facts: Callable[[Params, Path], Facts] | None = None,
+    check: Callable[[Params, dict[str, list[Facts]]], list] | None = None,
 ):
-    """Decorator registering ``build`` as node kind ``name`` (``role.what``, or just ``trainer``)."""
+    """Decorator registering ``build`` as node kind ``name`` (``role.what``, or just ``trainer``).
+
+    Optional hooks, all run at validation (see :class:`NodeKind`): ``fingerprint`` (what the node
+    reads from disk, part of its hash), ``facts`` (what a data kind knows before building) and
+    ``check`` (problems found against the inputs' facts)."""
     role = name.split(".")[0]
     if role not in ROLES:
         raise ValueError(f"kind {name!r}: role {role!r} is not one of {ROLES}")
@@ -107,6 +156,9 @@ def register(
             output=output,
             inputs=dict(inputs or {}),
             provides=provides_fn,
+            fingerprint=fingerprint,
+            **({"facts": facts} if facts else {}),
+            **({"check": check} if check else {}),
             doc=fn.__doc__ or "",
         )
         return fn

@@ -33,6 +33,7 @@ class Problems:
     lines: dict[Path_, int | str] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
     added: int = 0  # every add() call, duplicates included: lets a caller ask "did my part fail?"
+    entries: list[tuple[str, str]] = field(default_factory=list)  # (where, what) of each message
 
     def line_of(self, path: Path_) -> int | str | None:
         path = tuple(path)
@@ -50,9 +51,14 @@ class Problems:
         who = ""
         if node is not None:
             who = f"node '{node}' ({kind}): " if kind else f"node '{node}': "
-        msg = f"{where}: {who}{message}"
+        self.add_line(where, f"{who}{message}")
+
+    def add_line(self, where: str, what: str) -> None:
+        """Add ``where: what`` once (``where`` is ``file:line`` or a label such as ``--set k``)."""
+        msg = f"{where}: {what}"
         if msg not in self.messages:
             self.messages.append(msg)
+            self.entries.append((where, what))
 
     def raise_if_any(self) -> None:
         if self.messages:

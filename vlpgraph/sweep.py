@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlpgraph.errors import did_you_mean
-from vlpgraph.graph import Graph, bind
+from vlpgraph.graph import Graph, bind, canonical
 from vlpgraph.spec import Problems, apply_dotted, deep_merge, load_yaml, parse_graph_document, split_dotted
 
 DEFAULT_VARIANT = "default"
@@ -40,13 +41,19 @@ class Trial:
                 out[f"{name}.{k}"] = v
         return out
 
+    def data_fingerprints(self) -> dict[str, dict[str, Any]]:
+        """{node: fingerprint} of the nodes that read files (what they read, e.g. a manifest's hash)."""
+        return {n: b.fingerprint for n, b in self.graph.nodes.items() if b.fingerprint is not None}
+
     def document(self) -> dict[str, Any]:
-        """The resolved trial as plain data (stored in runs.params)."""
+        """The resolved trial as plain data (stored in runs.params); ``data`` holds the fingerprints
+        of what its data nodes read, so a later run can say what changed (:func:`data_changes`)."""
         nodes = {
             n: {"kind": b.kind.name, "inputs": b.inputs, "params": b.params.model_dump(mode="json")}
             for n, b in self.graph.nodes.items()
         }
-        return {"graph": self.graph.name, "variant": self.variant, "seed": self.seed, "grid": self.grid, "nodes": nodes}
+        return {"graph": self.graph.name, "variant": self.variant, "seed": self.seed, "grid": self.grid, "nodes": nodes,
+                "data": self.data_fingerprints()}
 
 
 @dataclass
@@ -126,8 +133,11 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
     seen: set[str] = set()
     resolved = {v: _apply_variant(base_nodes, v, e, lines, problems) for v, e in variants.items()}
     any_variant = set().union(*(set(n) for n, _ in resolved.values()))
+    base_dir = Path(file).resolve().parent  # relative paths in params are relative to the graph file
+    found: dict[tuple[str, str], list[str]] = {}  # (where, what) of each trial's problem -> its variants
     for vname in variants:
         vnodes, vlines = resolved[vname]
+        removed = {n: vname for n in base_nodes if n not in vnodes}
         for point in points:
             nodes = copy.deepcopy(vnodes)
             tlines = dict(vlines)
@@ -147,10 +157,10 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
             if not ok:
                 continue
             tproblems = Problems(file, tlines)
-            graph = bind(spec.graph, nodes, tproblems)
-            for m in tproblems.messages:
-                if m not in problems.messages:
-                    problems.messages.append(m)
+            graph = bind(spec.graph, nodes, tproblems, base_dir=base_dir, removed=removed)
+            for entry in tproblems.entries:
+                if vname not in found.setdefault(entry, []):
+                    found[entry].append(vname)
             if graph is None:
                 continue
             # the grid values as the trial really has them (--set or a profile may override a grid key)
@@ -161,6 +171,14 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
                 if trial.run_id not in seen:  # two edits that resolve to the same graph are one trial
                     seen.add(trial.run_id)
                     trials.append(trial)
+    # A problem every variant has is the file's; one that only some variants have is named by them
+    # (a node a variant adds, edits or deletes, and its consequences).
+    for (where, what), in_variants in found.items():
+        if len(variants) == 1 or len(in_variants) == len(variants):
+            problems.add_line(where, what)
+        else:
+            for vname in in_variants:
+                problems.add_line(where, f"variant '{vname}': {what}")
     problems.raise_if_any()
 
     flat = [t.flat_params() for t in trials]
@@ -169,3 +187,45 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
     # have is what tells the variants apart, not a varied param)
     varied = [k for k in keys if len({repr(f[k]) for f in flat if k in f}) > 1]
     return Experiment(file, spec.graph, spec.description, trials, varied, list(variants))
+
+
+def data_changes(exp: Experiment, store) -> list[str]:
+    """One line per data node whose files changed since earlier runs of the same trials.
+
+    A trial not yet in ``store`` is compared with the newest earlier run of the same graph, variant,
+    seed and grid point (a different run id: something in the graph changed); each data node whose
+    fingerprint differs from the one that run recorded is announced once, e.g. ``node 'coco'
+    (dataset.captions): annotations, images changed since run 1a2b...-s0 (rows 40 -> 20); its
+    trials train again``. Runs recorded before fingerprints existed are not compared.
+    """
+    if not store.exists():
+        return []
+    earlier: dict[tuple, list[dict]] = {}
+    runs = store.runs({"graph": exp.name})  # oldest first
+    known = {run["run_id"] for run in runs}
+    for run in runs:
+        try:
+            doc = json.loads(run["params"]) if isinstance(run.get("params"), str) else (run.get("params") or {})
+        except ValueError:
+            continue
+        earlier.setdefault((run["variant"], run["seed"], canonical(doc.get("grid") or {})), []).append(
+            {"run_id": run["run_id"], "data": doc.get("data") or {}})
+    lines: dict[tuple, list[str]] = {}  # (node, kind, what changed, counts) -> run ids it changed since
+    for trial in exp.trials:
+        before = [r for r in earlier.get((trial.variant, trial.seed, canonical(trial.grid)), [])
+                  if r["run_id"] != trial.run_id]
+        if not before or trial.run_id in known:  # known: the change was announced when it first ran
+            continue
+        last = before[-1]
+        for node, new in trial.data_fingerprints().items():
+            old = last["data"].get(node)
+            if old is None or old == new:
+                continue
+            keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+            what = ", ".join(k for k in keys if not isinstance(new.get(k, old.get(k)), int)) or "data"
+            counts = ", ".join(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys
+                               if isinstance(new.get(k, old.get(k)), int))
+            kind = trial.graph.nodes[node].kind.name
+            lines.setdefault((node, kind, what, counts), []).append(last["run_id"])
+    return [f"node '{node}' ({kind}): {what} changed since run {since[-1]}{f' ({counts})' if counts else ''}; "
+            f"its trials train again" for (node, kind, what, counts), since in lines.items()]

@@ -9,7 +9,7 @@ from torch import nn
 
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, Model, Objective, PairedData, TextTower
-from vlpgraph.registry import In, Params, register
+from vlpgraph.registry import In, Params, register, size_of
 
 
 class TrainerParams(Params):
@@ -53,6 +53,13 @@ class TrainJob(Model):
         self.tokenizer = next(iter(tokenizers.values()), None)
 
 
+def check(p: TrainerParams, inputs: dict) -> list[tuple[str, str]]:
+    """batch_size against the training split's size when the data knows it before building."""
+    return [("batch_size", f"batch_size {p.batch_size} is larger than the training split of "
+                           f"'{d['node']}' ({size_of(d, 'train_size')}): not one step per epoch")
+            for d in inputs.get("data", []) if d.get("train_size") is not None and p.batch_size > d["train_size"]]
+
+
 @register(
     "trainer",
     params=TrainerParams,
@@ -61,6 +68,7 @@ class TrainJob(Model):
         "data": In(PairedData, doc="the training data"),
         "objectives": In(Objective, many=True, doc="objectives whose weighted terms are summed into the loss"),
     },
+    check=check,
 )
 def build(params: TrainerParams, inputs: dict, ctx: BuildContext) -> TrainJob:
     """Trains the objectives' modules jointly with AdamW and a warmup+cosine schedule.

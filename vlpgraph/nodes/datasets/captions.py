@@ -8,19 +8,28 @@ Formats (chosen by the file's suffix):
 - ``.csv``: columns ``image``, ``caption`` and optionally ``boxes`` (a JSON list).
 
 Boxes are ``[[x0, y0, x1, y1], ...]`` in pixels of the original image.
+
+Relative paths in the params resolve against the graph file's folder. The node's identity covers
+what it reads: a content hash of each annotations file and a fingerprint of the images they name
+(relative path, size and modification time of each, no decoding), so an edited manifest or replaced
+images make a new trial rather than a stale "already completed".
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+from collections import Counter
+import hashlib
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, model_validator
+from pydantic import Field
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -34,11 +43,14 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 class CaptionsParams(Params):
     annotations: str = Field(
-        description="COCO-captions .json, or a .jsonl/.csv manifest with 'image' and 'caption' columns"
+        description="COCO-captions .json, or a .jsonl/.csv manifest with 'image' and 'caption' columns "
+        "(a relative path is relative to the graph file's folder)"
     )
-    images: str = Field("", description="root folder of relative image paths (default: the annotations' folder)")
+    images: str = Field("", description="root folder of relative image paths (default: the annotations' folder; "
+                        "a relative path is relative to the graph file's folder)")
     test_annotations: str | None = Field(
-        None, description="annotations of the test split (default: hold out the last test_size samples)"
+        None, description="annotations of the test split (default: hold out the last test_size samples; "
+        "a relative path is relative to the graph file's folder)"
     )
     test_size: int = Field(100, ge=1, description="samples held out for test when test_annotations is unset")
     image_size: int = Field(224, ge=16, le=4096, description="side of the square images fed to the model")
@@ -48,16 +60,17 @@ class CaptionsParams(Params):
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip in training")
     boxes: bool = Field(False, description="the annotations have a 'boxes' column (provides the boxes capability)")
     max_bad_fraction: float = Field(
-        0.05, ge=0.0, le=1.0, description="largest share of missing/unreadable images skipped before erroring"
+        0.05, ge=0.0, le=1.0,
+        description="largest share of missing/unreadable images, and of empty captions, skipped (with a "
+        "warning) before erroring",
     )
     train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="use the first ceil(f * N) training samples")
 
-    @model_validator(mode="after")
-    def _scale(self) -> "CaptionsParams":
+    def problems(self) -> list[tuple[str, str]]:
         lo, hi = self.random_resized_crop_scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"random_resized_crop_scale must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])")
-        return self
+            return [("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])")]
+        return []
 
 
 @dataclass
@@ -65,6 +78,7 @@ class Record:
     image: Path
     caption: str
     boxes: list[list[float]] | None
+    where: str = ""  # where in the annotations file, for messages ("line 4", "annotation 3")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -171,7 +185,10 @@ def _rows_csv(path: Path, text: str, want_boxes: bool) -> list[tuple[str, object
 
 
 def read_annotations(path: Path, images_root: Path, want_boxes: bool) -> list[Record]:
-    """Records of an annotations file; raises ``UserError`` (one line, naming the file) when it is bad."""
+    """Records of an annotations file; raises ``UserError`` (one line, naming the file) when it is bad.
+    Captions are whitespace-normalised; empty ones are kept here (see :func:`drop_empty_captions`)."""
+    if path.is_dir():
+        raise _fail(path, "is a directory, expected an annotations file (.json, .jsonl or .csv)")
     if not path.is_file():
         raise _fail(path, "annotations file not found")
     suffix = path.suffix.lower()
@@ -203,6 +220,7 @@ def read_annotations(path: Path, images_root: Path, want_boxes: bool) -> list[Re
                 image=img if img.is_absolute() else images_root / img,
                 caption=" ".join(caption.split()),
                 boxes=_parse_boxes(boxes, path, where) if want_boxes else None,
+                where=where,
             )
         )
     if not records:
@@ -242,6 +260,22 @@ def drop_bad_images(records: list[Record], ann: Path, max_bad_fraction: float, l
     return [r for r in records if r.image not in problems]
 
 
+def drop_empty_captions(records: list[Record], ann: Path, max_bad_fraction: float, log) -> list[Record]:
+    """Records with a non-empty caption; more than ``max_bad_fraction`` empty ones is an error (an
+    empty caption is a bad sample, like an unreadable image: counted, named, skipped)."""
+    empty = [r for r in records if not r.caption]
+    if not empty:
+        return records
+    where = ", ".join(r.where for r in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+    if len(empty) > max_bad_fraction * len(records):
+        raise UserError(
+            f"{ann}: {len(empty)} of {len(records)} captions are empty, more than "
+            f"max_bad_fraction={max_bad_fraction}: {where}"
+        )
+    log(f"warning: {ann}: skipped {len(empty)} of {len(records)} samples whose caption is empty: {where}")
+    return [r for r in records if r.caption]
+
+
 def hold_out_by_image(records: list[Record], test_size: int, path: Path) -> tuple[list[Record], list[Record]]:
     """The last images (in order of first appearance) until ``test_size`` samples are held out."""
     order = list(dict.fromkeys(r.image for r in records))
@@ -265,6 +299,38 @@ def hold_out_by_image(records: list[Record], test_size: int, path: Path) -> tupl
 # ----------------------------------------------------------------------------------------- datasets
 
 
+WHITE = (255, 255, 255)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``im`` that keeps its real range, whatever its mode.
+
+    ``convert("RGB")`` clips rather than scales high bit depths (a 16-bit PNG turns almost white), so:
+    16-bit modes (``I;16*``) are scaled by 255/65535; ``I`` (32-bit integers) by its bit depth,
+    read from the values (up to 255: 8 bit, up to 65535: 16 bit, else 32 bit; negatives clip to 0);
+    ``F`` (floats) is taken as [0, 1] when it lies there, else as [0, 255] and clipped. Images with
+    transparency (``RGBA``, ``LA``, ``PA``, or a palette/grey image with a transparent colour) are
+    composited onto white, as a viewer shows them, rather than showing whatever colour lies under
+    transparent pixels. Everything else (``L``, ``P``, ``CMYK``, ``YCbCr``, ``1``) is PIL's ``convert``.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        if mode == "F":
+            a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else a
+        else:
+            top = a.max() if a.size else 0.0
+            bits = 16 if mode.startswith("I;16") else (8 if top <= 255 else 16 if top <= 65535 else 32)
+            a = a * (255.0 / (2.0**bits - 1))
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        return grey.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 class CaptionSplit(torch.utils.data.Dataset):
     """Items: ``image`` [3,S,S] normalised, ``caption``, ``sample_id`` (+ ``boxes`` [K,4] in pixels of
     ``image``, ``mentioned`` [K]: True for boxes still visible after the crop)."""
@@ -281,7 +347,7 @@ class CaptionSplit(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         r = self.records[i]
         with Image.open(r.image) as im:
-            image = im.convert("RGB")
+            image = to_rgb(im)
         if not self.with_boxes:
             img = self.transform(image)
             return {"image": img.as_subclass(torch.Tensor), "caption": r.caption, "sample_id": int(i)}
@@ -333,28 +399,143 @@ def _provides(p: CaptionsParams) -> frozenset[str]:
     return frozenset({PAIRED, BOXES}) if p.boxes else frozenset({PAIRED})
 
 
-@register("dataset.captions", params=CaptionsParams, output=PairedData, provides=_provides)
+# ------------------------------------------------------------------------ identity and static facts
+
+
+def resolve_paths(p: CaptionsParams, base_dir: Path) -> tuple[Path, Path, Path | None, Path | None]:
+    """(annotations, its images root, test annotations or None, their images root): relative paths
+    resolve against ``base_dir`` (the graph file's folder), the images roots default to the
+    annotations' folders."""
+
+    def resolve(path: str) -> Path:
+        q = Path(path).expanduser()
+        return q if q.is_absolute() else Path(base_dir) / q
+
+    ann = resolve(p.annotations)
+    root = resolve(p.images) if p.images else ann.parent
+    test_ann = resolve(p.test_annotations) if p.test_annotations else None
+    test_root = (resolve(p.images) if p.images else test_ann.parent) if test_ann else None
+    return ann, root, test_ann, test_root
+
+
+@functools.lru_cache(maxsize=32)
+def _scan_cached(path: str, size: int, mtime_ns: int, root: str, boxes: bool) -> dict:
+    ann = Path(path)
+    with open(ann, "rb") as f:
+        out: dict = {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    try:
+        records = read_annotations(ann, Path(root), boxes)
+    except UserError:
+        return out  # build reports it, with the reason
+    per_image = Counter(r.image for r in records)  # in order of first appearance
+    stats = []
+    for img in per_image:
+        try:
+            name = str(img.relative_to(root))
+        except ValueError:
+            name = str(img)
+        try:
+            st = img.stat()
+            stats.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((name, -1, -1))
+    out["images_sha256"] = hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
+    out["rows"] = len(records)
+    out["per_image"] = list(per_image.values())
+    return out
+
+
+def scan(ann: Path, root: Path, boxes: bool) -> dict:
+    """What one annotations file holds, without opening an image: ``sha256`` (its bytes) and, when
+    it parses, ``rows``, ``per_image`` (captions per image, in order of first appearance) and
+    ``images_sha256`` (a hash of the sorted (path relative to root, size, mtime) of the images it
+    names). ``{}`` for a missing file. Memoised on the file's size and mtime: one sweep scans once.
+
+    Cost measured on a 2-core machine: 100k rows naming 20k images take ~0.4 s (parse ~0.25 s,
+    stat calls ~0.1 s, hashing 7 MB ~0.02 s); a repeat is free.
+    """
+    try:
+        st = ann.stat()
+    except OSError:
+        return {}
+    if not ann.is_file():
+        return {}
+    return _scan_cached(str(ann), st.st_size, st.st_mtime_ns, str(root), boxes)
+
+
+def fingerprint(p: CaptionsParams, base_dir: Path) -> dict:
+    """Part of the node's hash: ``annotations`` (a content hash of the file), ``rows``, ``images``
+    (a fingerprint of the images it names), ``n_images``, and the same with ``test_`` for
+    ``test_annotations``; ``annotations: "missing"`` when the file is not there. The paths themselves are not in it, so the same files
+    reached from another working directory are the same data."""
+    ann, root, test_ann, test_root = resolve_paths(p, base_dir)
+    out = {}
+    for prefix, path, r in (("", ann, root), ("test_", test_ann, test_root)):
+        if path is None:
+            continue
+        info = scan(path, r, p.boxes)
+        out[f"{prefix}annotations"] = info.get("sha256", "missing")
+        if "rows" in info:
+            out[f"{prefix}rows"] = info["rows"]
+            out[f"{prefix}images"] = info["images_sha256"]
+            out[f"{prefix}n_images"] = len(info["per_image"])
+    return out
+
+
+def facts(p: CaptionsParams, base_dir: Path) -> dict:
+    """Upper bounds of the split sizes, counted from the annotations (images are not opened, and
+    unreadable ones are dropped at build, hence ``at_most``); only image_size when they do not parse."""
+    out: dict = {"image_size": p.image_size}
+    ann, root, test_ann, test_root = resolve_paths(p, base_dir)
+    info = scan(ann, root, p.boxes)
+    if "rows" not in info:
+        return out
+    if test_ann is not None:
+        test_info = scan(test_ann, test_root, p.boxes)
+        n_train = info["rows"]
+        if "rows" in test_info:
+            out["test_size"] = test_info["rows"]
+    else:
+        # hold_out_by_image on every row: dropping bad images only moves images from train to test,
+        # and the held-out part stops growing once it reaches test_size (one image past it at most)
+        held = 0
+        for count in reversed(info["per_image"]):
+            if held >= p.test_size:
+                break
+            held += count
+        n_train = info["rows"] - held
+        out["test_size"] = min(info["rows"], p.test_size + max(info["per_image"]) - 1)
+    out["train_size"] = max(0, math.ceil(round(p.train_fraction * n_train, 6)))
+    out["at_most"] = True
+    return out
+
+
+@register("dataset.captions", params=CaptionsParams, output=PairedData, provides=_provides,
+          fingerprint=fingerprint, facts=facts)
 def build(params: CaptionsParams, inputs: dict, ctx: BuildContext) -> PairedData:
     """Real image-caption pairs from a COCO-captions .json or a .jsonl/.csv manifest.
 
     Reads ``annotations`` (image path + caption per sample; with ``boxes: true`` also a ``boxes``
-    column, [[x0,y0,x1,y1], ...] in original-image pixels). Relative image paths resolve against
-    ``images`` (default: the annotations' folder). Missing or unreadable images are skipped with a
-    warning; more than ``max_bad_fraction`` of them is an error. The test split is
+    column, [[x0,y0,x1,y1], ...] in original-image pixels); relative paths in the params resolve
+    against the graph file's folder. Relative image paths resolve against ``images`` (default: the
+    annotations' folder). Missing or unreadable images, and empty captions, are skipped with a
+    warning; more than ``max_bad_fraction`` of either is an error. Images of any mode keep their
+    range (16-bit PNGs are scaled to 8 bit, not clipped; transparency is composited onto white).
+    The node's identity covers the annotations' content and the named images' sizes and mtimes, so
+    editing the data trains again. The test split is
     ``test_annotations`` or else the last ``test_size`` samples, held out by image. Training items get
     a random-resized crop and horizontal flip (boxes follow); test items are resized and center-cropped
     to ``image_size``. Items: ``image`` [3,S,S] normalised with CLIP's mean/std, ``caption``,
     ``sample_id`` (+ ``boxes`` [K,4], ``mentioned`` [K]). ``train_fraction`` keeps the first
     ceil(f * N) training samples.
     """
-    ann = Path(params.annotations)
-    root = Path(params.images) if params.images else ann.parent
+    ann, root, test_ann, test_root = resolve_paths(params, ctx.base_dir)
     records = read_annotations(ann, root, params.boxes)
+    records = drop_empty_captions(records, ann, params.max_bad_fraction, ctx.log)
     records = drop_bad_images(records, ann, params.max_bad_fraction, ctx.log)
-    if params.test_annotations:
-        test_ann = Path(params.test_annotations)
-        test_root = Path(params.images) if params.images else test_ann.parent
+    if test_ann is not None:
         test_records = read_annotations(test_ann, test_root, params.boxes)
+        test_records = drop_empty_captions(test_records, test_ann, params.max_bad_fraction, ctx.log)
         test_records = drop_bad_images(test_records, test_ann, params.max_bad_fraction, ctx.log)
         train_records = records
     else:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from vlpgraph.ports import BOXES, CLASSES, PAIRED, BuildContext, PairedData, ZeroShotSet
 from vlpgraph.registry import Params, register
@@ -89,11 +89,10 @@ class ShapesParams(Params):
             raise ValueError(f"image_size must be a multiple of 8 (got {v})")
         return v
 
-    @model_validator(mode="after")
-    def _objects_range(self) -> "ShapesParams":
+    def problems(self) -> list[tuple[str, str]]:
         if self.min_objects > self.max_objects:
-            raise ValueError(f"min_objects ({self.min_objects}) is greater than max_objects ({self.max_objects})")
-        return self
+            return [("min_objects", f"min_objects ({self.min_objects}) is greater than max_objects ({self.max_objects})")]
+        return []
 
 
 # ------------------------------------------------------------------------------------------ scenes
@@ -608,7 +607,7 @@ class ShapesData(PairedData):
     class_names = CLASS_NAMES
 
     def __init__(self, folder: Path, p: ShapesParams):
-        n_train = max(1, math.ceil(round(p.train_fraction * p.train_size, 6)))
+        n_train = facts(p, folder)["train_size"]
         self.params = p
         self.folder = folder
         self.image_size = p.image_size
@@ -628,7 +627,14 @@ class ShapesData(PairedData):
         return list(self.train.captions)
 
 
-@register("dataset.shapes", params=ShapesParams, output=PairedData, provides=frozenset({PAIRED, BOXES, CLASSES}))
+def facts(p: ShapesParams, base_dir: Path) -> dict:
+    """Exact split sizes and image size: pure functions of the params (nothing is read from disk)."""
+    return {"train_size": max(1, math.ceil(round(p.train_fraction * p.train_size, 6))),
+            "test_size": p.test_size, "image_size": p.image_size}
+
+
+@register("dataset.shapes", params=ShapesParams, output=PairedData, provides=frozenset({PAIRED, BOXES, CLASSES}),
+          facts=facts)
 def build(params: ShapesParams, inputs: dict, ctx: BuildContext) -> PairedData:
     """Procedural benchmark: coloured shapes on textured backgrounds, captions, boxes, zero-shot classes.
 

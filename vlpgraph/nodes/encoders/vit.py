@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
@@ -33,13 +33,29 @@ class ViTParams(Params):
         None, description="local state dict (.safetensors or .pth/.pt) to start from; none = random init"
     )
 
-    @model_validator(mode="after")
-    def _shapes(self):
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
         if self.width % self.heads:
-            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+            found.append(("width", f"width ({self.width}) must be divisible by heads ({self.heads})"))
         if self.image_size is not None and self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
-        return self
+            found.append(("patch_size", f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"))
+        return found
+
+
+def check(p: ViTParams, inputs: dict) -> list[tuple[str, str]]:
+    """The image size the data makes (when known before building) against image_size and patch_size."""
+    found = []
+    for data in inputs.get("data", []):
+        size = data.get("image_size")
+        if size is None:
+            continue
+        if p.image_size is not None and p.image_size != size:
+            found.append(("image_size", f"image_size {p.image_size} but its data '{data['node']}' makes {size} px "
+                                        "images (leave image_size out to inherit it)"))
+        elif p.image_size is None and size % p.patch_size:
+            found.append(("patch_size", f"patch_size {p.patch_size} does not divide the image size {size} of its "
+                                        f"data '{data['node']}'"))
+    return found
 
 
 # ------------------------------------------------------------------------------- attention routing
@@ -203,6 +219,7 @@ def build_vit(p: ViTParams, image_size: int) -> ViTTower:
     params=ViTParams,
     output=ViTTower,
     inputs={"data": In(PairedData, optional=True, doc="optional: image_size defaults to the data's")},
+    check=check,
 )
 def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
     """Vision Transformer image tower (timm), trained from scratch or from a local checkpoint.

@@ -6,8 +6,9 @@ import torch
 from pydantic import Field, field_validator
 
 from vlpgraph import ports
+from vlpgraph.errors import UserError
 from vlpgraph.evaluation import embed_split, first_hit_ranks, recall_at
-from vlpgraph.registry import In, Params, register
+from vlpgraph.registry import In, Params, register, size_of
 
 
 class RetrievalParams(Params):
@@ -21,6 +22,37 @@ class RetrievalParams(Params):
         if any(k < 1 for k in ks):
             raise ValueError(f"every k must be >= 1, got {ks}")
         return sorted(set(ks))
+
+
+def too_large(ks: list[int], n: int) -> list[int]:
+    """The ks that make no sense on n pairs: R@k is 1 for any model once k >= n."""
+    return [k for k in ks if k >= n]
+
+
+def degenerate(ks: list[int], n: int) -> list[int]:
+    """The ks whose recall says little on n pairs: from k >= n/2 on, a random ranking scores >= 0.5."""
+    return [k for k in ks if 2 * k >= n]
+
+
+def _refusal(bad: list[int], n: str) -> str:
+    return (f"ks {bad} reach the size of the test split searched ({n}): R@k is 1 for any model once "
+            f"k >= the number of pairs (use smaller ks, or a larger test split)")
+
+
+def check(p: RetrievalParams, inputs: dict) -> list[tuple[str, str]]:
+    """ks against the test split's size when the data knows it before building (see ``too_large``)."""
+    found = []
+    for data in inputs.get("data", []):
+        if data.get("test_size") is None:
+            continue
+        n = data["test_size"] if p.max_samples is None else min(data["test_size"], p.max_samples)
+        # an upper bound (at_most) still refuses correctly: k >= bound >= the real size
+        bad = too_large(p.ks, n)
+        if bad:
+            searched = (f"max_samples {p.max_samples}" if p.max_samples is not None and p.max_samples < data["test_size"]
+                        else f"'{data['node']}' has {size_of(data, 'test_size')}")
+            found.append(("ks", _refusal(bad, searched)))
+    return found
 
 
 class RetrievalEvaluator(ports.Evaluator):
@@ -56,6 +88,7 @@ class RetrievalEvaluator(ports.Evaluator):
         "model": In(ports.Model, doc="a trained model with an image-text embedding (e.g. objective.itc)"),
         "data": In(ports.PairedData, doc="its test split is searched"),
     },
+    check=check,
 )
 def build(params: RetrievalParams, inputs: dict, ctx: ports.BuildContext) -> RetrievalEvaluator:
     """Image->text and text->image retrieval recall@k on the test split (i2t_r1 ... t2i_r10, rsum).
@@ -67,5 +100,19 @@ def build(params: RetrievalParams, inputs: dict, ctx: ports.BuildContext) -> Ret
     identical): duplicates are indistinguishable, so missing them would be no model's fault. Ties
     count against the model (a collapsed embedding scores 0). Metrics are fractions in [0, 1]:
     i2t_r{k} and t2i_r{k} for each k in `ks`, rsum (their sum) and n (pairs searched).
+    A k that reaches the number of pairs searched is refused (R@k would be 1 for any model): at
+    validation when the data knows its test size, else when the node is built, before training.
+    A k of at least half the pairs is accepted with a warning: a random ranking already scores
+    R@k ≈ k/n there (the warning gives that chance level).
     """
+    test = inputs["data"].test
+    n = len(test) if params.max_samples is None else min(len(test), params.max_samples)
+    bad = too_large(params.ks, n)
+    if bad:
+        raise UserError(f"node '{ctx.node}' (evaluator.retrieval): {_refusal(bad, f'{n} pairs')}")
+    weak = degenerate(params.ks, n)
+    if weak:
+        chance = ", ".join(f"R@{k} {k / n:.2f}" for k in weak)
+        ctx.log(f"warning: node '{ctx.node}' (evaluator.retrieval): on {n} test pairs, recall at k >= n/2 says "
+                f"little (chance level: {chance}); rsum is inflated by it")
     return RetrievalEvaluator(params, inputs["data"])
