@@ -76,8 +76,8 @@ def _param_problems(err: ValidationError, kind: NodeKind, name: str, problems: P
         pname = ".".join(map(str, loc))
         if e["type"] == "extra_forbidden":
             msg = f"unknown param '{pname}'{did_you_mean(loc[0], fields)}"
-        elif e["type"] == "params_problem":  # Params.problems(): the message says it all
-            msg = f"param '{pname}': {e['msg']}" if loc else e["msg"]
+        elif e["type"] == "params_problem":  # Params.problems(): the message names its params itself
+            msg = e["msg"]
         elif e["type"] == "missing":
             msg = f"missing param '{pname}'"
         else:
@@ -90,14 +90,15 @@ def _param_problems(err: ValidationError, kind: NodeKind, name: str, problems: P
 
 
 def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems, base_dir: Path | None = None,
-         removed: dict[str, str] | None = None) -> Graph | None:
+         removed: dict[str, str] | None = None, memo: dict | None = None) -> Graph | None:
     """Validate every node against its kind and every edge against port types; None if unusable.
 
     base_dir: the folder relative paths in params resolve against (the graph file's; default: the
     working directory). removed: nodes of the file that a variant deletes ({node: variant}), named
     when an input still refers to one. After the port checks each kind's ``check`` runs against its
     inputs' static facts (split sizes, image size), and every node's fingerprint (what it reads
-    from disk) is taken for its hash.
+    from disk) is taken for its hash. memo: a dict shared by the bind calls of one graph load, so a
+    node with the same params in many trials reads its files once.
     """
     base_dir = Path.cwd() if base_dir is None else Path(base_dir)
     removed = removed or {}
@@ -168,9 +169,13 @@ def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems, base_d
     if problems.added > n_before:
         return None
     graph = Graph(graph_name, bound, dag, list(nx.lexicographical_topological_sort(dag)), base_dir)
+    memo = {} if memo is None else memo
     for node in bound.values():
         if node.kind.fingerprint is not None:
-            node.fingerprint = node.kind.fingerprint(node.params, base_dir)
+            key = (node.kind.name, str(base_dir), canonical(node.params.model_dump(mode="json")))
+            if key not in memo:
+                memo[key] = node.kind.fingerprint(node.params, base_dir)
+            node.fingerprint = memo[key]
     assign_hashes(graph)
     return graph
 

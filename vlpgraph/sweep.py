@@ -135,6 +135,7 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
     any_variant = set().union(*(set(n) for n, _ in resolved.values()))
     base_dir = Path(file).resolve().parent  # relative paths in params are relative to the graph file
     found: dict[tuple[str, str], list[str]] = {}  # (where, what) of each trial's problem -> its variants
+    memo: dict = {}  # fingerprints of data nodes: each distinct one read once per load
     for vname in variants:
         vnodes, vlines = resolved[vname]
         removed = {n: vname for n in base_nodes if n not in vnodes}
@@ -157,7 +158,7 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
             if not ok:
                 continue
             tproblems = Problems(file, tlines)
-            graph = bind(spec.graph, nodes, tproblems, base_dir=base_dir, removed=removed)
+            graph = bind(spec.graph, nodes, tproblems, base_dir=base_dir, removed=removed, memo=memo)
             for entry in tproblems.entries:
                 if vname not in found.setdefault(entry, []):
                     found[entry].append(vname)
@@ -221,7 +222,7 @@ def data_changes(exp: Experiment, store) -> list[str]:
             old = last["data"].get(node)
             if old is None or old == new:
                 continue
-            keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+            keys = [k for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k)]
             what = ", ".join(k for k in keys if not isinstance(new.get(k, old.get(k)), int)) or "data"
             counts = ", ".join(f"{k} {old.get(k, '-')} -> {new.get(k, '-')}" for k in keys
                                if isinstance(new.get(k, old.get(k)), int))
