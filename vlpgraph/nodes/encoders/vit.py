@@ -228,7 +228,8 @@ def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
     token first, final LayerNorm applied. ``forward_blocks(images, blocks)`` also returns the tokens
     after the listed blocks (before the final norm); block indices are 0 .. depth-1 (negative
     indices count from the end). Attention runs through vlpgraph.attention with the ``attention``
-    backend. S is ``image_size``, or the data input's image size when left out (32 without data).
+    backend. S is ``image_size``, or the data input's image size when left out (32 without data);
+    validation checks that ``patch_size`` divides S, also when S comes from the data.
     ``pretrained`` loads a local .safetensors/.pth state dict (timm ViT keys, optionally prefixed
     ``vit.``); the position embedding is resampled if its grid differs. Never downloads.
     """
