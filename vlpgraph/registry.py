@@ -58,6 +58,7 @@ class Params(BaseModel):
 #   train_size, test_size: samples in the training split (after train_fraction) and in the test split
 #   image_size: the side of the square images it yields
 #   at_most: True when the sizes are upper bounds (files: samples dropped as unreadable at build)
+#   width: a tower's token width (encoder.text states it; encoder.fusion checks its heads against it)
 Facts = dict[str, Any]
 
 

@@ -25,6 +25,12 @@ class FusionParams(Params):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on hidden states and attention weights")
 
 
+def check(p: FusionParams, inputs: dict) -> list[tuple[str, str]]:
+    """heads against the text tower's width, when the tower states it before building (encoder.text does)."""
+    return [("heads", f"heads ({p.heads}) must divide the width ({t['width']}) of its text tower '{t['node']}'")
+            for t in inputs.get("text", []) if t.get("width") is not None and t["width"] % p.heads]
+
+
 @register(
     "encoder.fusion",
     params=FusionParams,
@@ -33,6 +39,7 @@ class FusionParams(Params):
         "text": In(TextTower, doc="text tower whose output tokens are fused (its width is the fusion width)"),
         "vision": In(VisionTower, doc="vision tower whose tokens (CLS and patches) every text token cross-attends to"),
     },
+    check=check,
 )
 def build(params: FusionParams, inputs: dict, ctx: BuildContext) -> FusionTower:
     """Fusion encoder (ALBEF): caption tokens attend to each other and cross-attend to the image's tokens.

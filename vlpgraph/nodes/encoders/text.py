@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from transformers import BertConfig, BertModel
 
 from vlpgraph.attention import resolve_backend, transformers_attention_name
-from vlpgraph.checkpoints import read_state_dict
+from vlpgraph.checkpoints import files_fingerprint, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, PairedData, TextTower
 from vlpgraph.registry import In, Params, register
@@ -28,18 +28,37 @@ class TextParams(Params):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on hidden states and attention weights")
     attention: Backend = Field("auto", description="attention backend: auto | sdpa | math | xformers")
     tokenizer: str | None = Field(
-        None, description="local tokenizer.json to use; none = train a WordPiece on the data's captions"
+        None, description="local tokenizer.json to use, relative to the graph file's folder; none = train a "
+        "WordPiece on the data's captions"
     )
     vocab_size: int = Field(2000, ge=32, le=1_000_000, description="vocabulary cap of the trained WordPiece")
     pretrained: str | None = Field(
-        None, description="local state dict (.safetensors or .pth/.pt) of a BERT to start from; none = random init"
+        None, description="local state dict (.safetensors or .pth/.pt) of a BERT to start from, relative to the "
+        "graph file's folder; none = random init"
     )
 
-    @model_validator(mode="after")
-    def _shapes(self):
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
         if self.width % self.heads:
-            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
-        return self
+            found.append(("width", f"width ({self.width}) must be divisible by heads ({self.heads})"))
+        # model_fields_set: only a vocab_size written in the graph (the default is fine with a file)
+        if self.tokenizer and "vocab_size" in self.model_fields_set:
+            found.append(("vocab_size", f"vocab_size ({self.vocab_size}) caps the WordPiece trained on the data, "
+                                        f"but tokenizer ({self.tokenizer}) is given: it would have no effect "
+                                        "(leave one of them out)"))
+        return found
+
+
+def fingerprint(p: TextParams, base_dir) -> dict | None:
+    """What the tower reads from disk: the sha256 of its ``tokenizer`` and ``pretrained`` files (None
+    without either), so a file replaced at the same path is a new trial and the same file reached
+    from another folder is the same trial. A trained tokenizer needs none: the data's hash covers it."""
+    return files_fingerprint({"tokenizer": p.tokenizer, "pretrained": p.pretrained}, base_dir)
+
+
+def facts(p: TextParams, base_dir) -> dict:
+    """The tower's width, known from its params (encoder.fusion checks its heads against it)."""
+    return {"width": p.width}
 
 
 class BertTower(TextTower):
@@ -122,6 +141,8 @@ def _load_pretrained(bert: BertModel, path: str, log) -> None:
     params=TextParams,
     output=BertTower,
     inputs={"data": In(PairedData, doc="the tokenizer is trained on its training captions")},
+    fingerprint=fingerprint,
+    facts=facts,
 )
 def build(params: TextParams, inputs: dict, ctx: BuildContext) -> BertTower:
     """BERT text tower (transformers) with a WordPiece tokenizer, from scratch or from local files.
@@ -133,7 +154,9 @@ def build(params: TextParams, inputs: dict, ctx: BuildContext) -> BertTower:
     (vocab at most ``vocab_size``) is trained on the data's training captions and cached under
     ``<cache>/tokenizers/<content hash>.json``, so re-runs reuse it. Attention runs through
     vlpgraph.attention with the ``attention`` backend. ``pretrained`` loads a local BERT state dict
-    (keys as transformers' BertModel, optionally prefixed ``bert.``). Never downloads.
+    (keys as transformers' BertModel, optionally prefixed ``bert.``). Relative ``tokenizer`` and
+    ``pretrained`` paths are relative to the graph file's folder; the files' content hashes are part
+    of the node's hash. Never downloads.
     """
     if params.attention == "xformers":
         try:
@@ -141,7 +164,7 @@ def build(params: TextParams, inputs: dict, ctx: BuildContext) -> BertTower:
         except UserError as e:
             raise UserError(f"node '{ctx.node}' (encoder.text): {e}")
     if params.tokenizer:
-        hf_tok = load_tokenizer_file(params.tokenizer)
+        hf_tok = load_tokenizer_file(resolve_path(params.tokenizer, ctx.base_dir))
     else:
         data = inputs.get("data")
         if data is None:
@@ -150,5 +173,5 @@ def build(params: TextParams, inputs: dict, ctx: BuildContext) -> BertTower:
     tokenizer = WordPieceTokenizer(hf_tok, params.max_len)
     tower = build_bert(params, tokenizer)
     if params.pretrained:
-        _load_pretrained(tower.bert, params.pretrained, ctx.log)
+        _load_pretrained(tower.bert, str(resolve_path(params.pretrained, ctx.base_dir)), ctx.log)
     return tower

@@ -10,7 +10,7 @@ from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
 from vlpgraph.attention import attend, resolve_backend
-from vlpgraph.checkpoints import read_state_dict
+from vlpgraph.checkpoints import files_fingerprint, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, PairedData, VisionTower
 from vlpgraph.registry import In, Params, register
@@ -30,7 +30,8 @@ class ViTParams(Params):
     drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="stochastic depth rate (linearly increasing per block)")
     attention: Backend = Field("auto", description="attention backend: auto | sdpa | math | xformers")
     pretrained: str | None = Field(
-        None, description="local state dict (.safetensors or .pth/.pt) to start from; none = random init"
+        None, description="local state dict (.safetensors or .pth/.pt) to start from, relative to the graph "
+        "file's folder; its content is part of the node's identity; none = random init"
     )
 
     def problems(self) -> list[tuple[str, str]]:
@@ -56,6 +57,13 @@ def check(p: ViTParams, inputs: dict) -> list[tuple[str, str]]:
             found.append(("patch_size", f"patch_size {p.patch_size} does not divide the image size {size} of its "
                                         f"data '{data['node']}'"))
     return found
+
+
+def fingerprint(p: ViTParams, base_dir) -> dict | None:
+    """What the tower reads from disk: ``{"pretrained": sha256 of the checkpoint}`` (None without one),
+    so a checkpoint replaced at the same path is a new trial and the same file reached from another
+    folder is the same trial."""
+    return files_fingerprint({"pretrained": p.pretrained}, base_dir)
 
 
 # ------------------------------------------------------------------------------- attention routing
@@ -220,6 +228,7 @@ def build_vit(p: ViTParams, image_size: int) -> ViTTower:
     output=ViTTower,
     inputs={"data": In(PairedData, optional=True, doc="optional: image_size defaults to the data's")},
     check=check,
+    fingerprint=fingerprint,
 )
 def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
     """Vision Transformer image tower (timm), trained from scratch or from a local checkpoint.
@@ -231,7 +240,9 @@ def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
     backend. S is ``image_size``, or the data input's image size when left out (32 without data);
     validation checks that ``patch_size`` divides S, also when S comes from the data.
     ``pretrained`` loads a local .safetensors/.pth state dict (timm ViT keys, optionally prefixed
-    ``vit.``); the position embedding is resampled if its grid differs. Never downloads.
+    ``vit.``; a relative path is relative to the graph file's folder); the position embedding is
+    resampled if its grid differs. The checkpoint's content hash is part of the node's hash.
+    Never downloads.
     """
     data = inputs.get("data")
     image_size = params.image_size
@@ -253,5 +264,5 @@ def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
             raise UserError(f"node '{ctx.node}' (encoder.vit): {e}")
     tower = build_vit(params, image_size)
     if params.pretrained:
-        _load_pretrained(tower.vit, params.pretrained, ctx.log)
+        _load_pretrained(tower.vit, str(resolve_path(params.pretrained, ctx.base_dir)), ctx.log)
     return tower

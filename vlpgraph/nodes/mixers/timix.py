@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from vlpgraph import mixing, ports
 from vlpgraph.errors import TrialFailed
@@ -34,11 +34,10 @@ class TiMixParams(Params):
         "summed", description="'summed': the mixed loss joins the main step; 'separate': its own optimiser step (the reference)"
     )
 
-    @model_validator(mode="after")
-    def _ratios(self) -> TiMixParams:
+    def problems(self) -> list[tuple[str, str]]:
         if self.min_ratio > self.max_ratio:
-            raise ValueError(f"min_ratio ({self.min_ratio}) is larger than max_ratio ({self.max_ratio})")
-        return self
+            return [("min_ratio", f"min_ratio ({self.min_ratio}) is larger than max_ratio ({self.max_ratio})")]
+        return []
 
 
 class TiMix(ports.Mixer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from vlpgraph import ports
 from vlpgraph.errors import UserError
@@ -73,11 +73,10 @@ class MLMParams(Params):
         "needs a tower that exposes them (encoder.text does). False: a separate Linear(width, vocab)"
     )
 
-    @model_validator(mode="after")
-    def _shares(self):
+    def problems(self) -> list[tuple[str, str]]:
         if self.replace_mask + self.replace_random > 1:
-            raise ValueError(f"replace_mask + replace_random ({self.replace_mask} + {self.replace_random}) exceeds 1")
-        return self
+            return [("replace_random", f"replace_mask + replace_random ({self.replace_mask} + {self.replace_random}) exceeds 1")]
+        return []
 
 
 class MLM(ports.Objective):
