@@ -159,7 +159,7 @@ def test_partial_report_tells_failed_from_not_run(tmp_path, capsys):
     out = " ".join(capsys.readouterr().out.split())  # titles wrap to the table's width
     assert "0/2 trials done" in out
     assert "│ default │ failed │" in out  # seed 1 failed, seed 2 never ran: the cell says failed
-    assert "'-' no trial run yet" in out
+    assert "'-' none yet (not run, or not evaluated)" in out
     assert main(["report", str(graph), "--store", str(store.root)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "1/3 trials done" in out and "│ default │ 0.500 ± 0.000 (1) │" in out

@@ -112,7 +112,7 @@ def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None
                                         tuple(sorted(unfinished.get((v, pt), ())))) for pt in points])
         tables.append(table)
     if done < len(exp.trials):
-        tables.append(Text("a cell without results: '-' no trial run yet; otherwise the status of its trials "
+        tables.append(Text("a cell without results: '-' none yet (not run, or not evaluated); else the status of its trials "
                            "that did not complete (failed, running, ...)"))
     for metric in metrics:
         eff = data_efficiency(exp, store, metric)
