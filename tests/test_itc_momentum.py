@@ -107,7 +107,9 @@ def test_queue_larger_batch_than_queue_keeps_last_rows():
     torch.testing.assert_close(obj.image_queue[int(obj.queue_ptr) - 2 :][:1], img_m[3:4])
 
 
-def test_alpha_zero_equals_plain_itc():
+def test_alpha_zero_at_init_has_plain_itc_value_but_no_gradient_through_the_keys():
+    """At init the momentum copies equal the online towers, so with α = 0 the loss *value* is plain
+    ITC's; its gradient is not: plain ITC also differentiates through the columns (keys), ALBEF not."""
     obj, vision, text = make_itc(momentum=0.995, distill_alpha=0.0)
     plain = ITC(vision, text, ITCParams(embed_dim=4))
     plain.load_state_dict({k: v for k, v in obj.state_dict().items() if k in PLAIN_KEYS})
@@ -115,6 +117,11 @@ def test_alpha_zero_equals_plain_itc():
     got = obj(ports.Forward(batch), batch)["itc"]
     ref = plain(ports.Forward(batch), batch)["itc"]
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    got.backward()
+    grad_momentum = vision.proj.weight.grad.clone()
+    vision.zero_grad()
+    ref.backward()
+    assert not torch.allclose(grad_momentum, vision.proj.weight.grad, atol=1e-6)
 
 
 def test_alpha_ramps_with_step():
@@ -159,3 +166,168 @@ def test_gradient_does_not_reach_momentum_params():
     assert obj.image_queue.grad is None and not obj.image_queue.requires_grad
     assert obj.vision_proj.weight.grad is not None and vision.proj.weight.grad is not None
     assert text.emb.weight.grad is not None and obj.temp.grad is not None
+
+
+# ------------------------------------------------------- ALBEF's formula, transcribed independently
+
+
+def albef_itc_reference(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue,
+                        alpha, temp, offset=0):
+    """ALBEF's ITC, transcribed from salesforce/ALBEF models/model_pretrain.py (forward, distill=True).
+
+    image_feat, text_feat: [B, D] online features (with gradient); image_feat_m, text_feat_m: [K, D]
+    the momentum features of the (global) batch; image_queue, text_queue: [Q, D] rows (ALBEF keeps
+    them as [D, Q] columns); offset: where this rank's batch starts among the K momentum rows (0 on
+    one process, where ALBEF's ``fill_diagonal_`` applies)."""
+    b = image_feat.shape[0]
+    with torch.no_grad():
+        image_feat_all = torch.cat([image_feat_m.t(), image_queue.t().clone().detach()], dim=1)
+        text_feat_all = torch.cat([text_feat_m.t(), text_queue.t().clone().detach()], dim=1)
+        local_image_m, local_text_m = image_feat_m[offset : offset + b], text_feat_m[offset : offset + b]
+        sim_i2t_m = local_image_m @ text_feat_all / temp
+        sim_t2i_m = local_text_m @ image_feat_all / temp
+        sim_targets = torch.zeros(sim_i2t_m.size())
+        sim_targets[:, offset : offset + b].fill_diagonal_(1)
+        sim_i2t_targets = alpha * torch.nn.functional.softmax(sim_i2t_m, dim=1) + (1 - alpha) * sim_targets
+        sim_t2i_targets = alpha * torch.nn.functional.softmax(sim_t2i_m, dim=1) + (1 - alpha) * sim_targets
+    sim_i2t = image_feat @ text_feat_all / temp
+    sim_t2i = text_feat @ image_feat_all / temp
+    loss_i2t = -torch.sum(torch.nn.functional.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(torch.nn.functional.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def _features(obj: ITC, vision, text, batch: dict, momentum: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised CLS projections straight from the modules (text_pool 'cls', as ALBEF)."""
+    v, t, vp, tp = ((obj.vision_m, obj.text_m, obj.vision_proj_m, obj.text_proj_m) if momentum
+                    else (vision, text, obj.vision_proj, obj.text_proj))
+    normalize = torch.nn.functional.normalize
+    image = normalize(vp(v(batch["images"])[:, 0, :]), dim=-1)
+    txt = normalize(tp(t(batch["input_ids"], batch["attention_mask"])[:, 0, :]), dim=-1)
+    return image, txt
+
+
+def _albef_node(queue_size: int = 6, seed: int = 0) -> tuple[ITC, object, object]:
+    """A momentum ITC whose online towers differ from the momentum copies and whose queue is full."""
+    torch.manual_seed(seed)
+    obj, vision, text = make_itc(momentum=0.9, queue_size=queue_size, distill_alpha=0.4,
+                                 alpha_ramp_epochs=1.0, text_pool="cls")
+    _perturb_online(obj)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        obj.image_queue.copy_(torch.nn.functional.normalize(torch.randn(queue_size, 4, generator=g), dim=-1))
+        obj.text_queue.copy_(torch.nn.functional.normalize(torch.randn(queue_size, 4, generator=g), dim=-1))
+        obj.queue_count.fill_(queue_size)
+        obj.temp.fill_(0.1)
+    return obj, vision, text
+
+
+def test_momentum_itc_equals_albef_transcription_in_value_and_gradient():
+    obj, vision, text = _albef_node()
+    queue_img, queue_txt = obj.image_queue.clone(), obj.text_queue.clone()
+    batch = {**make_batch(b=3), "step": 2, "steps_per_epoch": 4}  # α = 0.4 · 2/4
+    obj.train()
+    loss = obj(ports.Forward(batch), batch)["itc"]
+    loss.backward()
+    online = {"vision": vision.proj.weight, "text": text.emb.weight, "vision_proj": obj.vision_proj.weight,
+              "text_proj": obj.text_proj.weight, "temp": obj.temp}
+    got = {k: p.grad.clone() for k, p in online.items()}
+    for p in online.values():
+        p.grad = None
+
+    # the reference: the momentum copies as this step's EMA left them, the online towers untouched
+    image_feat, text_feat = _features(obj, vision, text, batch, momentum=False)
+    with torch.no_grad():
+        image_feat_m, text_feat_m = _features(obj, vision, text, batch, momentum=True)
+    ref = albef_itc_reference(image_feat, text_feat, image_feat_m, text_feat_m, queue_img, queue_txt,
+                              alpha=0.2, temp=obj.temp)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for k, p in online.items():
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    # the queue now holds this batch's momentum features (after the loss, as ALBEF enqueues)
+    torch.testing.assert_close(obj.image_queue[:3], image_feat_m)
+    torch.testing.assert_close(obj.text_queue[:3], text_feat_m)
+
+
+def test_keys_carry_no_gradient():
+    """The online features receive gradient as rows (queries) only, never as keys: each modality's
+    gradient equals the reference's, where the keys are the momentum features (constants). Scoring
+    against the online batch, as before, adds the key gradient and differs."""
+    obj, _, _ = _albef_node(queue_size=4)
+    queue_img, queue_txt = obj.image_queue.clone(), obj.text_queue.clone()
+    obj.train()
+    batch = make_batch(b=3)
+    fwd = ports.Forward(batch)
+    image, txt = obj.embed_images(fwd), obj.embed_texts(fwd)
+    image.retain_grad()
+    txt.retain_grad()
+    obj.momentum_loss(fwd, batch).backward()
+
+    image_m, text_m = obj.momentum_features(fwd)
+    i, t = image.detach().requires_grad_(), txt.detach().requires_grad_()
+    albef_itc_reference(i, t, image_m, text_m, queue_img, queue_txt, alpha=obj.alpha(batch),
+                        temp=obj.temperature.detach()).backward()
+    torch.testing.assert_close(image.grad, i.grad)
+    torch.testing.assert_close(txt.grad, t.grad)
+
+
+def _online_grads(obj: ITC) -> dict[str, torch.Tensor]:
+    vision, text = obj.vision, obj.text
+    return {"vision": vision.proj.weight.grad, "text": text.emb.weight.grad,
+            "vision_proj": obj.vision_proj.weight.grad, "text_proj": obj.text_proj.weight.grad, "temp": obj.temp.grad}
+
+
+def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        obj, _, _ = _albef_node(queue_size=8)  # the same weights and queue on every rank
+        obj.train()
+        full = make_batch(b=3 * world)
+        batch = {k: v[rank * 3 : rank * 3 + 3] for k, v in full.items()}
+        loss = obj(ports.Forward(batch), batch)["itc"]
+        loss.backward()
+        grads = {k: v.clone() for k, v in _online_grads(obj).items()}
+        torch.save({"loss": loss.detach(), "grads": grads, "image_queue": obj.image_queue.clone(),
+                    "queue_ptr": obj.queue_ptr.clone()}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other still talks
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_two_process_gloo_momentum_itc_equals_transcription(tmp_path):
+    """Under torchrun each rank's loss and gradient are ALBEF's formula over its own rows against
+    every rank's momentum features (gathered without gradient) and the queue; the queue receives
+    the gathered momentum features on every rank."""
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+    obj, vision, text = _albef_node(queue_size=8)
+    queue_img, queue_txt = obj.image_queue.clone(), obj.text_queue.clone()
+    obj.momentum_update()  # what each rank's forward did first
+    full = make_batch(b=3 * world)
+    with torch.no_grad():
+        image_feat_m, text_feat_m = _features(obj, vision, text, full, momentum=True)
+    for r in range(world):
+        rows = {k: v[r * 3 : r * 3 + 3] for k, v in full.items()}
+        obj.zero_grad()
+        vision.zero_grad()
+        text.zero_grad()
+        image_feat, text_feat = _features(obj, vision, text, rows, momentum=False)
+        ref = albef_itc_reference(image_feat, text_feat, image_feat_m, text_feat_m, queue_img, queue_txt,
+                                  alpha=0.4, temp=obj.temp, offset=3 * r)
+        ref.backward()
+        assert res[r]["loss"].item() == pytest.approx(ref.item(), rel=1e-5)
+        for k, grad in _online_grads(obj).items():
+            torch.testing.assert_close(res[r]["grads"][k], grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(res[r]["image_queue"][: 3 * world], image_feat_m)
+        assert int(res[r]["queue_ptr"]) == 3 * world

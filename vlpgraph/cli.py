@@ -1,8 +1,9 @@
 """The command line (DESIGN §7): parse arguments, call the library, map errors to exit codes.
 
 Exit codes: 0 every trial completed; 1 some trial failed (the others still ran); 2 user error
-(bad graph, bad argument, bad data), printed as one line per problem without a traceback unless
-``--debug``.
+(bad graph, bad argument, bad data, a ``--store`` that is a file; for ``runs`` and ``report`` also a
+store that does not exist, an unknown ``--graph`` or ``--metric``, or a report none of whose trials is
+in the store), printed as one line per problem without a traceback unless ``--debug``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,35 @@ STORE_ENV = "VLPGRAPH_STORE"
 
 
 def _store_dir(args) -> Path:
-    return Path(args.store or os.environ.get(STORE_ENV) or "store")
+    """The store directory: ``--store``, else ``$VLPGRAPH_STORE``, else ./store (it need not exist yet).
+
+    Raises UserError when the path, or a folder above it, is a file: every verb that takes ``--store``
+    (run, runs, report, app) then exits 2 with one line instead of a traceback."""
+    from vlpgraph.store import DB_NAME
+
+    raw = args.store or os.environ.get(STORE_ENV) or "store"
+    named = f"--store {raw}" if args.store else (f"${STORE_ENV}={raw}" if os.environ.get(STORE_ENV) else f"store {raw}")
+    path = Path(raw).expanduser()
+    existing = path  # the path itself, or the nearest folder above it that exists
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        what = "is a file" if existing == path else f"is inside {existing}, a file"
+        hint = f" (did you mean --store {path.parent}?)" if path.name == DB_NAME else ""
+        raise UserError(f"{named} {what}: a store is a directory (it holds {DB_NAME}, runs/, cache/){hint}")
+    return path
+
+
+def _existing_store(args):
+    """The Store of ``--store`` for the verbs that only read it; UserError when there is none."""
+    from vlpgraph.store import DB_NAME, Store
+
+    root = _store_dir(args)
+    store = Store(root)
+    if not store.exists():
+        raise UserError(f"no store at {store.root} (no {DB_NAME} there): `vlpgraph run GRAPH` creates it "
+                        f"(--store DIR or ${STORE_ENV} chooses where)")
+    return store
 
 
 def _wide(out: Console) -> Console:
@@ -177,14 +206,28 @@ def cmd_nodes(args, out: Console, err: Console) -> int:
 
 
 def cmd_runs(args, out: Console, err: Console) -> int:
-    from vlpgraph.store import Store
+    from collections import Counter
 
-    store = Store(_store_dir(args))
-    rows = store.runs({k: v for k, v in (("graph", args.graph), ("status", args.status)) if v}) if store.exists() else []
-    if not rows:
-        out.print(f"no runs in {_store_dir(args)} yet: try `vlpgraph run graphs/smoke.yaml`", highlight=False)
+    from vlpgraph.errors import did_you_mean
+
+    store = _existing_store(args)
+    every = store.runs()
+    if not every:
+        out.print(f"no runs in {store.root} yet: try `vlpgraph run graphs/smoke.yaml`", highlight=False)
         return 0
-    table = Table(title=f"runs in {_store_dir(args)}")
+    graphs = sorted({r["graph"] for r in every if r.get("graph")})
+    if args.graph and args.graph not in graphs:
+        raise UserError(f"no runs of graph '{args.graph}' in {store.root}{did_you_mean(args.graph, graphs)}; "
+                        f"graphs there: {', '.join(graphs)}")
+    rows = [r for r in every if (not args.graph or r.get("graph") == args.graph)
+            and (not args.status or r.get("status") == args.status)]
+    if not rows:  # only --status can empty it now: a true answer, but say what there is instead
+        of_graph = f" of graph '{args.graph}'" if args.graph else ""
+        counts = Counter(r.get("status") for r in every if not args.graph or r.get("graph") == args.graph)
+        there = ", ".join(f"{n} {s}" for s, n in counts.most_common())
+        out.print(f"no {args.status} runs{of_graph} in {store.root} (there: {there})", highlight=False)
+        return 0
+    table = Table(title=f"runs in {store.root}")
     cols = ["run_id", "graph", "variant", "seed", "status", "step", "wall_s", "finished_at"]
     for c in cols:
         table.add_column(c)
@@ -196,12 +239,13 @@ def cmd_runs(args, out: Console, err: Console) -> int:
 
 def cmd_report(args, out: Console, err: Console) -> int:
     from vlpgraph.report import build_report
-    from vlpgraph.store import Store
+    from vlpgraph.spec import parse_set
 
+    store = _existing_store(args)
     exp = _load(args)
-    store = Store(_store_dir(args))
     wide = _wide(out)
-    for table in build_report(exp, store, metrics=args.metric):
+    sets = [parse_set(s) for s in (args.set or [])]
+    for table in build_report(exp, store, metrics=args.metric, sets=sets, profile=args.profile):
         wide.print(table)
     return 0
 
@@ -221,6 +265,7 @@ def app_command(store: Path, host: str, port: int) -> list[str]:
 def cmd_app(args, out: Console, err: Console) -> int:
     import socket
 
+    store = _store_dir(args).expanduser().resolve()
     if not APP_MAIN.exists():
         raise UserError(f"the app's files are not beside this installation ({APP_MAIN} is missing): "
                         "`vlpgraph app` runs from a source checkout installed with `pip install -e .`")
@@ -231,7 +276,6 @@ def cmd_app(args, out: Console, err: Console) -> int:
             probe.bind((args.host, args.port))
         except OSError as exc:
             raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror} (try another --port)") from None
-    store = _store_dir(args).expanduser().resolve()
     env = {**os.environ, STORE_ENV: str(store)}
     err.print(f"vlpgraph app: store {store}; open http://{'localhost' if args.host == '127.0.0.1' else args.host}:"
               f"{args.port} (Ctrl-C stops it)", highlight=False)

@@ -3,18 +3,27 @@
 The trials come from expanding the graph file (so the report shows exactly that experiment, even
 when its trials were computed by another graph with the same trainer); values are the evaluations
 at each run's final step.
+
+A report never answers with an empty table and exit 0: when none of the experiment's trials is in
+the store, or a ``--metric`` names nothing these trials have, :func:`build_report` raises a
+:class:`UserError` that says what was looked for and what the store holds instead (runs of the same
+graph under other params, and which of the file's profiles would find them).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
+from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from vlpgraph.analysis import crossing, format_cell, interpolate  # noqa: F401  (one copy, shared with the app)
+from vlpgraph.errors import UserError, did_you_mean
 from vlpgraph.store import Store
-from vlpgraph.sweep import Experiment
+from vlpgraph.sweep import Experiment, Trial
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -22,9 +31,11 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), (statistics.stdev(values) if n > 1 else 0.0), n
 
 
-def fmt_cell(values: list[float], digits: int = 3) -> str:
+def fmt_cell(values: list[float], digits: int = 3, statuses: tuple[str, ...] = ()) -> str:
+    """'mean ± std (n)'; without values, the cell's trials' unfinished statuses ('failed', 'running',
+    ...; joined by '/') or '-' when none of them is in the store yet."""
     if not values:
-        return "-"
+        return "/".join(statuses) or "-"
     return format_cell(*mean_std(values), digits)
 
 
@@ -55,13 +66,35 @@ def final_values(exp: Experiment, store: Store) -> dict[str, dict[str, float]]:
     return out
 
 
-def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None) -> list[Table]:
+def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None, *,
+                 sets: list[tuple[str, Any]] = (), profile: str | None = None) -> list[Table | Text]:
+    """The report's tables: each metric (default: each evaluator's headline), then wall time, by
+    variant x grid point (a line explaining empty cells when some trial is not done); then the
+    data-efficiency table where the grid allows one.
+
+    sets, profile: the ``--set`` / ``--profile`` the experiment was expanded with; only used to say
+    which other profile would find the stored runs when none of these trials is in the store.
+    Raises UserError when none of the trials is in the store, or when a metric in ``metrics`` names
+    nothing that these trials have logged (with a did-you-mean among those that exist)."""
+    ids = {t.run_id for t in exp.trials}
+    statuses = {r["run_id"]: r.get("status") for r in store.runs() if r["run_id"] in ids}
+    if not statuses:
+        raise UserError(nothing_stored(exp, store, sets=sets, profile=profile))
     values = final_values(exp, store)
+    if metrics:
+        check_metrics(exp, store, metrics, values)
     metrics = list(metrics or default_metrics(exp) or sorted({k for v in values.values() for k in v if k != "wall_s"}))
+    metrics = [m for m in metrics if m != "wall_s"]  # wall time always gets its own table
     grid_keys = list(exp.trials[0].grid)
     points = list(dict.fromkeys(tuple(t.grid.get(k) for k in grid_keys) for t in exp.trials))
     variants = list(dict.fromkeys(t.variant for t in exp.trials))
     done = sum(1 for t in exp.trials if "wall_s" in values.get(t.run_id, {}))
+    # why a cell is empty: its trials' statuses other than completed (absent from the store: none)
+    unfinished: dict[tuple, set[str]] = defaultdict(set)
+    for t in exp.trials:
+        status = statuses.get(t.run_id)
+        if status is not None and status != "completed":
+            unfinished[(t.variant, tuple(t.grid.get(k) for k in grid_keys))].add(status)
     tables = []
     for metric in metrics + ["wall_s"]:
         cells: dict[tuple, list[float]] = defaultdict(list)
@@ -75,13 +108,143 @@ def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None
         for pt in points:
             table.add_column(", ".join(str(x) for x in pt) if grid_keys else "all", justify="right")
         for v in variants:
-            table.add_row(v, *[fmt_cell(cells.get((v, pt), []), 1 if metric == "wall_s" else 3) for pt in points])
+            table.add_row(v, *[fmt_cell(cells.get((v, pt), []), 1 if metric == "wall_s" else 3,
+                                        tuple(sorted(unfinished.get((v, pt), ())))) for pt in points])
         tables.append(table)
+    if done < len(exp.trials):
+        tables.append(Text("a cell without results: '-' none yet (not run, or not evaluated); else the status of its trials "
+                           "that did not complete (failed, running, ...)"))
     for metric in metrics:
         eff = data_efficiency(exp, store, metric)
         if eff is not None:
             tables.append(eff)
     return tables
+
+
+def check_metrics(exp: Experiment, store: Store, metrics: list[str], values: dict[str, dict[str, float]]) -> None:
+    """UserError for each requested metric that none of the trials has logged (at any step), with a
+    did-you-mean among those they have; nothing to say while no trial has logged any evaluation."""
+    known = {f"{r['evaluator']}.{r['metric']}" for r in store.evals(run_ids=[t.run_id for t in exp.trials])}
+    known |= {k for v in values.values() for k in v}
+    if not known:
+        return
+    known.add("wall_s")
+    problems = []
+    for m in metrics:
+        if m in known:
+            continue
+        # list the evaluator's own metrics when it has some, else all of them
+        same = sorted(k for k in known if k.split(".")[0] == m.split(".")[0])
+        listed = f"{m.split('.')[0]}'s metrics: {', '.join(same)}" if same else f"metrics there: {', '.join(sorted(known))}"
+        problems.append(f"--metric {m}: no trial of graph '{exp.name}' has this metric{did_you_mean(m, known)} ({listed})")
+    if problems:
+        raise UserError(problems)
+
+
+# ---------------------------------------------------------------- nothing stored: say what is there
+
+
+def _flat_document(document: dict, seed: Any) -> dict[str, Any]:
+    """A trial document (runs.params) -> {'node.param': value, 'seed': seed}."""
+    flat = {f"{node}.{k}": v for node, spec in (document.get("nodes") or {}).items()
+            for k, v in (spec.get("params") or {}).items()}
+    flat["seed"] = seed
+    return flat
+
+
+def _show(value: Any) -> str:
+    """A param value as the YAML would spell it: 2 for 2.0 (JSON gives ints of float params as floats)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+_ABSENT = object()
+
+
+def _differences(stored: dict[str, Any], here: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """(key, stored value, value here) for every key whose values differ, sorted by key."""
+    out = []
+    for key in sorted(set(stored) | set(here)):
+        a, b = stored.get(key, _ABSENT), here.get(key, _ABSENT)
+        if a != b:
+            out.append((key, "(absent)" if a is _ABSENT else _show(a), "(absent)" if b is _ABSENT else _show(b)))
+    return tuple(out)
+
+
+def describe_differences(runs: list[dict], trials: list[Trial], groups: int = 3, keys: int = 4) -> str:
+    """How stored runs differ from the expanded trials: '15 runs with train.epochs=2 (here 5), ...'.
+
+    Each run is compared with the closest trial (same variant where there is one); runs that differ in
+    the same way are counted together; the largest ``groups`` groups, ``keys`` keys each, are named."""
+    here = [(t.variant, _flat_document(t.document(), t.seed)) for t in trials]
+    counts: Counter = Counter()
+    for run in runs:
+        try:
+            document = json.loads(run.get("params") or "{}")
+        except ValueError:
+            document = {}
+        stored = _flat_document(document, run.get("seed"))
+        same_variant = [flat for variant, flat in here if variant == run.get("variant")]
+        counts[min((_differences(stored, flat) for flat in same_variant or [f for _, f in here]), key=len)] += 1
+    parts = []
+    for diff, n in counts.most_common(groups):
+        what = "s" if n > 1 else ""
+        if not diff:
+            parts.append(f"{n} run{what} with the same params (another vlpgraph version, other wiring or other data?)")
+            continue
+        named = ", ".join(f"{k}={a} (here {b})" for k, a, b in diff[:keys])
+        more = f" and {len(diff) - keys} more params" if len(diff) > keys else ""
+        parts.append(f"{n} run{what} with {named}{more}")
+    if len(counts) > groups:
+        parts.append(f"{sum(n for _, n in counts.most_common()[groups:])} more")
+    return "; ".join(parts)
+
+
+def matching_profiles(exp: Experiment, stored_ids: set[str], sets: list[tuple[str, Any]] = (),
+                      profile: str | None = None) -> list[str | None]:
+    """The file's profiles (None: no profile) other than ``profile`` whose expanded trials include a
+    stored run id, with the same ``sets``; profiles that do not expand cleanly are skipped."""
+    from vlpgraph.spec import load_yaml
+    from vlpgraph.sweep import load_experiment
+
+    data, _ = load_yaml(exp.file)
+    names = list((data.get("profiles") or {}) if isinstance(data, dict) else {})
+    found: list[str | None] = []
+    for name in [None, *names]:
+        if name == profile:
+            continue
+        try:
+            other = load_experiment(exp.file, sets=list(sets), profile=name)
+        except UserError:
+            continue
+        if any(t.run_id in stored_ids for t in other.trials):
+            found.append(name)
+    return found
+
+
+def nothing_stored(exp: Experiment, store: Store, *, sets: list[tuple[str, Any]] = (),
+                   profile: str | None = None) -> str:
+    """One line for a report none of whose trials is in the store: what was looked for, what the store
+    holds under this graph name (how those runs' params differ) or else which graphs it holds, and
+    which profile of the file would find them."""
+    looked = f"none of the {len(exp.trials)} trial(s) of graph '{exp.name}' ({exp.file}"
+    looked += "".join(f", --set {k}={_show(v)}" for k, v in sets) + (f", --profile {profile}" if profile else "")
+    looked += f") is in the store {store.root}"
+    every = store.runs()
+    same = [r for r in every if r.get("graph") == exp.name]
+    if not same:
+        graphs = sorted({r["graph"] for r in every if r.get("graph")})
+        there = (f"graphs there: {', '.join(graphs)}{did_you_mean(exp.name, graphs)}" if graphs
+                 else "it holds no runs")
+        return f"{looked}, nor any run of that graph name ({there}); `vlpgraph run {exp.file}` runs them"
+    line = f"{looked}; runs of graph '{exp.name}' exist there under other params: {describe_differences(same, exp.trials)}"
+    profiles = matching_profiles(exp, {r["run_id"] for r in same}, sets, profile)
+    if profiles and profile is None:
+        line += f"; did you forget {' or '.join(f'--profile {p}' for p in profiles)}?"
+    elif profiles:
+        line += "; try " + " or ".join(f"--profile {p}" if p else "without --profile" for p in profiles)
+    return line
 
 
 def data_efficiency(exp: Experiment, store: Store, metric: str, baseline: str | None = None) -> Table | None:

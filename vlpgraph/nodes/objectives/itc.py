@@ -124,8 +124,9 @@ def queued_contrastive_loss(
     """Symmetric InfoNCE against columns beyond the batch (ALBEF's momentum / queue ITC).
 
     image_emb, text_emb: [B, D], L2-normalised, the local rows.
-    all_images, all_texts: [K, D] with K >= B: the columns each modality is scored against — the
-        (gathered) batch first, then queued features; K = B + Q without distribution.
+    all_images, all_texts: [K, D] with K >= B: the columns (keys) each modality is scored against;
+        ALBEF passes the momentum features of the (gathered) batch first, then the queue, without
+        gradient; K = B + Q without distribution.
     targets_i2t: [B, K], row i a distribution over ``all_texts`` for image i; targets_t2i: [B, K] over
         ``all_images`` for text i. Unlike :func:`contrastive_loss` the two directions take separate
         targets (ALBEF softmaxes each direction's momentum similarities by row). Constants: detached.
@@ -168,8 +169,9 @@ class ITCParams(Params):
     momentum: float | None = Field(
         None, gt=0, lt=1,
         description="ALBEF momentum distillation: EMA coefficient m of momentum copies of the towers and "
-        "projections (ALBEF: 0.995), updated at the start of each training forward; targets become "
-        "α·softmax(momentum sims / τ) + (1-α)·one-hot. None: off (plain one-hot ITC)",
+        "projections (ALBEF: 0.995), updated at the start of each training forward; the online features "
+        "are scored against the momentum features (no gradient) with targets α·softmax(momentum sims / τ) "
+        "+ (1-α)·one-hot. None: off (plain one-hot ITC)",
     )
     queue_size: int = Field(
         0, ge=0,
@@ -310,36 +312,36 @@ class ITC(ports.Objective, ports.Embedder):
         self.queue_count.add_(n).clamp_(max=q)
 
     def momentum_loss(self, fwd: ports.Forward, batch: dict) -> torch.Tensor:
-        """ALBEF ITC: online features vs (gathered batch ++ queue), targets from the momentum features.
+        """ALBEF ITC: the online features scored against the momentum features of the batch, then the queue.
 
-        Under torchrun the batch columns are gathered from every rank (online with gradient, momentum
-        without) and the queue receives the gathered momentum features."""
+        ALBEF (models/model_pretrain.py): ``sim_i2t = image_feat @ [text_feat_m; text_queue]ᵀ / τ`` and
+        the mirror for text->image, with targets α·softmax(momentum sims / τ) + (1-α)·one-hot. The
+        keys are momentum features (no gradient), so the gradient reaches the online towers through
+        their own rows only. Under torchrun the batch keys are every rank's momentum features
+        (``concat_all_gather``, no gradient; ALBEF itself scores against the local batch's and gathers
+        only into the queue), image i's positive sits at column rank·B + i, and the queue receives the
+        gathered momentum features, as in ALBEF."""
         image, text = self.embed_images(fwd), self.embed_texts(fwd)
         image_m, text_m = self.momentum_features(fwd)
-        rank, size = world()
-        all_images, all_texts = image, text
-        if size > 1:
-            all_images, all_texts = gather_with_grad(image), gather_with_grad(text)
-        all_images_m, all_texts_m = concat_all_gather(image_m), concat_all_gather(text_m)
+        rank, _ = world()
+        batch_keys_img, batch_keys_txt = concat_all_gather(image_m), concat_all_gather(text_m)
+        keys_img, keys_txt = batch_keys_img, batch_keys_txt
         if self.queue_size > 0:
-            count = int(self.queue_count)
-            q_img = self.image_queue[:count].to(image.dtype)
-            q_txt = self.text_queue[:count].to(text.dtype)
-            all_images, all_texts = torch.cat([all_images, q_img]), torch.cat([all_texts, q_txt])
-            cols_img_m, cols_txt_m = torch.cat([all_images_m, q_img]), torch.cat([all_texts_m, q_txt])
-        else:
-            cols_img_m, cols_txt_m = all_images_m, all_texts_m
+            count = int(self.queue_count)  # ALBEF starts from a full queue of random features; this one fills up
+            keys_img = torch.cat([keys_img, self.image_queue[:count].to(keys_img.dtype)])
+            keys_txt = torch.cat([keys_txt, self.text_queue[:count].to(keys_txt.dtype)])
         b = image.shape[0]
         with torch.no_grad():
             tau = self.temperature.detach()
-            one_hot = torch.zeros(b, all_texts.shape[0], device=image.device)
-            one_hot[torch.arange(b, device=image.device), torch.arange(b, device=image.device) + rank * b] = 1
+            rows = torch.arange(b, device=image.device)
+            one_hot = torch.zeros(b, keys_txt.shape[0], device=image.device)
+            one_hot[rows, rows + rank * b] = 1
             alpha = self.alpha(batch)
-            t_i2t = alpha * F.softmax((image_m @ cols_txt_m.T).float() / tau, dim=1) + (1 - alpha) * one_hot
-            t_t2i = alpha * F.softmax((text_m @ cols_img_m.T).float() / tau, dim=1) + (1 - alpha) * one_hot
-        loss = queued_contrastive_loss(image, text, all_images, all_texts, self.temperature, t_i2t, t_t2i)
+            t_i2t = alpha * F.softmax((image_m @ keys_txt.T).float() / tau, dim=1) + (1 - alpha) * one_hot
+            t_t2i = alpha * F.softmax((text_m @ keys_img.T).float() / tau, dim=1) + (1 - alpha) * one_hot
+        loss = queued_contrastive_loss(image, text, keys_img, keys_txt, self.temperature, t_i2t, t_t2i)
         if self.queue_size > 0 and self.training:
-            self._enqueue(all_images_m, all_texts_m)
+            self._enqueue(batch_keys_img, batch_keys_txt)
         return loss
 
     @property
@@ -450,8 +452,10 @@ def build(params: ITCParams, inputs: dict, ctx: ports.BuildContext) -> ITC:
     With `momentum` (ALBEF: 0.995) the node owns EMA copies of both towers and projections (in its
     state_dict, no gradient), updated at the start of each training forward; 'itc' then uses targets
     α·softmax(momentum sims / τ) + (1-α)·one-hot per direction, α = distill_alpha ramped from 0 over
-    `alpha_ramp_epochs`. With `queue_size` > 0 the last queue_size momentum features (a checkpointed
-    ring buffer, enqueued after the loss) are extra columns. Off by default.
+    `alpha_ramp_epochs`, and the online features are scored against the *momentum* features of the
+    batch (gathered from every rank, no gradient), as in ALBEF, not against the online ones. With
+    `queue_size` > 0 the last queue_size momentum features (a checkpointed ring buffer, enqueued after
+    the loss) follow the batch as extra columns. Off by default.
 
     With a `mixer` wired: after 'itc', mixer.mix(fwd, batch, self) returns None (no mixing this step)
     or a MixedBatch; its images run through the image tower (batch key ``mixed_images/<node>``) and
