@@ -49,6 +49,27 @@ the same text form (numbers as ``repr(float(v))``, bools 'true'/'false', lists/d
 column's type therefore only ever changes once, from DOUBLE/BOOLEAN to VARCHAR; the ``params`` JSON
 column always keeps the exact resolved values.
 
+Runners, claims and heartbeats
+------------------------------
+``runs.status`` is one of queued, running, completed, failed, interrupted (a signal stopped the
+trial at a checkpoint; the same command resumes it). A trial being run is claimed by one runner:
+``runs.owner`` (``host:pid:token``) and ``runs.heartbeat_at``, which that runner renews every few
+seconds and with every metrics batch. ``claim`` grants a trial in one write transaction when it has
+no owner, is the caller's, or its owner's heartbeat is older than the lease (``$VLPGRAPH_LEASE_S``,
+default 60 s: that runner is dead); finish_run and release clear the owner. Readers show a
+``running`` run whose heartbeat (else its last update) is older than the lease as ``stale`` - its
+process died without a word (SIGKILL, a lost node) - without writing anything (shown_status,
+status_sql).
+
+Evaluations and their evaluator's version
+-----------------------------------------
+``evals.evaluator_hash`` is the content hash of the evaluator node that wrote the row (its kind,
+params and inputs' hashes). ``log_evaluation`` writes one evaluator's result at one step and deletes
+whatever that evaluator had at that step first (evals and patch_scores, one transaction), so an
+edited evaluator's rows never sit beside its older version's. ``completed_evals(run, hashes)``
+counts an evaluation as done only when its rows carry the hash asked for (rows from before the
+column have none and count as not done for that purpose).
+
 Keys and idempotence
 --------------------
 ``runs``: run_id (upsert; a resumed run keeps its row). ``metrics``: (run_id, step, name).
