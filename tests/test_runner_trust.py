@@ -66,6 +66,7 @@ def test_edited_evaluator_is_evaluated_again_without_retraining(tmp_path, capsys
     assert {"i2t_r1", "i2t_r2", "i2t_r3", "t2i_r3"} <= metrics
     assert not metrics & {"i2t_r5", "i2t_r10", "t2i_r5", "t2i_r10"}  # no old row beside the new ones
     assert {r["evaluator_hash"] for r in evals} == {new_hash}
+    assert after["retrieval.ks"] == "[1, 2, 3]" and after["status"] == "completed"  # the document follows
     values = final_values(exp, store)[rid]
     assert "retrieval.i2t_r2" in values and "retrieval.i2t_r10" not in values
     # now it is current: a third run skips it

@@ -148,7 +148,7 @@ class Runner:
                     if self._stopping():
                         break
                     i = number[trial.run_id]
-                    row = self._claim(trial)
+                    row = self._claim(exp, trial)
                     if row.get("held"):
                         held[trial.run_id] = row
                         continue
@@ -197,7 +197,7 @@ class Runner:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
 
-    def _claim(self, trial: Trial) -> dict:
+    def _claim(self, exp: Experiment, trial: Trial) -> dict:
         """What this runner may do with a trial, decided by rank 0 and shared with every rank:
         {"held": True, owner, age} when a live runner holds it; else its row's status, step, wall_s,
         ``missing`` (the evaluators to run on a completed trial) and ``claimed`` (False for a trial
@@ -205,6 +205,8 @@ class Runner:
         row: dict = {}
         if self.rank == 0:
             row = self.store.run(trial.run_id) or {}
+            if not row:  # deleted since it was queued (a claim needs a row)
+                self._start(exp, trial, status="queued", if_absent=True)
             if row.get("status") == "completed":
                 row["missing"] = self._evals_missing(trial, row)
             row["claimed"] = not (row.get("status") == "completed" and not row["missing"])
@@ -307,6 +309,8 @@ class Runner:
             if status == "completed":  # only evaluators added or edited since: run them on the final checkpoint
                 ckpt.load_weights(plan.model.modules)
                 metrics = self._evaluate(plan, int(run["step"]), only=missing_evals)
+                if self.rank == 0:  # the run's document now names the evaluators its evaluations came from
+                    self.store.set_document(trial.run_id, trial.document(), trial.flat_params())
                 self._barrier()
                 return TrialOutcome(trial, "completed", wall_s=run.get("wall_s") or 0.0, metrics=metrics)
             result = fit(plan.model, trial.seed, ckpt, self._hooks(plan, progress, task))

@@ -648,31 +648,15 @@ class Store:
         now = _now()
         running = status == "running"
         with self._writing() as con:
-            columns = self._column_types(con, "runs")
-            # 1. make sure every param has a column of a type that can hold its value
-            param_cols: list[tuple[str, Any]] = []
-            for name, raw in flat_params.items():
-                kind = _param_kind(raw)
-                existing = columns.get(name.lower())
-                if existing is None:
-                    if kind is None:
-                        continue
-                    con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {quote_ident(name)} {kind}")
-                    existing = columns[name.lower()] = (name, kind)
-                col, col_type = existing
-                if kind is not None and kind != col_type and col_type != "VARCHAR":
-                    con.execute(f"ALTER TABLE runs ALTER COLUMN {quote_ident(col)} TYPE VARCHAR")
-                    col_type = "VARCHAR"
-                    columns[name.lower()] = (col, col_type)
-                param_cols.append((col, _param_value(raw, col_type)))
+            exists = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            if exists and if_absent:
+                return
+            param_cols = self._param_columns(con, flat_params)  # 1. columns that can hold every param
             # 2. upsert the row
             core = {
                 "graph": graph, "variant": variant, "seed": _int_or_none(seed), "params": params_json,
                 "status": status, "device": device, "vlpgraph_version": __version__, "updated_at": now,
             }
-            exists = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
-            if exists and if_absent:
-                return
             if exists:
                 sets = [f"{quote_ident(k)} = ?" for k in core] + [f"{quote_ident(c)} = ?" for c, _ in param_cols]
                 values = list(core.values()) + [v for _, v in param_cols]
@@ -689,6 +673,41 @@ class Store:
                 con.execute(
                     f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(values))})", values
                 )
+
+    def _param_columns(self, con, flat_params: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """Make sure every param has a column of a type that can hold its value (adding or widening
+        columns); returns (column, value to store) pairs."""
+        columns = self._column_types(con, "runs")
+        param_cols: list[tuple[str, Any]] = []
+        for name, raw in flat_params.items():
+            kind = _param_kind(raw)
+            existing = columns.get(name.lower())
+            if existing is None:
+                if kind is None:
+                    continue
+                con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {quote_ident(name)} {kind}")
+                existing = columns[name.lower()] = (name, kind)
+            col, col_type = existing
+            if kind is not None and kind != col_type and col_type != "VARCHAR":
+                con.execute(f"ALTER TABLE runs ALTER COLUMN {quote_ident(col)} TYPE VARCHAR")
+                col_type = "VARCHAR"
+                columns[name.lower()] = (col, col_type)
+            param_cols.append((col, _param_value(raw, col_type)))
+        return param_cols
+
+    def set_document(self, run_id: str, params: Mapping[str, Any], flat_params: Mapping[str, Any]) -> None:
+        """Replace a run's resolved trial document and param columns, nothing else (its status and
+        timings stay): a completed trial re-evaluated by an edited evaluator records the graph that
+        produced its current evaluations."""
+        validate_run_id(run_id)
+        for name in flat_params:
+            if not isinstance(name, str) or len(name) > 128 or not PARAM_COLUMN_RE.fullmatch(name):
+                raise ValueError(f"invalid flattened param name {name!r}: expected node.param")
+        with self._writing() as con:
+            param_cols = self._param_columns(con, flat_params)
+            sets = ["params = ?", "updated_at = ?"] + [f"{quote_ident(c)} = ?" for c, _ in param_cols]
+            con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?",
+                        [_json(params), _now()] + [v for _, v in param_cols] + [run_id])
 
     def finish_run(
         self,
