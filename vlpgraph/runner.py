@@ -180,7 +180,7 @@ class Runner:
     def _stopping(self) -> bool:
         """Whether any rank was asked to stop (all ranks agree, so they leave the sweep together)."""
         if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([1 if self.stop_signal else 0])
+            flag = torch.tensor([1 if self.stop_signal else 0], device=self.device)  # nccl needs it on the GPU
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             return bool(flag.item())
         return self.stop_signal is not None
