@@ -2,18 +2,20 @@
 
 Caching: a query's result is cached under (store path, store version, arguments); the version is
 the size and mtime of the DuckDB file and its WAL (Store.version(), a stat call), so a page re-run
-after nothing changed costs no query, and one after a sweep wrote something sees the new rows.
+after nothing changed costs no query, and one after a sweep wrote something sees the new rows; a
+quarter-lease clock is part of the key too, so a run whose runner died shows as stale.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import streamlit as st
 
 from vlpgraph import analysis
-from vlpgraph.store import Store, default_root
+from vlpgraph.store import Store, default_root, lease_s
 
 ALL_GRAPHS = "(all graphs)"
 
@@ -31,7 +33,10 @@ def q(name: str, *args: Any, **kwargs: Any) -> Any:
     """analysis.<name>(store, *args, **kwargs), cached per store version (arguments must be hashable
     or plain lists/tuples/dicts)."""
     s = store()
-    return _query(name, str(s.root), s.version(), tuple(args), tuple(sorted(kwargs.items())))
+    # A runner that dies changes nothing in the store, yet its runs must turn 'stale' once the lease
+    # passes: the key also changes every quarter lease, so a page re-run then reads again.
+    tick = int(time.time() // (lease_s() / 4))
+    return _query(name, str(s.root), (*s.version(), tick), tuple(args), tuple(sorted(kwargs.items())))
 
 
 def sidebar() -> None:

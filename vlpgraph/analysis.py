@@ -10,6 +10,12 @@ the app itself never builds a query. Rules they keep:
   DuckDB's catalog) and is then quoted; anything else is a :class:`~vlpgraph.errors.UserError`.
 - Nothing here imports torch or the node registry: the app starts in about a second.
 
+Runs are read with the status a reader should see: a ``running`` run whose runner gave no sign of
+life for longer than the lease (runs.heartbeat_at, $VLPGRAPH_LEASE_S) reads as ``stale`` everywhere
+here, in filters too. Evaluations are read as their current version: when an evaluator was edited
+and a trial re-evaluated, the rows an older version wrote at other steps (runs.evaluator_hash
+differs from that of the evaluator's latest evaluation of the run) are left out.
+
 Filters are tuples ``(column, op, value)`` (hashable, so the app can cache on them); the operators
 and how each becomes SQL are vlpgraph.store.filter_clause's (``in``, ``contains``, ``between``,
 ``=``, ``!=``, ``>=``, ``<=``), shared with Store.runs(where=...).
@@ -25,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from vlpgraph.errors import UserError, did_you_mean
-from vlpgraph.store import Store, filter_clause, quote_ident, validate_run_id
+from vlpgraph.store import STALE, STATUSES, Store, filter_clause, lease_cutoff, quote_ident, status_sql, validate_run_id
 
 Filter = tuple[str, str, Any]
 # Core columns the runs page shows before the swept params.
@@ -69,6 +75,24 @@ def where_sql(columns: dict[str, tuple[str, str]], filters: Iterable[Filter], al
     return "".join(f" AND {c}" for c in clauses), values
 
 
+def _runs(con, alias: str = "r") -> str:
+    """``runs`` as readers see it (FROM clause text): status 'stale' for a running run whose runner
+    fell silent longer than the lease (see vlpgraph.store.shown_status)."""
+    status = status_sql(Store._column_types(con, "runs"), "runs", lease_cutoff())
+    return f"(SELECT * REPLACE ({status} AS status) FROM runs) {alias}"
+
+
+def _evals(con) -> str:
+    """``evals`` without the rows an older version of an evaluator wrote (FROM clause text, alias e):
+    an evaluator's rows of a run are those with the hash of its latest evaluation of that run (rows
+    without a hash, from stores older than the column, are kept)."""
+    if "evaluator_hash" not in Store._column_types(con, "evals"):
+        return "evals e"
+    return ("(SELECT x.* FROM evals x JOIN (SELECT run_id, evaluator, arg_max(evaluator_hash, step) AS h FROM evals "
+            "GROUP BY run_id, evaluator) c ON c.run_id = x.run_id AND c.evaluator = x.evaluator "
+            "WHERE x.evaluator_hash IS NULL OR c.h IS NULL OR x.evaluator_hash = c.h) e")
+
+
 def _df(con, sql: str, values: Sequence[Any] = ()) -> pd.DataFrame:
     return con.execute(sql, list(values)).df()
 
@@ -78,8 +102,8 @@ def _df(con, sql: str, values: Sequence[Any] = ()) -> pd.DataFrame:
 
 def overview(store: Store) -> dict[str, Any]:
     """Counts by graph and status, newest graph first (one small query)."""
-    rows = store.query(
-        "SELECT graph, status, count(*) AS n, max(created_at) AS newest FROM runs GROUP BY graph, status")
+    rows = store._read(lambda con: [dict(zip(("graph", "status", "n", "newest"), row)) for row in con.execute(
+        f"SELECT graph, status, count(*) AS n, max(created_at) AS newest FROM {_runs(con)} GROUP BY graph, status").fetchall()])
     graphs: dict[str, dict[str, Any]] = {}
     for r in rows:
         g = graphs.setdefault(r["graph"], {"graph": r["graph"], "runs": 0, "newest": r["newest"]})
@@ -89,7 +113,7 @@ def overview(store: Store) -> dict[str, Any]:
             g["newest"] = r["newest"]
     ordered = sorted(graphs.values(), key=lambda g: (g["newest"] is not None, g["newest"]), reverse=True)
     return {"runs": sum(g["runs"] for g in ordered), "graphs": ordered,
-            "status": {s: sum(g.get(s, 0) for g in ordered) for s in ("queued", "running", "completed", "failed")}}
+            "status": {s: sum(g.get(s, 0) for g in ordered) for s in (*STATUSES, STALE)}}
 
 
 def filter_columns(store: Store) -> dict[str, str]:
@@ -109,7 +133,7 @@ def distinct_values(store: Store, columns: Sequence[str], filters: Sequence[Filt
         out: dict[str, list | None] = {}
         for c in columns:
             ident = quote_ident(_column(cols, c)[0])
-            rows = con.execute(f"SELECT DISTINCT r.{ident} FROM runs r WHERE TRUE{where} ORDER BY 1 NULLS LAST "
+            rows = con.execute(f"SELECT DISTINCT r.{ident} FROM {_runs(con)} WHERE TRUE{where} ORDER BY 1 NULLS LAST "
                                f"LIMIT {int(limit) + 1}", values).fetchall()
             out[c] = None if len(rows) > limit else [v for (v,) in rows]
         return out
@@ -128,7 +152,7 @@ def swept_columns(store: Store, filters: Sequence[Filter] = ()) -> list[str]:
         # min != max is "more than one non-null value", ~10x cheaper than count(DISTINCT) per column
         varies = con.execute(
             "SELECT " + ", ".join(f"min(r.{quote_ident(p)}) IS DISTINCT FROM max(r.{quote_ident(p)})" for p in params)
-            + f" FROM runs r WHERE TRUE{where}", values).fetchone()
+            + f" FROM {_runs(con)} WHERE TRUE{where}", values).fetchone()
         return [p for p, v in zip(params, varies) if v]
     return store._read(q)
 
@@ -143,7 +167,7 @@ def eval_metrics(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
         flag = "bool_or(coalesce(e.headline, FALSE))" if has_flag else "FALSE"
         return _df(con, f"SELECT e.evaluator || '.' || e.metric AS name, {flag} AS headline, "
                         "count(DISTINCT e.run_id) AS runs "
-                        f"FROM evals e JOIN runs r ON r.run_id = e.run_id WHERE TRUE{where} "
+                        f"FROM {_evals(con)} JOIN {_runs(con)} ON r.run_id = e.run_id WHERE TRUE{where} "
                         f"GROUP BY 1 ORDER BY 1", values)
     return store._read(q)
 
@@ -188,7 +212,7 @@ def runs_table(store: Store, filters: Sequence[Filter] = (), metrics: Sequence[s
         shown = [quote_ident(_column(cols, c)[0]) for c in (*RUN_COLUMNS, *params, *RUN_TAIL_COLUMNS)]
         select = ", ".join(f"r.{c}" for c in shown)
         if not metrics:
-            return _df(con, f"SELECT {select} FROM runs r WHERE TRUE{where} ORDER BY r.created_at, r.run_id", values)
+            return _df(con, f"SELECT {select} FROM {_runs(con)} WHERE TRUE{where} ORDER BY r.created_at, r.run_id", values)
         if mode == "best":
             value = ("CASE WHEN " + " OR ".join(f"contains(name, '{w}')" for w in LOWER_IS_BETTER)
                      + " THEN min(value) ELSE max(value) END")
@@ -197,8 +221,8 @@ def runs_table(store: Store, filters: Sequence[Filter] = (), metrics: Sequence[s
         step_clause = " AND e.step <= ?" if mode == "step" else ""
         pivots = ", ".join(f"max(a.v) FILTER (WHERE a.name = ?) AS {quote_ident(m)}" for m in metrics)
         sql = (
-            f"WITH sel AS (SELECT {select} FROM runs r WHERE TRUE{where}), "
-            "e AS (SELECT e.run_id, e.evaluator || '.' || e.metric AS name, e.step, e.value FROM evals e "
+            f"WITH sel AS (SELECT {select} FROM {_runs(con)} WHERE TRUE{where}), "
+            f"e AS (SELECT e.run_id, e.evaluator || '.' || e.metric AS name, e.step, e.value FROM {_evals(con)} "
             "      WHERE e.run_id IN (SELECT run_id FROM sel) "
             f"      AND e.evaluator || '.' || e.metric IN (SELECT unnest(?::VARCHAR[])){step_clause}), "
             f"a AS (SELECT run_id, name, {value} AS v FROM e GROUP BY run_id, name) "
@@ -431,7 +455,7 @@ def patch_runs(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
         return _df(con, "SELECT p.run_id, p.evaluator, p.kind, max(p.step) AS step, count(DISTINCT p.sample_id) AS samples, "
                         "any_value(r.graph) AS graph, any_value(r.variant) AS variant, any_value(r.seed) AS seed, "
                         "any_value(r.created_at) AS created_at "
-                        f"FROM patch_scores p JOIN runs r ON r.run_id = p.run_id WHERE TRUE{where} "
+                        f"FROM patch_scores p JOIN {_runs(con)} ON r.run_id = p.run_id WHERE TRUE{where} "
                         "GROUP BY p.run_id, p.evaluator, p.kind ORDER BY created_at, p.run_id, p.evaluator, p.kind",
                    values)
     return store._read(q)
@@ -496,6 +520,6 @@ def graph_runs(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
     """Runs to draw the graph of: run_id, graph, variant, seed (newest first)."""
     def q(con):
         where, values = where_sql(_runs_columns(con), filters)
-        return _df(con, f"SELECT r.run_id, r.graph, r.variant, r.seed FROM runs r WHERE TRUE{where} "
+        return _df(con, f"SELECT r.run_id, r.graph, r.variant, r.seed FROM {_runs(con)} WHERE TRUE{where} "
                         "ORDER BY r.created_at DESC, r.run_id", values)
     return store._read(q)

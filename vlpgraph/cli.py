@@ -1,9 +1,11 @@
 """The command line (DESIGN §7): parse arguments, call the library, map errors to exit codes.
 
 Exit codes: 0 every trial completed; 1 some trial failed (the others still ran); 2 user error
-(bad graph, bad argument, bad data, a ``--store`` that is a file; for ``runs`` and ``report`` also a
-store that does not exist, an unknown ``--graph`` or ``--metric``, or a report none of whose trials is
-in the store), printed as one line per problem without a traceback unless ``--debug``.
+(bad graph, bad argument, bad data found before any trial ran, a ``--store`` that is a file; for ``runs``
+and ``report`` also a store that does not exist, an unknown ``--graph`` or ``--metric``, or a report none
+of whose trials is in the store), printed as one line per problem without a traceback unless
+``--debug``; 130 / 143 `run` stopped by SIGINT / SIGTERM (the trial it was training is recorded as
+interrupted at a checkpoint; the same command resumes).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def _load(args):
 
 
 def cmd_run(args, out: Console, err: Console) -> int:
-    from vlpgraph.runner import Runner, init_distributed, resolve_device, shutdown_distributed, trial_label
+    from vlpgraph.runner import (Runner, exit_code, init_distributed, resolve_device, shutdown_distributed,
+                                 stop_on_signals, trial_label)
     from vlpgraph.store import Store
 
     exp = _load(args)
@@ -99,18 +102,31 @@ def cmd_run(args, out: Console, err: Console) -> int:
 
         for line in data_changes(exp, store):  # edited data: say why trials that ran before train again
             err.print(line, highlight=False, markup=False)
+    runner = Runner(store, device, err, rank=rank)
     try:
-        outcomes = Runner(store, device, err, rank=rank).run(exp)
+        with stop_on_signals(runner):  # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
+            outcomes = runner.run(exp)
     finally:
         shutdown_distributed()
-    failed = [o for o in outcomes if o.status == "failed"]
-    done = len(outcomes) - len(failed)
+    by_status = {s: [o for o in outcomes if o.status == s] for s in ("failed", "interrupted")}
+    failed, interrupted = by_status["failed"], by_status["interrupted"]
+    done = sum(o.status in ("completed", "skipped") for o in outcomes)
     if rank == 0:
-        err.print(f"{done}/{len(outcomes)} trial(s) completed, {len(failed)} failed; results in {store.db_path}", highlight=False)
+        not_run = len(exp.trials) - len(outcomes)
+        err.print(f"{done}/{len(exp.trials)} trial(s) completed, {len(failed)} failed"
+                  + (f", {len(interrupted)} interrupted" if interrupted else "")
+                  + (f", {not_run} not run" if not_run else "") + f"; results in {store.db_path}", highlight=False)
+        again = " ".join(["vlpgraph run", args.graph] + [f"--set {s}" for s in args.set or []]
+                         + ([f"--profile {args.profile}"] if args.profile else []) + ([f"--store {args.store}"] if args.store else []))
+        for o in failed:
+            err.print(f"  failed: {trial_label(o.trial)} ({o.trial.run_id}): {(o.error or '').splitlines()[0]}", highlight=False)
         if failed:
-            again = " ".join(["vlpgraph run", args.graph] + [f"--set {s}" for s in args.set or []]
-                             + ([f"--profile {args.profile}"] if args.profile else []) + ([f"--store {args.store}"] if args.store else []))
-            err.print(f"failed trials are retried, and completed ones skipped, by running again: {again}", highlight=False)
+            err.print("running again retries the failed trials (completed ones are skipped), but a failure that does not "
+                      f"depend on chance fails the same way until the graph or the data changes: {again}", highlight=False)
+        if runner.stop_signal:
+            err.print(f"stopped by {runner.stop_signal}; the same command resumes: {again}", highlight=False)
+    if runner.stop_signal and (interrupted or len(outcomes) < len(exp.trials)):
+        return exit_code(runner.stop_signal)
     return 1 if failed else 0
 
 
@@ -209,9 +225,13 @@ def cmd_runs(args, out: Console, err: Console) -> int:
     from collections import Counter
 
     from vlpgraph.errors import did_you_mean
+    from vlpgraph.store import lease_cutoff, shown_status
 
     store = _existing_store(args)
     every = store.runs()
+    cutoff = lease_cutoff()
+    for r in every:  # stale: running, but its runner fell silent for longer than the lease
+        r["status"] = shown_status(r, cutoff)
     if not every:
         out.print(f"no runs in {store.root} yet: try `vlpgraph run graphs/smoke.yaml`", highlight=False)
         return 0
@@ -325,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("runs", help="list the runs in the store")
     store_arg(sp)
     sp.add_argument("--graph", help="only runs of this graph name")
-    sp.add_argument("--status", choices=["queued", "running", "completed", "failed"])
+    sp.add_argument("--status", choices=["queued", "running", "stale", "completed", "failed", "interrupted"],
+                    help="stale: marked running, but its runner gave no sign of life for longer than the lease "
+                         "($VLPGRAPH_LEASE_S, default 60 s): it died without a word (SIGKILL, a lost node)")
     sp.set_defaults(fn=cmd_runs)
 
     sp = sub.add_parser("report", help="a metric by variant x varied param, mean ± std over seeds")

@@ -51,13 +51,21 @@ def default_metrics(exp: Experiment) -> list[str]:
 
 
 def final_values(exp: Experiment, store: Store) -> dict[str, dict[str, float]]:
-    """run_id -> {"evaluator.metric": value at the run's final step} for completed runs."""
+    """run_id -> {"evaluator.metric": value at the run's final step} for completed runs.
+
+    Only rows the evaluator as it is in this graph wrote count: a row whose evaluator_hash differs
+    from the node's hash now (the evaluator was edited and the trial not re-run since) is left out;
+    a row without a hash (a store older than the column) is kept, as nothing says it is stale."""
     ids = [t.run_id for t in exp.trials]
     runs = {r["run_id"]: r for r in store.runs() if r["run_id"] in set(ids)}
+    current = {t.run_id: {n: t.graph.nodes[n].hash for n in t.graph.by_role("evaluator")} for t in exp.trials}
     out: dict[str, dict[str, float]] = defaultdict(dict)
     for row in store.evals(run_ids=ids):
         run = runs.get(row["run_id"])
         if run is None or run.get("status") != "completed" or row["step"] != run.get("step"):
+            continue
+        found = row.get("evaluator_hash")
+        if found is not None and found != current[row["run_id"]].get(row["evaluator"]):
             continue
         out[row["run_id"]][f"{row['evaluator']}.{row['metric']}"] = row["value"]
     for rid, run in runs.items():

@@ -1,12 +1,32 @@
-"""Run an Experiment's trials one after another into a Store: skip what is done, resume what was
-interrupted, record what fails and go on. Only rank 0 writes (under torchrun every rank trains)."""
+"""Run an Experiment's trials into a Store: skip what is done, resume what was interrupted, record
+what fails and go on. Only rank 0 writes (under torchrun every rank trains; rank 0 decides and the
+others follow its decisions).
+
+Several runners may share one store (two terminals, several cluster jobs with the same command): a
+trial is *claimed* by one live runner (runs.owner, Store.claim), which keeps its claim alive with a
+heartbeat (runs.heartbeat_at, written every few seconds by a thread and with every metrics batch).
+The others take the next unclaimed trial, and when only trials claimed by live runners remain they
+wait for them; a claim whose heartbeat is older than the lease ($VLPGRAPH_LEASE_S, default 60 s) is
+taken over and the trial resumes from its checkpoint.
+
+A stop request (``request_stop``, which the command line's SIGTERM/SIGINT handler calls) makes the
+training loop checkpoint after its current step and raise Interrupted; the trial is recorded as
+``interrupted`` and the remaining trials are left for the next run.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import signal
+import socket
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -14,9 +34,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vlpgraph.compile import Plan, compile_trial
-from vlpgraph.errors import TrialFailed, UserError
+from vlpgraph.errors import Interrupted, TrialFailed, UserError
 from vlpgraph.ports import BuildContext
-from vlpgraph.store import Store
+from vlpgraph.store import Store, lease_s
 from vlpgraph.sweep import Experiment, Trial
 from vlpgraph.train import Checkpointer, Hooks, fit
 
@@ -24,7 +44,7 @@ from vlpgraph.train import Checkpointer, Hooks, fit
 @dataclass
 class TrialOutcome:
     trial: Trial
-    status: str  # completed | failed | skipped
+    status: str  # completed | failed | skipped | interrupted
     wall_s: float = 0.0
     error: str | None = None
     metrics: dict[str, float] | None = None
@@ -56,6 +76,21 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _dead_owner(owner: str | None) -> str | None:
+    """``owner`` if it names a process of this host that no longer exists (its claim is dead
+    without waiting for the lease: a rerun after a crash or SIGKILL starts at once), else None."""
+    try:
+        host, pid, _ = (owner or "").split(":")
+        if host != socket.gethostname() or int(pid) == os.getpid():
+            return None
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return owner
+    except (ValueError, OSError):  # not ours to judge (another host, a malformed owner, no permission)
+        return None
+    return None
+
+
 def trial_label(trial: Trial) -> str:
     grid = " ".join(f"{k}={v}" for k, v in trial.grid.items())
     return f"{trial.variant} {grid} seed={trial.seed}".replace("  ", " ")
@@ -67,15 +102,32 @@ class Runner:
         self.device = device
         self.console = console or Console(stderr=True)
         self.rank = rank
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease = lease_s()
+        self.heartbeat_every = min(10.0, self.lease / 4)  # several beats per lease: one late beat is no death
+        self.stop_signal: str | None = None  # set by request_stop (a signal handler)
 
     # ---------------------------------------------------------------------------------- public
 
+    def request_stop(self, reason: str) -> None:
+        """Ask the run to stop: the training loop checkpoints after its current step and leaves, and
+        no further trial starts. Safe to call from a signal handler (sets a flag, writes one line)."""
+        if self.stop_signal is None and self.rank == 0:
+            os.write(2, f"\nvlpgraph: {reason}: stopping after the current step (a checkpoint is saved; "
+                        f"the same command resumes). Send it again to stop at once.\n".encode())
+        self.stop_signal = self.stop_signal or reason
+
     def run(self, exp: Experiment) -> list[TrialOutcome]:
+        """Run every trial not yet done (in file order, skipping those other live runners hold,
+        then waiting for them); returns one outcome per trial this runner finished or skipped, in
+        the order they ended. Stops early (without an outcome for the rest) after request_stop."""
         n = len(exp.trials)
         if self.rank == 0:
             for t in exp.trials:
-                if self.store.status(t.run_id) is None:
-                    self._start(exp, t, status="queued")
+                self._start(exp, t, status="queued", if_absent=True)
+        number = {t.run_id: i for i, t in enumerate(exp.trials, 1)}
+        pending = list(exp.trials)
+        announced: dict[str, str] = {}  # run_id -> the owner we said we wait for
         outcomes: list[TrialOutcome] = []
         with Progress(
             TextColumn("[bold]trial {task.fields[trial]}"),
@@ -90,18 +142,122 @@ class Runner:
             transient=False,
             disable=self.rank != 0,
         ) as progress:
-            for i, trial in enumerate(exp.trials, 1):
-                task = progress.add_task("", total=None, trial=f"{i}/{n}", loss="-", sps="-")
-                outcome = self._run_one(exp, trial, progress, task)
-                progress.update(task, visible=False)
-                outcomes.append(outcome)
-                if self.rank == 0:
-                    self._print_outcome(i, n, outcome)
+            while pending and not self._stopping():
+                held: dict[str, dict] = {}
+                for trial in list(pending):
+                    if self._stopping():
+                        break
+                    i = number[trial.run_id]
+                    row = self._claim(exp, trial)
+                    if row.get("held"):
+                        held[trial.run_id] = row
+                        continue
+                    pending.remove(trial)
+                    if not row["claimed"]:
+                        outcome = TrialOutcome(trial, "skipped", wall_s=row.get("wall_s") or 0.0)
+                    else:
+                        task = progress.add_task("", total=None, trial=f"{i}/{n}", loss="-", sps="-")
+                        outcome = self._run_claimed(exp, trial, row, progress, task)
+                        progress.update(task, visible=False)
+                    outcomes.append(outcome)
+                    if self.rank == 0:
+                        self._print_outcome(i, n, outcome)
+                if pending and len(held) == len(pending) and not self._stopping():
+                    for trial in pending:  # every trial left runs elsewhere: wait for them
+                        row = held[trial.run_id]
+                        if announced.get(trial.run_id) != row["owner"]:
+                            announced[trial.run_id] = row["owner"]
+                            self._log(f"waiting for trial {number[trial.run_id]}/{n} {trial_label(trial)} "
+                                      f"({trial.run_id}): another runner holds it ({row['owner']}, alive "
+                                      f"{row['age']:.0f}s ago; taken over if silent for {self.lease:.0f}s)")
+                    time.sleep(min(2.0, self.lease / 4))
+        if pending and self.rank == 0:
+            self._log(f"stopped: {len(pending)} trial(s) not run; the same command runs them")
         return outcomes
+
+    # ------------------------------------------------------------------------------ coordination
+
+    def _stopping(self) -> bool:
+        """Whether any rank was asked to stop (all ranks agree, so they leave the sweep together)."""
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([1 if self.stop_signal else 0], device=self.device)  # nccl needs it on the GPU
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item())
+        return self.stop_signal is not None
+
+    def _from_rank0(self, value):
+        """Rank 0's value on every rank (the store decisions are rank 0's alone)."""
+        if dist.is_available() and dist.is_initialized():
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return value
+
+    def _barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def _claim(self, exp: Experiment, trial: Trial) -> dict:
+        """What this runner may do with a trial, decided by rank 0 and shared with every rank:
+        {"held": True, owner, age} when a live runner holds it; else its row's status, step, wall_s,
+        ``missing`` (the evaluators to run on a completed trial) and ``claimed`` (False for a trial
+        with nothing left to do, which is not claimed: no write)."""
+        row: dict = {}
+        if self.rank == 0:
+            row = self.store.run(trial.run_id) or {}
+            if not row:  # deleted since it was queued (a claim needs a row)
+                self._start(exp, trial, status="queued", if_absent=True)
+            if row.get("status") == "completed":
+                row["missing"] = self._evals_missing(trial, row)
+            row["claimed"] = not (row.get("status") == "completed" and not row["missing"])
+            if row["claimed"]:
+                granted, fresh = self.store.claim(trial.run_id, self.owner, self.lease, dead_owner=_dead_owner(row.get("owner")))
+                fresh = dict(fresh or {})
+                if not granted:
+                    seen = fresh.get("heartbeat_at") or fresh.get("updated_at")
+                    now = datetime.now(timezone.utc).replace(tzinfo=None)
+                    row = {"held": True, "owner": fresh.get("owner"),
+                           "age": max((now - seen).total_seconds(), 0.0) if seen else 0.0}
+                elif (fresh.get("status"), fresh.get("step")) != (row.get("status"), row.get("step")):
+                    # another runner got further between our read and our claim: look again
+                    fresh["missing"] = self._evals_missing(trial, fresh) if fresh.get("status") == "completed" else None
+                    fresh["claimed"] = True
+                    row = fresh
+            row = {k: v for k, v in row.items() if k in ("held", "owner", "age", "status", "step", "wall_s", "missing", "claimed")}
+        return self._from_rank0(row)
+
+    @contextmanager
+    def _heartbeat(self, run_id: str) -> Iterator[None]:
+        """While the block runs, a daemon thread renews this runner's claim on the trial every few
+        seconds (rank 0 only); it warns once if another runner took the trial over."""
+        if self.rank != 0:
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            warned = False
+            while not done.wait(self.heartbeat_every):
+                try:
+                    held = self.store.heartbeat(run_id, self.owner)
+                except Exception:  # noqa: BLE001 - a busy store delays one beat; the next one retries
+                    continue
+                if not held and not warned:
+                    warned = True
+                    self._log(f"warning: another runner took over {run_id} (this one was silent for longer "
+                              f"than the lease, {self.lease:.0f}s); both are now running it")
+
+        thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     # --------------------------------------------------------------------------------- one trial
 
-    def _start(self, exp: Experiment, trial: Trial, status: str) -> None:
+    def _start(self, exp: Experiment, trial: Trial, status: str, if_absent: bool = False) -> None:
         self.store.start_run(
             trial.run_id,
             graph=exp.name,
@@ -111,20 +267,38 @@ class Runner:
             flat_params=trial.flat_params(),
             device=str(self.device),
             status=status,
+            if_absent=if_absent,
         )
 
     def _evals_missing(self, trial: Trial, run: dict | None) -> list[str]:
+        """The evaluators with no result at the run's final step written by the evaluator as it is
+        in this graph (new ones, and edited ones: another ks, prompt or scorer is another hash)."""
         names = trial.graph.by_role("evaluator")
         if not run or run.get("step") is None:
             return names
-        done = self.store.completed_evals(trial.run_id)
-        return [n for n in names if (n, int(run["step"])) not in done]
+        step = int(run["step"])
+        hashes = {n: trial.graph.nodes[n].hash for n in names}
+        done = self.store.completed_evals(trial.run_id, hashes)
+        missing = [n for n in names if (n, step) not in done]
+        if missing and run.get("status") == "completed":
+            present = self.store.completed_evals(trial.run_id)
+            changed = [n for n in missing if (n, step) in present]
+            if changed:
+                self._log(f"{trial.run_id}: evaluator(s) {', '.join(changed)} changed since step {step} was "
+                          "evaluated (or the store did not record which version ran): evaluating again")
+        return missing
 
-    def _run_one(self, exp: Experiment, trial: Trial, progress: Progress, task) -> TrialOutcome:
-        run = self.store.run(trial.run_id)
-        status = run["status"] if run else None
-        missing_evals = self._evals_missing(trial, run)
-        if status == "completed" and not missing_evals:
+    def _run_claimed(self, exp: Experiment, trial: Trial, run: dict, progress: Progress, task) -> TrialOutcome:
+        try:
+            with self._heartbeat(trial.run_id):
+                return self._run_one(exp, trial, run, progress, task)
+        finally:
+            if self.rank == 0:
+                self.store.release(trial.run_id, self.owner)
+
+    def _run_one(self, exp: Experiment, trial: Trial, run: dict, progress: Progress, task) -> TrialOutcome:
+        status, missing_evals = run.get("status"), run.get("missing")
+        if status == "completed" and not missing_evals:  # finished by another runner meanwhile
             return TrialOutcome(trial, "skipped", wall_s=run.get("wall_s") or 0.0)
         t0 = time.perf_counter()
         try:
@@ -132,9 +306,12 @@ class Runner:
                 self._start(exp, trial, status="running")
             plan = compile_trial(trial, self.store.root / "cache", self.device, log=self._log)
             ckpt = Checkpointer(self.store.run_dir(trial.run_id) / "checkpoints")
-            if status == "completed":  # only evaluators added since: run them on the final checkpoint
+            if status == "completed":  # only evaluators added or edited since: run them on the final checkpoint
                 ckpt.load_weights(plan.model.modules)
                 metrics = self._evaluate(plan, int(run["step"]), only=missing_evals)
+                if self.rank == 0:  # the run's document now names the evaluators its evaluations came from
+                    self.store.set_document(trial.run_id, trial.document(), trial.flat_params())
+                self._barrier()
                 return TrialOutcome(trial, "completed", wall_s=run.get("wall_s") or 0.0, metrics=metrics)
             result = fit(plan.model, trial.seed, ckpt, self._hooks(plan, progress, task))
             metrics = self._evaluate(plan, result.step)
@@ -142,21 +319,23 @@ class Runner:
                 self.store.finish_run(
                     trial.run_id, "completed", wall_s=result.wall_s, train_samples=result.train_samples, step=result.step
                 )
+            self._barrier()  # rank 0 evaluated alone: the others wait here, not in the next trial's collectives
             return TrialOutcome(trial, "completed", wall_s=result.wall_s, metrics=metrics)
-        except KeyboardInterrupt:
+        except Interrupted as e:
+            msg = f"interrupted by {self.stop_signal or e.signal_name} at step {e.step} (checkpoint saved; the same command resumes)"
             if self.rank == 0:
-                self.store.finish_run(trial.run_id, "failed", error="interrupted (run again to resume)")
+                self.store.finish_run(trial.run_id, "interrupted", error=msg, step=e.step)
+            return TrialOutcome(trial, "interrupted", wall_s=time.perf_counter() - t0, error=msg)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, from the last checkpoint on the next run
+            if self.rank == 0:
+                self.store.finish_run(trial.run_id, "interrupted",
+                                      error="interrupted at once by a second SIGINT (resumes from the last checkpoint)")
             raise
-        except UserError as e:
+        except Exception as e:  # noqa: BLE001 - a failing trial (even on a UserError) is recorded and the sweep goes on
+            user = isinstance(e, (TrialFailed, UserError))
+            msg = str(e) if user else f"{type(e).__name__}: {e}"
             if self.rank == 0:
-                self.store.finish_run(trial.run_id, "failed", error=str(e))
-            raise
-        except Exception as e:  # noqa: BLE001 - a failing trial is recorded and the sweep goes on
-            msg = str(e) if isinstance(e, TrialFailed) else f"{type(e).__name__}: {e}"
-            if self.rank == 0:
-                self.store.finish_run(
-                    trial.run_id, "failed", error=msg + ("" if isinstance(e, TrialFailed) else "\n" + traceback.format_exc())
-                )
+                self.store.finish_run(trial.run_id, "failed", error=msg + ("" if user else "\n" + traceback.format_exc()))
             return TrialOutcome(trial, "failed", wall_s=time.perf_counter() - t0, error=msg)
 
     def _hooks(self, plan: Plan, progress: Progress, task) -> Hooks:
@@ -174,8 +353,11 @@ class Runner:
                 eta = (total - step) * batch / max(sps, 1e-9)
                 self.console.print(f"  trial {label}: step {step}/{total} loss {loss:.3f} {sps:.0f} samples/s ETA {eta:.0f}s", highlight=False)
 
+        def should_stop() -> bool:
+            return self.stop_signal is not None
+
         if self.rank != 0:
-            return Hooks(on_step=on_step)
+            return Hooks(on_step=on_step, should_stop=should_stop)
 
         def on_resume(step: int) -> None:
             self._log(f"resuming {run_id} from its checkpoint at step {step}")
@@ -187,6 +369,7 @@ class Runner:
             on_step=on_step,
             on_eval=lambda step: self._evaluate(plan, step),
             on_note=self._log,
+            should_stop=should_stop,
         )
 
     def _evaluate(self, plan: Plan, step: int, only: list[str] | None = None) -> dict[str, float]:
@@ -199,13 +382,10 @@ class Runner:
             node = plan.trial.graph.nodes[name]
             ctx = BuildContext(name, node.hash, plan.trial.seed, self.store.root / "cache", self.device, self._log)
             result = evaluator.evaluate(plan.model, ctx)
-            headline = getattr(evaluator, "headline", None)
-            self.store.log_evals(plan.trial.run_id, [
-                dict(step=step, evaluator=name, metric=k, value=float(v), headline=k == headline)
-                for k, v in result.metrics.items()
-            ])
-            if result.patch_scores:
-                self.store.log_patch_scores(plan.trial.run_id, [dict(step=step, evaluator=name, **row) for row in result.patch_scores])
+            # one transaction replaces whatever this evaluator wrote at this step (an older version's rows)
+            self.store.log_evaluation(plan.trial.run_id, step, name, node.hash,
+                                      {k: float(v) for k, v in result.metrics.items()},
+                                      headline=getattr(evaluator, "headline", None), patch_rows=result.patch_scores or ())
             out.update({f"{name}.{k}": float(v) for k, v in result.metrics.items()})
         return out
 
@@ -219,8 +399,44 @@ class Runner:
         label = trial_label(o.trial)
         if o.status == "skipped":
             self.console.print(f"[{i}/{n}] {label}: already completed ({o.trial.run_id}), skipped", highlight=False)
+        elif o.status == "interrupted":
+            self.console.print(f"[{i}/{n}] {label}: [yellow]INTERRUPTED[/yellow] after {o.wall_s:.0f}s: {o.error}", highlight=False)
         elif o.status == "failed":
             self.console.print(f"[{i}/{n}] {label}: [red]FAILED[/red] after {o.wall_s:.0f}s: {o.error}", highlight=False)
         else:
             shown = ", ".join(f"{k}={v:.3f}" for k, v in (o.metrics or {}).items() if not k.endswith((".n", ".chance")))
             self.console.print(f"[{i}/{n}] {label}: completed in {o.wall_s:.0f}s  {shown}", highlight=False)
+
+
+@contextmanager
+def stop_on_signals(runner: Runner) -> Iterator[None]:
+    """While the block runs, the first SIGTERM or SIGINT asks ``runner`` to stop after the current
+    step (checkpoint, trial recorded as interrupted); the handlers that were there before come back
+    at once, so a second signal does what it did before (SIGTERM's default ends the process,
+    SIGINT's raises KeyboardInterrupt). Restored on leaving. Python delivers signals to the main
+    thread only, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def restore() -> None:
+        for s in signals:
+            signal.signal(s, previous[s] if previous[s] is not None else signal.SIG_DFL)
+
+    def handler(signum, frame) -> None:
+        restore()
+        runner.request_stop(signal.Signals(signum).name)
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        restore()
+
+
+def exit_code(signal_name: str) -> int:
+    """The shell's code for a process ended by a signal: 128 + its number (130 SIGINT, 143 SIGTERM)."""
+    return 128 + int(signal.Signals[signal_name])

@@ -49,6 +49,27 @@ the same text form (numbers as ``repr(float(v))``, bools 'true'/'false', lists/d
 column's type therefore only ever changes once, from DOUBLE/BOOLEAN to VARCHAR; the ``params`` JSON
 column always keeps the exact resolved values.
 
+Runners, claims and heartbeats
+------------------------------
+``runs.status`` is one of queued, running, completed, failed, interrupted (a signal stopped the
+trial at a checkpoint; the same command resumes it). A trial being run is claimed by one runner:
+``runs.owner`` (``host:pid:token``) and ``runs.heartbeat_at``, which that runner renews every few
+seconds and with every metrics batch. ``claim`` grants a trial in one write transaction when it has
+no owner, is the caller's, or its owner's heartbeat is older than the lease (``$VLPGRAPH_LEASE_S``,
+default 60 s: that runner is dead); finish_run and release clear the owner. Readers show a
+``running`` run whose heartbeat (else its last update) is older than the lease as ``stale`` - its
+process died without a word (SIGKILL, a lost node) - without writing anything (shown_status,
+status_sql).
+
+Evaluations and their evaluator's version
+-----------------------------------------
+``evals.evaluator_hash`` is the content hash of the evaluator node that wrote the row (its kind,
+params and inputs' hashes). ``log_evaluation`` writes one evaluator's result at one step and deletes
+whatever that evaluator had at that step first (evals and patch_scores, one transaction), so an
+edited evaluator's rows never sit beside its older version's. ``completed_evals(run, hashes)``
+counts an evaluation as done only when its rows carry the hash asked for (rows from before the
+column have none and count as not done for that purpose).
+
 Keys and idempotence
 --------------------
 ``runs``: run_id (upsert; a resumed run keeps its row). ``metrics``: (run_id, step, name).
@@ -68,7 +89,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -88,14 +109,20 @@ DEFAULT_TIMEOUT_S = 30.0
 RUN_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 # node.param (possibly deeper): no quotes, no spaces, at least one dot, never a core column name.
 PARAM_COLUMN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)+")
-STATUSES = ("queued", "running", "completed", "failed")
+STATUSES = ("queued", "running", "completed", "failed", "interrupted")
+# Not stored: what readers show for a `running` run whose heartbeat is older than the lease (its
+# process died without a word, e.g. SIGKILL or a lost node). See shown_status / status_sql.
+STALE = "stale"
+DEFAULT_LEASE_S = 60.0
+LEASE_ENV = "VLPGRAPH_LEASE_S"
 
 _CONFIG = {"threads": 1, "enable_external_access": False}
 _INSERT_CHUNK = 5000  # rows per INSERT statement
 _METRIC_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("epoch", "DOUBLE"), ("name", "VARCHAR"),
                    ("value", "DOUBLE"), ("wall_s", "DOUBLE")]
 _EVAL_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARCHAR"), ("metric", "VARCHAR"),
-                 ("value", "DOUBLE"), ("logged_at", "TIMESTAMP"), ("headline", "BOOLEAN")]
+                 ("value", "DOUBLE"), ("logged_at", "TIMESTAMP"), ("headline", "BOOLEAN"),
+                 ("evaluator_hash", "VARCHAR")]
 _PATCH_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARCHAR"), ("kind", "VARCHAR"),
                   ("sample_id", "BIGINT"), ("caption", "VARCHAR"),
                   ("grid_h", "INTEGER"), ("grid_w", "INTEGER"), ("scores", "FLOAT[]"), ("image", "BLOB"),
@@ -124,8 +151,13 @@ SCHEMA = [
         step BIGINT,
         device VARCHAR,
         vlpgraph_version VARCHAR,
-        attempts INTEGER
+        attempts INTEGER,
+        owner VARCHAR,                  -- the runner holding the trial (host:pid:token), NULL when free
+        heartbeat_at TIMESTAMP          -- last sign of life of that runner (the lease)
     )""",
+    # stores made before claims and heartbeats gain the columns at their next write
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP",
     """CREATE TABLE IF NOT EXISTS metrics (
         run_id VARCHAR NOT NULL,
         step BIGINT NOT NULL,
@@ -143,10 +175,12 @@ SCHEMA = [
         value DOUBLE,
         logged_at TIMESTAMP,
         headline BOOLEAN,               -- the evaluator's headline metric (what tables show by default)
+        evaluator_hash VARCHAR,         -- content hash of the evaluator node that produced the row
         PRIMARY KEY (run_id, step, evaluator, metric)
     )""",
-    # stores made before the headline flag existed gain the column at their next write
+    # stores made before the headline flag / the evaluator hash existed gain the column at their next write
     "ALTER TABLE evals ADD COLUMN IF NOT EXISTS headline BOOLEAN",
+    "ALTER TABLE evals ADD COLUMN IF NOT EXISTS evaluator_hash VARCHAR",
     """CREATE TABLE IF NOT EXISTS patch_scores (
         run_id VARCHAR NOT NULL,
         step BIGINT NOT NULL,
@@ -185,6 +219,42 @@ class StoreLockTimeout(StoreError):
 def default_root() -> Path:
     """The store directory when none is given: $VLPGRAPH_STORE, else ./store."""
     return Path(os.environ.get("VLPGRAPH_STORE") or "store")
+
+
+def lease_s() -> float:
+    """Seconds without a heartbeat after which a `running` trial's runner counts as dead: its
+    claim may be taken over and readers show the run as ``stale``. $VLPGRAPH_LEASE_S, default 60."""
+    raw = os.environ.get(LEASE_ENV) or DEFAULT_LEASE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserError(f"{LEASE_ENV}={raw!r}: expected seconds, e.g. 60") from None
+    if value <= 0:
+        raise UserError(f"{LEASE_ENV}={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def lease_cutoff(lease: float | None = None) -> datetime:
+    """The UTC time before which a heartbeat is too old (now - lease)."""
+    return _now() - timedelta(seconds=lease_s() if lease is None else lease)
+
+
+def shown_status(run: Mapping[str, Any], cutoff: datetime | None = None) -> str:
+    """A run's status as readers show it: ``stale`` for a `running` run whose runner has given no
+    sign of life (heartbeat, or else the last update) since ``cutoff``; the stored status otherwise."""
+    if run.get("status") != "running":
+        return run.get("status")
+    seen = run.get("heartbeat_at") or run.get("updated_at")
+    return STALE if seen is not None and seen < (cutoff or lease_cutoff()) else "running"
+
+
+def status_sql(columns: Mapping[str, Any], alias: str, cutoff: datetime) -> str:
+    """SQL for shown_status over ``alias``'s runs columns (``columns``: lower name -> ...), with the
+    cutoff inlined as a literal (it is our own datetime, never user input)."""
+    seen = f"coalesce({alias}.heartbeat_at, {alias}.updated_at)" if "heartbeat_at" in columns else f"{alias}.updated_at"
+    stamp = cutoff.strftime("%Y-%m-%d %H:%M:%S.%f")
+    return (f"CASE WHEN {alias}.status = 'running' AND {seen} < TIMESTAMP '{stamp}' "
+            f"THEN '{STALE}' ELSE {alias}.status END")
 
 
 def validate_run_id(run_id: str) -> str:
@@ -557,6 +627,7 @@ class Store:
         flat_params: Mapping[str, Any],
         device: str | None,
         status: str = "running",
+        if_absent: bool = False,
     ) -> None:
         """Insert the run, or update it in place if it exists (resume): one row per run_id, always.
 
@@ -564,6 +635,8 @@ class Store:
         cleared, started_at keeps the first start, attempts counts starts with status="running".
         It does whatever status it is told (a completed run set back to "queued" becomes queued):
         the sweep checks ``status(run_id)`` first if it wants to skip finished trials.
+        ``if_absent``: only insert a new row, leave an existing one alone (checked in the same
+        transaction, so two runners queueing the same sweep never reset each other's trials).
         """
         validate_run_id(run_id)
         if status not in STATUSES:
@@ -575,29 +648,15 @@ class Store:
         now = _now()
         running = status == "running"
         with self._writing() as con:
-            columns = self._column_types(con, "runs")
-            # 1. make sure every param has a column of a type that can hold its value
-            param_cols: list[tuple[str, Any]] = []
-            for name, raw in flat_params.items():
-                kind = _param_kind(raw)
-                existing = columns.get(name.lower())
-                if existing is None:
-                    if kind is None:
-                        continue
-                    con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {quote_ident(name)} {kind}")
-                    existing = columns[name.lower()] = (name, kind)
-                col, col_type = existing
-                if kind is not None and kind != col_type and col_type != "VARCHAR":
-                    con.execute(f"ALTER TABLE runs ALTER COLUMN {quote_ident(col)} TYPE VARCHAR")
-                    col_type = "VARCHAR"
-                    columns[name.lower()] = (col, col_type)
-                param_cols.append((col, _param_value(raw, col_type)))
+            exists = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            if exists and if_absent:
+                return
+            param_cols = self._param_columns(con, flat_params)  # 1. columns that can hold every param
             # 2. upsert the row
             core = {
                 "graph": graph, "variant": variant, "seed": _int_or_none(seed), "params": params_json,
                 "status": status, "device": device, "vlpgraph_version": __version__, "updated_at": now,
             }
-            exists = con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
             if exists:
                 sets = [f"{quote_ident(k)} = ?" for k in core] + [f"{quote_ident(c)} = ?" for c, _ in param_cols]
                 values = list(core.values()) + [v for _, v in param_cols]
@@ -615,6 +674,41 @@ class Store:
                     f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(values))})", values
                 )
 
+    def _param_columns(self, con, flat_params: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """Make sure every param has a column of a type that can hold its value (adding or widening
+        columns); returns (column, value to store) pairs."""
+        columns = self._column_types(con, "runs")
+        param_cols: list[tuple[str, Any]] = []
+        for name, raw in flat_params.items():
+            kind = _param_kind(raw)
+            existing = columns.get(name.lower())
+            if existing is None:
+                if kind is None:
+                    continue
+                con.execute(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {quote_ident(name)} {kind}")
+                existing = columns[name.lower()] = (name, kind)
+            col, col_type = existing
+            if kind is not None and kind != col_type and col_type != "VARCHAR":
+                con.execute(f"ALTER TABLE runs ALTER COLUMN {quote_ident(col)} TYPE VARCHAR")
+                col_type = "VARCHAR"
+                columns[name.lower()] = (col, col_type)
+            param_cols.append((col, _param_value(raw, col_type)))
+        return param_cols
+
+    def set_document(self, run_id: str, params: Mapping[str, Any], flat_params: Mapping[str, Any]) -> None:
+        """Replace a run's resolved trial document and param columns, nothing else (its status and
+        timings stay): a completed trial re-evaluated by an edited evaluator records the graph that
+        produced its current evaluations."""
+        validate_run_id(run_id)
+        for name in flat_params:
+            if not isinstance(name, str) or len(name) > 128 or not PARAM_COLUMN_RE.fullmatch(name):
+                raise ValueError(f"invalid flattened param name {name!r}: expected node.param")
+        with self._writing() as con:
+            param_cols = self._param_columns(con, flat_params)
+            sets = ["params = ?", "updated_at = ?"] + [f"{quote_ident(c)} = ?" for c, _ in param_cols]
+            con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?",
+                        [_json(params), _now()] + [v for _, v in param_cols] + [run_id])
+
     def finish_run(
         self,
         run_id: str,
@@ -624,16 +718,17 @@ class Store:
         train_samples: int | None = None,
         step: int | None = None,
     ) -> None:
+        """Record how a trial ended (any status but queued/running) and release its claim."""
         validate_run_id(run_id)
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         now = _now()
         with self._writing() as con:
             updated = con.execute(
-                "UPDATE runs SET status = ?, error = ?, finished_at = ?, updated_at = ?, "
+                "UPDATE runs SET status = ?, error = ?, finished_at = ?, updated_at = ?, owner = NULL, "
                 "wall_s = COALESCE(?, wall_s), train_samples = COALESCE(?, train_samples), "
                 "step = COALESCE(?, step) WHERE run_id = ? RETURNING run_id",
-                [status, error, now if status in ("completed", "failed") else None, now,
+                [status, error, now if status in ("completed", "failed", "interrupted") else None, now,
                  _float_or_none(wall_s), _int_or_none(train_samples), _int_or_none(step), run_id],
             ).fetchall()
             if not updated:
@@ -649,6 +744,45 @@ class Store:
                 "wall_s = COALESCE(?, wall_s), updated_at = ? WHERE run_id = ?",
                 [_int_or_none(step), _int_or_none(train_samples), _float_or_none(wall_s), _now(), run_id],
             )
+
+    # ---------------------------------------------------------------- claims (one live runner per trial)
+
+    def claim(self, run_id: str, owner: str, lease: float | None = None,
+              dead_owner: str | None = None) -> tuple[bool, dict[str, Any] | None]:
+        """Try to make ``owner`` the runner of a trial, in one write transaction: granted when the
+        row has no owner, is owned by ``owner`` already, or its owner's heartbeat (else its last
+        update) is older than the lease (that runner died). Granting sets owner and heartbeat_at.
+        Returns (granted, the row as read in that transaction: None when there is no such run).
+        ``dead_owner``: an owner the caller knows is dead (a process of this host that no longer
+        exists), taken over without waiting for the lease. A finished trial can be claimed too (to
+        add evaluations); the caller checks its status."""
+        validate_run_id(run_id)
+        cutoff = lease_cutoff(lease)
+        with self._writing() as con:
+            rows = _rows(con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id]))
+            if not rows:
+                return False, None
+            row = rows[0]
+            seen = row.get("heartbeat_at") or row.get("updated_at")
+            free = row.get("owner") in (None, owner, dead_owner) or seen is None or seen < cutoff
+            if free:
+                now = _now()
+                con.execute("UPDATE runs SET owner = ?, heartbeat_at = ? WHERE run_id = ?", [owner, now, run_id])
+                row.update(owner=owner, heartbeat_at=now)
+            return free, row
+
+    def heartbeat(self, run_id: str, owner: str) -> bool:
+        """Mark ``owner``'s claim on a trial alive; False when it no longer holds it."""
+        validate_run_id(run_id)
+        with self._writing() as con:
+            return bool(con.execute("UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND owner = ? RETURNING run_id",
+                                    [_now(), run_id, owner]).fetchall())
+
+    def release(self, run_id: str, owner: str) -> None:
+        """Give up ``owner``'s claim on a trial (finish_run releases it too)."""
+        validate_run_id(run_id)
+        with self._writing() as con:
+            con.execute("UPDATE runs SET owner = NULL WHERE run_id = ? AND owner = ?", [run_id, owner])
 
     def _insert_replace(self, con, table: str, columns: Sequence[tuple[str, str]], rows: list[list[Any]]) -> None:
         """INSERT OR REPLACE rows, one bound list per column (unnest): 4-5x faster than VALUES."""
@@ -670,7 +804,8 @@ class Store:
     def log_metrics(self, run_id: str, rows: Sequence[Mapping[str, Any]], *, through_step: int | None = None) -> None:
         """Write training values; a row with the same (run_id, step, name) is replaced.
 
-        ``through_step`` also records the run's progress (runs.step) in the same transaction.
+        ``through_step`` also records the run's progress (runs.step) and a heartbeat in the same
+        transaction.
         """
         validate_run_id(run_id)
         try:
@@ -687,8 +822,9 @@ class Store:
         with self._writing() as con:
             self._insert_replace(con, "metrics", _METRIC_COLUMNS, prepared)
             if through_step is not None:
-                con.execute("UPDATE runs SET step = ?, updated_at = ? WHERE run_id = ?",
-                            [int(through_step), _now(), run_id])
+                now = _now()
+                con.execute("UPDATE runs SET step = ?, updated_at = ?, heartbeat_at = ? WHERE run_id = ?",
+                            [int(through_step), now, now, run_id])
 
     def delete_metrics_after(self, run_id: str, step: int) -> int:
         """Drop metric rows with step > `step` (a run resumed from a checkpoint logs them again)."""
@@ -703,23 +839,47 @@ class Store:
         """Write evaluation results; (run_id, step, evaluator, metric) is replaced, never duplicated.
 
         Row keys: step, evaluator, metric, value, and optionally headline (True for the evaluator's
-        headline metric, the one tables and the app show by default).
+        headline metric, the one tables and the app show by default) and evaluator_hash (the
+        content hash of the evaluator node). To replace a whole evaluation, use log_evaluation.
         """
         validate_run_id(run_id)
-        now = _now()
-        try:
-            prepared = [
-                [run_id, int(_scalar(r["step"])), _name(r["evaluator"]), _name(r["metric"]),
-                 _float_or_none(r["value"]), now, bool(r.get("headline", False))]
-                for r in rows
-            ]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"log_evals: each row needs step, evaluator, metric, value: {exc!r}") from exc
-        prepared = self._dedupe(prepared, key=lambda r: (r[1], r[2], r[3]))
+        prepared = self._prepare_evals(run_id, rows)
         if not prepared:
             return
         with self._writing() as con:
             self._insert_replace(con, "evals", _EVAL_COLUMNS, prepared)
+
+    def _prepare_evals(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+        now = _now()
+        try:
+            prepared = [
+                [run_id, int(_scalar(r["step"])), _name(r["evaluator"]), _name(r["metric"]),
+                 _float_or_none(r["value"]), now, bool(r.get("headline", False)), r.get("evaluator_hash")]
+                for r in rows
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"log_evals: each row needs step, evaluator, metric, value: {exc!r}") from exc
+        return self._dedupe(prepared, key=lambda r: (r[1], r[2], r[3]))
+
+    def log_evaluation(self, run_id: str, step: int, evaluator: str, evaluator_hash: str | None,
+                       metrics: Mapping[str, float], headline: str | None = None,
+                       patch_rows: Sequence[Mapping[str, Any]] = ()) -> None:
+        """One evaluator's result at one step, replacing whatever that evaluator wrote at that step
+        before (evals and patch_scores, in one transaction): an edited evaluator's new metrics never
+        sit beside its old ones. ``patch_rows`` as for log_patch_scores (step/evaluator filled in)."""
+        validate_run_id(run_id)
+        rows = [dict(step=step, evaluator=evaluator, metric=k, value=v, headline=k == headline,
+                     evaluator_hash=evaluator_hash) for k, v in metrics.items()]
+        evals = self._prepare_evals(run_id, rows)
+        patches = self._prepare_patches(run_id, [dict(r, step=step, evaluator=evaluator) for r in patch_rows])
+        with self._writing() as con:
+            for table in ("evals", "patch_scores"):
+                con.execute(f"DELETE FROM {table} WHERE run_id = ? AND step = ? AND evaluator = ?",
+                            [run_id, int(step), evaluator])
+            if evals:
+                self._insert_replace(con, "evals", _EVAL_COLUMNS, evals)
+            if patches:
+                self._insert_replace(con, "patch_scores", _PATCH_COLUMNS, patches)
 
     def log_patch_scores(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Write scored (image, caption) pairs and mixed samples for the app.
@@ -730,6 +890,13 @@ class Store:
         mixed_image (PNG bytes) and lam. (run_id, step, evaluator, kind, sample_id) is replaced.
         """
         validate_run_id(run_id)
+        prepared = self._prepare_patches(run_id, rows)
+        if not prepared:
+            return
+        with self._writing() as con:
+            self._insert_replace(con, "patch_scores", _PATCH_COLUMNS, prepared)
+
+    def _prepare_patches(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
         prepared = []
         for r in rows:
             try:
@@ -768,11 +935,7 @@ class Store:
                 ])
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"log_patch_scores: bad row (sample {r.get('sample_id')!r}): {exc}") from exc
-        prepared = self._dedupe(prepared, key=lambda r: (r[1], r[2], r[3], r[4]))
-        if not prepared:
-            return
-        with self._writing() as con:
-            self._insert_replace(con, "patch_scores", _PATCH_COLUMNS, prepared)
+        return self._dedupe(prepared, key=lambda r: (r[1], r[2], r[3], r[4]))
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run's rows from every table (one transaction); artifacts on disk are left alone."""
@@ -852,12 +1015,19 @@ class Store:
             sql += f" WHERE run_id IN ({', '.join('?' * len(values))})"
         return self._read(lambda con: _rows(con.execute(sql + " ORDER BY run_id, evaluator, metric, step", values)))
 
-    def completed_evals(self, run_id: str) -> set[tuple[str, int]]:
-        """{(evaluator, step)} that already have results for this run (to skip on re-run)."""
+    def completed_evals(self, run_id: str, hashes: Mapping[str, str] | None = None) -> set[tuple[str, int]]:
+        """{(evaluator, step)} that already have results for this run (to skip on re-run).
+
+        With ``hashes`` ({evaluator: its node's content hash now}), only evaluations every row of
+        which was written by that same evaluator count: an edited evaluator's, or one whose rows
+        carry no hash (written before the store recorded it), are not completed."""
         validate_run_id(run_id)
         rows = self._read(lambda con: con.execute(
-            "SELECT DISTINCT evaluator, step FROM evals WHERE run_id = ?", [run_id]).fetchall())
-        return {(e, int(s)) for e, s in rows}
+            "SELECT evaluator, step, list(DISTINCT evaluator_hash) FROM evals WHERE run_id = ? GROUP BY ALL",
+            [run_id]).fetchall())
+        if hashes is None:
+            return {(e, int(s)) for e, s, _ in rows}
+        return {(e, int(s)) for e, s, found in rows if e in hashes and found == [hashes[e]]}
 
     def patch_scores(self, run_id: str, step: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Scored pairs of a run (latest step first when step is None), ordered by sample_id."""
