@@ -119,3 +119,16 @@ def test_batch_size_check_follows_train_fraction(capsys, tmp_path, fraction, ok)
     # ceil(0.25 * 64) = 16 samples: one step; ceil(0.2 * 64) = 13: none
     rc, lines = errors_of(capsys, tmp_path, edited(("[0.5, 1.0]", f"[{fraction}]")))
     assert (rc == 0) == ok, lines
+
+
+def test_variants_that_train_the_same_model_are_named(capsys, tmp_path):
+    # 'b' edits only an evaluator: same trainer hash, so one trial per grid point x seed; its own
+    # evaluator would never run, which `validate` and `run` must say instead of leaving 'b' empty
+    path = tmp_path / "g.yaml"
+    path.write_text(edited(("  seeds: [0, 1]\n", "  seeds: [0, 1]\n  variants: {a: {}, b: {retrieval.ks: [1, 2]}, "
+                                                  "c: {vision.depth: 2}}\n")))
+    assert main(["validate", str(path)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: variant 'b' trains the same model as variant 'a' in 4 trial(s) (e.g. "
+                     "shapes.train_fraction=0.5 seed=0): each runs once, as 'a', with that variant's evaluators; "
+                     "to compare evaluators on one model, give them different node names in one graph"], notes

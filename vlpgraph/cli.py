@@ -92,6 +92,8 @@ def cmd_run(args, out: Console, err: Console) -> int:
     rank = 0 if args.dry_run else init_distributed(device)
     if rank == 0:
         err.print(f"{exp.file}: graph '{exp.name}': {len(exp.trials)} trial(s) on {device}", highlight=False)
+        for note in exp.notes:
+            err.print(f"note: {note}", highlight=False, markup=False)
     if args.dry_run:
         for i, t in enumerate(exp.trials, 1):
             out.print(f"[{i}/{len(exp.trials)}] {trial_label(t)}  run_id={t.run_id}", highlight=False)
@@ -137,6 +139,8 @@ def cmd_validate(args, out: Console, err: Console) -> int:
     out.print(f"{exp.file}: OK — graph '{exp.name}', {len(exp.trials)} trial(s): {n_var} variant(s), {len(seeds)} seed(s)", highlight=False)
     if exp.varied:
         out.print("varied: " + ", ".join(exp.varied), highlight=False)
+    for note in exp.notes:
+        out.print(f"note: {note}", highlight=False, markup=False)
     out.print(render_dag(exp.trials[0].graph), highlight=False)
     return 0
 

@@ -64,6 +64,7 @@ class Experiment:
     trials: list[Trial]
     varied: list[str] = field(default_factory=list)  # node.param keys whose value differs across trials
     variants: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the user should know before running (not errors)
 
 
 def _remap_lines(lines: dict, src_prefix: tuple, dst_prefix: tuple) -> dict:
@@ -130,7 +131,8 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
     variants = dict(sweep.variants) if sweep and sweep.variants else {DEFAULT_VARIANT: {}}
 
     trials: list[Trial] = []
-    seen: set[str] = set()
+    seen: dict[str, Trial] = {}
+    same_model: dict[tuple[str, str], list[str]] = {}  # (variant, earlier variant) -> where they coincide
     resolved = {v: _apply_variant(base_nodes, v, e, lines, problems) for v, e in variants.items()}
     any_variant = set().union(*(set(n) for n, _ in resolved.values()))
     base_dir = Path(file).resolve().parent  # relative paths in params are relative to the graph file
@@ -169,9 +171,15 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
                               for k, v in point.items()}
             for seed in seeds:
                 trial = Trial(vname, seed, resolved_point, graph)
-                if trial.run_id not in seen:  # two edits that resolve to the same graph are one trial
-                    seen.add(trial.run_id)
+                first = seen.get(trial.run_id)
+                if first is None:
+                    seen[trial.run_id] = trial
                     trials.append(trial)
+                elif first.variant != vname:
+                    # two edits that train the same model are one trial (one training run, one row): say so,
+                    # since this variant's own evaluators, if it has any, never run
+                    where = " ".join([f"{k}={v}" for k, v in point.items()] + [f"seed={seed}"])
+                    same_model.setdefault((vname, first.variant), []).append(where)
     # A problem every variant has is the file's; one that only some variants have is named by them
     # (a node a variant adds, edits or deletes, and its consequences).
     for (where, what), in_variants in found.items():
@@ -187,7 +195,10 @@ def load_experiment(path: str | Path, sets: list[tuple[str, Any]] = (), profile:
     # varied: a param whose value differs between trials that have it (a node only some variants
     # have is what tells the variants apart, not a varied param)
     varied = [k for k in keys if len({repr(f[k]) for f in flat if k in f}) > 1]
-    return Experiment(file, spec.graph, spec.description, trials, varied, list(variants))
+    notes = [f"variant '{v}' trains the same model as variant '{first}' in {len(where)} trial(s) (e.g. {where[0]}): "
+             f"each runs once, as '{first}', with that variant's evaluators; to compare evaluators on one model, "
+             "give them different node names in one graph" for (v, first), where in same_model.items()]
+    return Experiment(file, spec.graph, spec.description, trials, varied, list(variants), notes)
 
 
 def data_changes(exp: Experiment, store) -> list[str]:
