@@ -56,6 +56,7 @@ from vlpgraph.train import (
     fit,
     param_groups,
     plan_steps,
+    plan_warmup,
     to_device,
 )
 
@@ -150,7 +151,7 @@ def main() -> None:
 
         # ------------------------------------------------------------------ hand
         optimizer = torch.optim.AdamW(param_groups(modules, p.weight_decay), lr=p.lr, betas=tuple(p.betas))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(p.warmup_steps, full_total, p.min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(plan_warmup(p.warmup_steps, p.warmup_fraction, full_total), full_total, p.min_lr_ratio))
         params = [q for g in optimizer.param_groups for q in g["params"]]
         vision, text = itc.vision, itc.text
         text_pool = getattr(itc, "text_pool", "cls")

@@ -19,7 +19,15 @@ class TrainerParams(Params):
     lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
     weight_decay: float = Field(0.02, ge=0, description="AdamW weight decay (not applied to biases, norms, temperatures)")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
-    warmup_steps: int = Field(100, ge=0, description="linear warmup steps before the cosine decay")
+    warmup_steps: int = Field(
+        100, ge=0, description="linear warmup steps before the cosine decay (a fixed count: a trial with fewer "
+        "steps, e.g. at a small train_fraction, spends a larger share warming up; see warmup_fraction)"
+    )
+    warmup_fraction: float | None = Field(
+        None, ge=0, lt=1, description="warmup as a share of the trial's steps: round(fraction x total steps), so "
+        "it scales with epochs, max_steps and train_fraction (replaces warmup_steps; give one of the two). "
+        "Either way, a warning is printed when warmup covers more than half of a trial"
+    )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine decays to lr * min_lr_ratio")
     grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this (null: no clipping)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
@@ -30,7 +38,11 @@ class TrainerParams(Params):
 
     @model_validator(mode="after")
     def _warmup(self):
-        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+        if self.warmup_fraction is not None and "warmup_steps" in self.model_fields_set:
+            raise ValueError(
+                f"give warmup_steps ({self.warmup_steps}) or warmup_fraction ({self.warmup_fraction}), not both"
+            )
+        if self.warmup_fraction is None and self.max_steps is not None and self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) is longer than max_steps ({self.max_steps})")
         return self
 
@@ -73,11 +85,18 @@ def check(p: TrainerParams, inputs: dict) -> list[tuple[str, str]]:
 def build(params: TrainerParams, inputs: dict, ctx: BuildContext) -> TrainJob:
     """Trains the objectives' modules jointly with AdamW and a warmup+cosine schedule.
 
+    Warmup is linear over `warmup_steps` steps, or over `warmup_fraction` of the trial's steps
+    (which keeps the schedule's shape when a sweep changes the amount of data); the rate then decays
+    along a cosine to `lr * min_lr_ratio` at the last step.
+
     Each step: one batch from ``data`` (tokenised with the text tower's tokenizer), every objective
     returns named loss terms, the trainer multiplies them by the objective's ``weight``, sums them,
-    logs each term, and takes one optimiser step. Checkpoints (safetensors weights + optimiser state)
-    are written atomically every ``checkpoint_every`` steps and at the end; an interrupted trial
-    resumes from the last one. A NaN/inf loss fails the trial with the step and the terms.
+    logs each term, and takes one optimiser step. Checkpoints (safetensors weights + optimiser state +
+    random generator states, with each file's size and sha256) are written atomically every
+    ``checkpoint_every`` steps, at the end and when the run is asked to stop (SIGTERM, Ctrl-C); the
+    two newest are kept. An interrupted trial resumes exactly (the same batches and random draws as
+    without the interruption) from the newest intact one; a damaged one is set aside with a warning.
+    A NaN/inf loss fails the trial with the step and the terms.
     Output: the trained model, which evaluators take as their ``model`` input.
     """
     modules = {name: out for name, out in ctx.upstream.items() if isinstance(out, nn.Module)}
