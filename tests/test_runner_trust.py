@@ -73,6 +73,35 @@ def test_edited_evaluator_is_evaluated_again_without_retraining(tmp_path, capsys
     assert "already completed" in capsys.readouterr().err
 
 
+def test_a_damaged_final_checkpoint_is_trained_again_not_replaced_by_an_earlier_one(tmp_path, capsys):
+    # a completed trial whose final weights are damaged: an edited evaluator must not run on the
+    # previous (step 12) checkpoint as if it were the final model; the trial trains steps 13-16 again
+    # from it, and since resume is exact the unchanged metric comes out the same
+    graph = tiny_graph(tmp_path, ckpt=4)
+    store = Store(tmp_path / "s")
+    assert main(["run", str(graph), "--store", str(store.root)]) == 0
+    [run] = store.runs()
+    rid = run["run_id"]
+    before = {r["metric"]: r["value"] for r in store.evals([rid])}
+    ckpt = store.run_dir(rid) / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000012", "step-00000016"]
+    weights = ckpt / "step-00000016" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    edited = tiny_graph(tmp_path, name="edited.yaml", ckpt=4, more="    params: {ks: [1, 2, 3]}\n")
+    capsys.readouterr()
+    assert main(["run", str(edited), "--store", str(store.root)]) == 0
+    err = capsys.readouterr().err
+    assert "its final checkpoint cannot be used (model.safetensors has 1000 bytes" in err, err
+    assert "resuming" in err and "step 12" in err, err
+    after = {r["metric"]: r["value"] for r in store.evals([rid])}
+    assert after["i2t_r1"] == pytest.approx(before["i2t_r1"], abs=1e-6)
+    assert after["t2i_r1"] == pytest.approx(before["t2i_r1"], abs=1e-6)
+    assert "i2t_r2" in after and "i2t_r5" not in after
+    assert store.run(rid)["status"] == "completed" and store.run(rid)["step"] == 16
+    assert (ckpt / ".damaged-step-00000016").is_dir()
+
+
 def test_a_store_from_before_evaluator_hashes_and_claims_gains_the_columns(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     con = duckdb.connect(str(tmp_path / "vlpgraph.duckdb"))

@@ -96,7 +96,7 @@ CASES = [
     ("no_trainer", ("    kind: trainer\n", "    kind: trainer_x\n"), (),
      "vlpgraph: G:18: node 'train': unknown kind 'trainer_x' (did you mean 'trainer'?)"),
     ("cross_field", ("params: {epochs: 1, batch_size: 16}", "params: {epochs: 1, batch_size: 16, max_steps: 5, warmup_steps: 10}"), (),
-     "vlpgraph: G:20: node 'train' (trainer): params: warmup_steps (10) is longer than max_steps (5)"),
+     "vlpgraph: G:20: node 'train' (trainer): warmup_steps (10) is longer than max_steps (5)"),
 ]
 
 

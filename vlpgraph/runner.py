@@ -307,12 +307,20 @@ class Runner:
             plan = compile_trial(trial, self.store.root / "cache", self.device, log=self._log)
             ckpt = Checkpointer(self.store.run_dir(trial.run_id) / "checkpoints")
             if status == "completed":  # only evaluators added or edited since: run them on the final checkpoint
-                ckpt.load_weights(plan.model.modules)
-                metrics = self._evaluate(plan, int(run["step"]), only=missing_evals)
-                if self.rank == 0:  # the run's document now names the evaluators its evaluations came from
-                    self.store.set_document(trial.run_id, trial.document(), trial.flat_params())
-                self._barrier()
-                return TrialOutcome(trial, "completed", wall_s=run.get("wall_s") or 0.0, metrics=metrics)
+                final, problem = self._final_checkpoint(ckpt, int(run["step"]))
+                if problem is None:
+                    ckpt.load_weights(plan.model.modules, final)
+                    metrics = self._evaluate(plan, int(run["step"]), only=missing_evals)
+                    if self.rank == 0:  # the run's document now names the evaluators its evaluations came from
+                        self.store.set_document(trial.run_id, trial.document(), trial.flat_params())
+                    self._barrier()
+                    return TrialOutcome(trial, "completed", wall_s=run.get("wall_s") or 0.0, metrics=metrics)
+                # never evaluate another step's weights as if they were the final ones: train the rest again
+                # from the last intact checkpoint (resume is exact, so the final model is the same one)
+                self._log(f"{trial.run_id}: its final checkpoint cannot be used ({problem}); training again from "
+                          f"its last intact checkpoint to run {', '.join(missing_evals)}")
+                if self.rank == 0:
+                    self._start(exp, trial, status="running")
             result = fit(plan.model, trial.seed, ckpt, self._hooks(plan, progress, task))
             metrics = self._evaluate(plan, result.step)
             if self.rank == 0:
@@ -337,6 +345,15 @@ class Runner:
             if self.rank == 0:
                 self.store.finish_run(trial.run_id, "failed", error=msg + ("" if user else "\n" + traceback.format_exc()))
             return TrialOutcome(trial, "failed", wall_s=time.perf_counter() - t0, error=msg)
+
+    @staticmethod
+    def _final_checkpoint(ckpt: Checkpointer, step: int):
+        """(the checkpoint of a completed run's final ``step``, None) or (None, why it cannot be used)."""
+        final = ckpt.latest()
+        problem = "there is none" if final is None else ckpt.damage(final)
+        if problem is None and final.name != f"step-{step:08d}":
+            problem = f"the newest one is {final.name}, the run ended at step {step}"
+        return (final, None) if problem is None else (None, problem)
 
     def _hooks(self, plan: Plan, progress: Progress, task) -> Hooks:
         run_id = plan.trial.run_id

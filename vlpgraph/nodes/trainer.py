@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from vlpgraph.errors import UserError
@@ -36,15 +36,14 @@ class TrainerParams(Params):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the training process)")
     eval_every: int = Field(0, ge=0, description="also run the evaluators every N steps (0: only at the end)")
 
-    @model_validator(mode="after")
-    def _warmup(self):
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
         if self.warmup_fraction is not None and "warmup_steps" in self.model_fields_set:
-            raise ValueError(
-                f"give warmup_steps ({self.warmup_steps}) or warmup_fraction ({self.warmup_fraction}), not both"
-            )
+            found.append(("warmup_fraction", f"give warmup_steps ({self.warmup_steps}) or warmup_fraction "
+                                             f"({self.warmup_fraction}), not both"))
         if self.warmup_fraction is None and self.max_steps is not None and self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) is longer than max_steps ({self.max_steps})")
-        return self
+            found.append(("warmup_steps", f"warmup_steps ({self.warmup_steps}) is longer than max_steps ({self.max_steps})"))
+        return found
 
 
 class TrainJob(Model):
