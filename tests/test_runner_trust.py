@@ -12,6 +12,7 @@ import time
 
 import duckdb
 import pytest
+import torch
 
 from tests.conftest import ROOT, tiny_graph
 from vlpgraph import registry, runner as runner_mod, train
@@ -77,6 +78,15 @@ def test_a_damaged_final_checkpoint_is_trained_again_not_replaced_by_an_earlier_
     # a completed trial whose final weights are damaged: an edited evaluator must not run on the
     # previous (step 12) checkpoint as if it were the final model; the trial trains steps 13-16 again
     # from it, and since resume is exact the unchanged metric comes out the same
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bit-reproducible CPU kernels: the retrained steps must give the same weights
+    try:
+        _damaged_final_checkpoint(tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _damaged_final_checkpoint(tmp_path, capsys):
     graph = tiny_graph(tmp_path, ckpt=4)
     store = Store(tmp_path / "s")
     assert main(["run", str(graph), "--store", str(store.root)]) == 0

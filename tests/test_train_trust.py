@@ -29,6 +29,18 @@ class Killed(Exception):
     """Stands for a SIGKILL right after a checkpoint: the process is gone, nothing else is saved."""
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Exact resume is compared bit for bit, so the reference must be reproducible: with 2 threads,
+    two *uninterrupted* runs of the TiMix tiny graph already differ by up to 3e-6 in a ViT's qkv bias
+    (its key part gets a gradient that is float noise, which Adam scales up to lr-sized steps), so
+    these tests pin PyTorch to one thread, where CPU kernels are deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def build(graph: Path, cache: Path, sets=(), variant: str | None = None, profile: str | None = None):
     """(the trial's TrainJob, its seed): every node built afresh, as a new process would."""
     exp = load_experiment(graph, sets=list(sets), profile=profile)
