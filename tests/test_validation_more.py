@@ -132,3 +132,12 @@ def test_variants_that_train_the_same_model_are_named(capsys, tmp_path):
     assert notes == ["note: variant 'b' trains the same model as variant 'a' in 4 trial(s) (e.g. "
                      "shapes.train_fraction=0.5 seed=0): each runs once, as 'a', with that variant's evaluators; "
                      "to compare evaluators on one model, give them different node names in one graph"], notes
+
+
+def test_static_checks_run_beside_other_problems(capsys, tmp_path):
+    # a param problem in one node must not hide a size check of another: both at once
+    text = edited(("patch_size: 8", "patch_size: 5"), ("batch_size: 16", "batch_size: 128"))
+    rc, lines = errors_of(capsys, tmp_path, text)
+    assert rc == 2
+    assert any("patch_size" in line for line in lines) and \
+        any("batch_size 128 is larger than the training split" in line for line in lines), lines

@@ -163,9 +163,7 @@ def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems, base_d
     if len(trainers) != 1:
         found = ", ".join(trainers) or "none"
         problems.add(("nodes",), f"a graph needs exactly one trainer node (found: {found})")
-    if problems.added > n_before:
-        return None
-    _check_facts(bound, base_dir, problems)
+    _check_facts(bound, base_dir, problems)  # also when something else is wrong: every problem at once
     if problems.added > n_before:
         return None
     graph = Graph(graph_name, bound, dag, list(nx.lexicographical_topological_sort(dag)), base_dir)
@@ -181,11 +179,14 @@ def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems, base_d
 
 
 def _check_facts(bound: dict[str, BoundNode], base_dir: Path, problems: Problems) -> None:
-    """Each kind's ``check`` against the static facts of its inputs (the ports are known good here)."""
+    """Each kind's ``check`` against the static facts of its inputs. Inputs that name no valid node
+    are left out (their problem is reported already); checks read facts with ``.get``, so a source of
+    the wrong kind only means fewer facts."""
     for node in bound.values():
         node.facts = dict(node.kind.facts(node.params, base_dir))
     for name, node in bound.items():
-        inputs = {port: [{"node": src, **bound[src].facts} for src in node.input_names(port)] for port in node.inputs}
+        inputs = {port: [{"node": src, **bound[src].facts} for src in node.input_names(port) if src in bound]
+                  for port in node.inputs}
         for problem in node.kind.check(node.params, inputs):
             param, msg = problem if isinstance(problem, tuple) else ("", problem)
             path = ("nodes", name, "params", param) if param else ("nodes", name)
