@@ -3,7 +3,6 @@ runners (9), two runners on one store (11)."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_graph
-from vlpgraph import registry, runner as runner_mod, train
+from vlpgraph import registry, runner as runner_mod
 from vlpgraph.cli import main
 from vlpgraph.errors import Interrupted, UserError
 from vlpgraph.ports import Objective, VisionTower
@@ -253,12 +252,7 @@ def test_sigterm_on_the_cli_exits_143_and_leaves_nothing_running(tmp_path, cli_e
     assert not [r for r in store.runs() if r["status"] == "running"]
 
 
-LOOP_POLLS = "should_stop" in inspect.getsource(train.fit)
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(not LOOP_POLLS, strict=True,
-                   reason="needs the training loop to poll Hooks.should_stop (H1's branch of issue 8)")
 def test_sigterm_mid_trial_checkpoints_and_the_rerun_resumes_there(tmp_path, cli_env):
     graph = tiny_graph(tmp_path, ckpt=0, epochs=8)
     [rid] = (t.run_id for t in load_experiment(graph).trials)
