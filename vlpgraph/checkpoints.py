@@ -1,8 +1,8 @@
-"""Local files an encoder starts from: reading a pretrained state dict (.safetensors, or .pth/.pt with
-weights_only), resolving a param's path against the graph file's folder, and fingerprinting the files
-a node reads so that they are part of its identity.
+"""Local files nodes and the engine read: a pretrained state dict (.safetensors, or .pth/.pt with
+weights_only), a param's path resolved against the graph file's folder, and the sha256 of a file
+(the fingerprints that make what a node reads part of its identity, and checkpoint verification).
 
-Shared by the encoder node kinds, which must not import each other. Never touches the network.
+Shared by node kinds, which must not import each other, and by train.py. Never touches the network.
 """
 
 from __future__ import annotations
@@ -47,10 +47,15 @@ def resolve_path(path: str, base_dir: Path | str | None) -> Path:
     return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
 
 
-@functools.lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+def sha256_of(path: Path | str) -> str:
+    """The sha256 hex digest of the file's bytes, read now (no memo)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_cached(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    return sha256_of(path)
 
 
 def file_sha256(path: Path) -> str:

@@ -11,7 +11,6 @@ command line. A resumed run takes exactly the steps the uninterrupted run would 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from vlpgraph.checkpoints import sha256_of
 from vlpgraph.errors import Interrupted, TrialFailed, UserError
 from vlpgraph.ports import Forward, Model, Tokenizer
 
@@ -127,9 +127,7 @@ def all_rng_states(device: torch.device, world: int) -> list[dict]:
 
 def file_record(path: Path) -> dict:
     """{"bytes": size, "sha256": hex digest} of one file, as a checkpoint's meta.json records it."""
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"bytes": path.stat().st_size, "sha256": digest}
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
 
 
 class Checkpointer:

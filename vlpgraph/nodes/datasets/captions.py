@@ -33,6 +33,7 @@ from pydantic import Field
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from vlpgraph.checkpoints import resolve_path, sha256_of
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BOXES, PAIRED, BuildContext, PairedData
 from vlpgraph.registry import Params, register
@@ -411,8 +412,7 @@ def resolve_paths(p: CaptionsParams, base_dir: Path) -> tuple[Path, Path, Path |
     annotations' folders."""
 
     def resolve(path: str) -> Path:
-        q = Path(path).expanduser()
-        return q if q.is_absolute() else Path(base_dir) / q
+        return resolve_path(path, base_dir)
 
     ann = resolve(p.annotations)
     root = resolve(p.images) if p.images else ann.parent
@@ -424,8 +424,7 @@ def resolve_paths(p: CaptionsParams, base_dir: Path) -> tuple[Path, Path, Path |
 @functools.lru_cache(maxsize=32)
 def _parse_cached(path: str, size: int, mtime_ns: int, root: str, boxes: bool) -> dict:
     ann = Path(path)
-    with open(ann, "rb") as f:
-        out: dict = {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    out: dict = {"sha256": sha256_of(ann)}
     try:
         records = read_annotations(ann, Path(root), boxes)
     except UserError:
