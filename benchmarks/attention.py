@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from vlpgraph.attention import attend, xformers_available
+from vlpgraph.layers.attention import attend, xformers_available
 
 
 def make_inputs(B, H, L, D, device, dtype, seed=0):

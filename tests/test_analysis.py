@@ -14,7 +14,7 @@ from PIL import Image
 from tests.conftest import SYN_FRACTIONS, SYN_SEEDS, SYN_STEPS, SYN_VARIANTS, syn_rsum, syn_wall
 from vlpgraph import analysis, plots
 from vlpgraph.errors import UserError
-from vlpgraph.patches import _box_masks
+from vlpgraph.layers.patches import _box_masks
 from vlpgraph.store import Store
 
 SYN = (("graph", "in", ("syn",)),)
@@ -143,7 +143,7 @@ def test_efficiency_marks_where_each_variant_reaches_the_baseline(synthetic_stor
 
 
 def test_pointing_rule_matches_the_training_code():
-    """The app's NumPy restatement of 'box touches patch' agrees with vlpgraph.patches (torch)."""
+    """The app's NumPy restatement of 'box touches patch' agrees with vlpgraph.layers.patches (torch)."""
     rng = np.random.default_rng(0)
     for _ in range(200):
         size, patch = 32, int(rng.choice([4, 8]))

@@ -1,4 +1,4 @@
-"""vlpgraph.attention: every backend against a hand-written reference, backend resolution, xformers on CUDA."""
+"""vlpgraph.layers.attention: every backend against a hand-written reference, backend resolution, xformers on CUDA."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from vlpgraph import attention
-from vlpgraph.attention import attend, resolve_backend
+from vlpgraph.layers import attention
+from vlpgraph.layers.attention import attend, resolve_backend
 from vlpgraph.errors import UserError
 
 CUDA = torch.cuda.is_available()

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from vlpgraph import registry
-from vlpgraph import tokenizer as tokmod
+from vlpgraph.layers import tokenizer as tokmod
 from vlpgraph.cli import main
 from vlpgraph.ports import BuildContext
 from vlpgraph.store import Store

@@ -11,9 +11,10 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from vlpgraph import attention, registry
-from vlpgraph import tokenizer as tokmod
-from vlpgraph.attention import set_attention_backend
+from vlpgraph import registry
+from vlpgraph.layers import attention
+from vlpgraph.layers import tokenizer as tokmod
+from vlpgraph.layers.attention import set_attention_backend
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, PairedData, TextTower, Tokenizer, VisionTower
 
@@ -375,7 +376,7 @@ def test_towers_xformers_vs_sdpa_bf16_cuda(tmp_path):
 
 def test_trained_tokenizer_is_the_same_every_time():
     """Same captions -> same vocabulary and ids (tokenizers' own trainer tie-breaks differently per run)."""
-    from vlpgraph.tokenizer import train_wordpiece
+    from vlpgraph.layers.tokenizer import train_wordpiece
 
     caps = ["a red circle on the left of a blue square", "two shapes including a big green cross",
             "a tiny yellow triangle at the top"] * 40

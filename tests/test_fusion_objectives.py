@@ -10,9 +10,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vlpgraph import ports, registry
-from vlpgraph.attention import set_attention_backend
+from vlpgraph.layers.attention import set_attention_backend
 from vlpgraph.errors import UserError
-from vlpgraph.fusion import FusionTower, TokenHead
+from vlpgraph.layers.fusion import FusionTower, TokenHead
 from vlpgraph.nodes.encoders import fusion as fusion_mod
 from vlpgraph.nodes.objectives import itc as itc_mod
 from vlpgraph.nodes.objectives import itm as itm_mod
@@ -365,7 +365,7 @@ def test_split_points_are_word_starts_in_range():
 
 def _real_bert():
     from vlpgraph.nodes.encoders.text import TextParams, build_bert
-    from vlpgraph.tokenizer import WordPieceTokenizer, train_wordpiece
+    from vlpgraph.layers.tokenizer import WordPieceTokenizer, train_wordpiece
 
     caps = [f"a {c} {s} left of a {c2} {s}" for c in ("red", "blue", "green") for c2 in ("red", "teal") for s in ("circle", "star")]
     tok = WordPieceTokenizer(train_wordpiece(caps, 120), 16)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from tests.test_itc import FakeText, FakeVision
-from vlpgraph import mixing, ports, registry
+from vlpgraph import ports, registry
+from vlpgraph.layers import mixing
 from vlpgraph.errors import TrialFailed
 from vlpgraph.nodes.mixers import cutmix as cutmix_mod
 from vlpgraph.nodes.mixers import mixup as mixup_mod

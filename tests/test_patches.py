@@ -23,7 +23,7 @@ from vlpgraph.nodes.evaluators import grounding as grounding_mod
 from vlpgraph.nodes.heads import patch_similarity as sim_mod
 from vlpgraph.nodes.heads import tpp as tpp_mod
 from vlpgraph.nodes.objectives import pta as pta_mod
-from vlpgraph.patches import (
+from vlpgraph.layers.patches import (
     batch_patch_labels,
     chance_pointing,
     patch_labels,

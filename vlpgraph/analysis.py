@@ -490,7 +490,7 @@ def argmax_patch(scores: Sequence[float], grid_h: int, grid_w: int) -> tuple[int
 def patch_touches_box(row: int, col: int, box: Sequence[float], patch_h: float, patch_w: float,
                       grid_h: int, grid_w: int, eps: float = 1e-3) -> bool:
     """Whether a box (x0, y0, x1, y1 in pixels) touches patch (row, col) of a grid_h x grid_w grid:
-    the rule of vlpgraph.patches (floor on the low side, ceil on the high side, a box ending exactly
+    the rule of vlpgraph.layers.patches (floor on the low side, ceil on the high side, a box ending exactly
     on a patch edge does not reach the next one, clamped to the grid), restated without torch so
     the app need not import it; tests check the two agree."""
     x0, y0, x1, y1 = (float(v) for v in box)

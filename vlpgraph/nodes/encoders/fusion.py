@@ -1,5 +1,5 @@
 """Node kind ``encoder.fusion``: ALBEF's fusion encoder (text self-attention + cross-attention to the
-image), as extra layers on top of a text tower and a vision tower. The layers live in vlpgraph.fusion."""
+image), as extra layers on top of a text tower and a vision tower. The layers live in vlpgraph.layers.fusion."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vlpgraph.attention import resolve_backend
+from vlpgraph.layers.attention import resolve_backend
 from vlpgraph.errors import UserError
-from vlpgraph.fusion import FusionTower
+from vlpgraph.layers.fusion import FusionTower
 from vlpgraph.ports import BuildContext, TextTower, VisionTower
 from vlpgraph.registry import In, Params, register
 
@@ -54,7 +54,7 @@ def build(params: FusionParams, inputs: dict, ctx: BuildContext) -> FusionTower:
     `encoder_width`). Tower and fusion passes are memoised per step, so several objectives share them.
     Deviation from ALBEF: ALBEF splits one 12-layer BERT into 6 text-only and 6 fusion layers; here
     the fusion layers are added on top of the whole text tower (text tower depth + `depth` layers).
-    Attention runs through vlpgraph.attention with the `attention` backend.
+    Attention runs through vlpgraph.layers.attention with the `attention` backend.
     """
     text, vision = inputs["text"], inputs["vision"]
     where = f"node '{ctx.node}' (encoder.fusion)"

@@ -1,5 +1,5 @@
 """Node kind ``encoder.text``: a BERT text tower (transformers) with its WordPiece tokenizer; attention
-goes through vlpgraph.attention via a registered transformers attention function."""
+goes through vlpgraph.layers.attention via a registered transformers attention function."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 from pydantic import Field
 from transformers import BertConfig, BertModel
 
-from vlpgraph.attention import resolve_backend, transformers_attention_name
+from vlpgraph.layers.attention import resolve_backend, transformers_attention_name
 from vlpgraph.checkpoints import files_fingerprint, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, PairedData, TextTower
 from vlpgraph.registry import In, Params, register
-from vlpgraph.tokenizer import WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
+from vlpgraph.layers.tokenizer import WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
 
 Backend = Literal["auto", "sdpa", "math", "xformers"]
 
@@ -153,7 +153,7 @@ def build(params: TextParams, inputs: dict, ctx: BuildContext) -> BertTower:
     cut at ``max_len``, padded to the batch's longest). Without ``tokenizer`` a lowercase WordPiece
     (vocab at most ``vocab_size``) is trained on the data's training captions and cached under
     ``<cache>/tokenizers/<content hash>.json``, so re-runs reuse it. Attention runs through
-    vlpgraph.attention with the ``attention`` backend. ``pretrained`` loads a local BERT state dict
+    vlpgraph.layers.attention with the ``attention`` backend. ``pretrained`` loads a local BERT state dict
     (keys as transformers' BertModel, optionally prefixed ``bert.``). Relative ``tokenizer`` and
     ``pretrained`` paths are relative to the graph file's folder; the files' content hashes are part
     of the node's hash. Never downloads.

@@ -1,4 +1,4 @@
-"""Node kind ``encoder.vit``: a timm VisionTransformer whose attention goes through vlpgraph.attention."""
+"""Node kind ``encoder.vit``: a timm VisionTransformer whose attention goes through vlpgraph.layers.attention."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pydantic import Field
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
-from vlpgraph.attention import attend, resolve_backend
+from vlpgraph.layers.attention import attend, resolve_backend
 from vlpgraph.checkpoints import files_fingerprint, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, PairedData, VisionTower
@@ -70,7 +70,7 @@ def fingerprint(p: ViTParams, base_dir) -> dict | None:
 
 
 class RoutedAttention(TimmAttention):
-    """timm's ``Attention`` with the scaled-dot-product step done by :func:`vlpgraph.attention.attend`.
+    """timm's ``Attention`` with the scaled-dot-product step done by :func:`vlpgraph.layers.attention.attend`.
 
     Same parameters and state-dict keys as timm's; the forward mirrors timm 1.0.31's line by line
     (qkv, q_norm/k_norm, attention with attn_drop, norm, optional gate, proj, proj_drop).
@@ -236,7 +236,7 @@ def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
     Produces a VisionTower: images [B, 3, S, S] -> tokens [B, 1 + (S/patch_size)^2, width], class
     token first, final LayerNorm applied. ``forward_blocks(images, blocks)`` also returns the tokens
     after the listed blocks (before the final norm); block indices are 0 .. depth-1 (negative
-    indices count from the end). Attention runs through vlpgraph.attention with the ``attention``
+    indices count from the end). Attention runs through vlpgraph.layers.attention with the ``attention``
     backend. S is ``image_size``, or the data input's image size when left out (32 without data);
     validation checks that ``patch_size`` divides S, also when S comes from the data.
     ``pretrained`` loads a local .safetensors/.pth state dict (timm ViT keys, optionally prefixed

@@ -12,7 +12,7 @@ from torch import nn
 from vlpgraph import ports
 from vlpgraph.errors import TrialFailed
 from vlpgraph.evaluation import evaluation_mode, to_device, tokenize
-from vlpgraph.patches import (
+from vlpgraph.layers.patches import (
     batch_patch_labels,
     chance_pointing,
     png_bytes,

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from vlpgraph import ports
 from vlpgraph.errors import UserError
-from vlpgraph.patches import znormalize
+from vlpgraph.layers.patches import znormalize
 from vlpgraph.registry import In, Params, register
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from vlpgraph import ports
 from vlpgraph.errors import UserError
-from vlpgraph.patches import znormalize
+from vlpgraph.layers.patches import znormalize
 from vlpgraph.registry import In, Params, register
 
 

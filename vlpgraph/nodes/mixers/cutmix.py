@@ -9,7 +9,8 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from vlpgraph import mixing, ports
+from vlpgraph import ports
+from vlpgraph.layers import mixing
 from vlpgraph.registry import register
 
 

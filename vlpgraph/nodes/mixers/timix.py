@@ -11,7 +11,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vlpgraph import mixing, ports
+from vlpgraph import ports
+from vlpgraph.layers import mixing
 from vlpgraph.errors import TrialFailed
 from vlpgraph.registry import In, Params, register
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from vlpgraph import ports
 from vlpgraph.errors import UserError
-from vlpgraph.fusion import FusionTower
+from vlpgraph.layers.fusion import FusionTower
 from vlpgraph.registry import In, Params, register
 
 ALBEF_EPS = 1e-4  # ALBEF adds this to the softmax weights before zeroing the positives

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from vlpgraph import ports
 from vlpgraph.errors import UserError
-from vlpgraph.fusion import FusionTower, TokenHead, word_embeddings
+from vlpgraph.layers.fusion import FusionTower, TokenHead, word_embeddings
 from vlpgraph.registry import In, Params, register
 
 IGNORE = -100  # cross-entropy's ignore_index: positions that are not predicted

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from vlpgraph import ports
 from vlpgraph.errors import UserError
-from vlpgraph.fusion import FusionTower, TokenHead, word_embeddings
+from vlpgraph.layers.fusion import FusionTower, TokenHead, word_embeddings
 from vlpgraph.registry import In, Params, register
 
 

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from vlpgraph import ports
 from vlpgraph.errors import TrialFailed, UserError
-from vlpgraph.patches import batch_patch_labels
+from vlpgraph.layers.patches import batch_patch_labels
 from vlpgraph.registry import In, Params, register
 
 

@@ -11,8 +11,8 @@ Layout of one :class:`FusionLayer` (post-LN, as BERT with ``add_cross_attention`
     x = LN(x + CrossAttention(x, image tokens))    # every image token, CLS included
     x = LN(x + MLP(x))
 
-Every attention runs through :func:`vlpgraph.attention.attend`, so the ``attention_backend`` switch of
-:func:`vlpgraph.attention.set_attention_backend` applies.
+Every attention runs through :func:`vlpgraph.layers.attention.attend`, so the ``attention_backend`` switch of
+:func:`vlpgraph.layers.attention.set_attention_backend` applies.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlpgraph.attention import attend
+from vlpgraph.layers.attention import attend
 from vlpgraph.ports import Forward, TextTower, VisionTower
 
 LN_EPS = 1e-12  # BERT's layer_norm_eps
