@@ -118,6 +118,10 @@ class VisionTower(nn.Module):
 
     ``forward_blocks(images, blocks)`` also returns the tokens after each listed block (0-based),
     before the final norm: ``(final_tokens, {block: tokens})``.
+
+    ``forward_masked(images, ids_keep)`` (towers that support masked image modelling): encode only the
+    patches listed in ``ids_keep`` [B, V] (long, row-major patch indices, each row sorted) plus the
+    prefix tokens; the blocks never see the other patches. Returns [B, prefix + V, C], final norm applied.
     """
 
     width: int
@@ -127,6 +131,9 @@ class VisionTower(nn.Module):
 
     def forward_blocks(self, images: torch.Tensor, blocks: Sequence[int]):
         raise NotImplementedError
+
+    def forward_masked(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no masked forward")
 
 
 class TextTower(nn.Module):
@@ -188,6 +195,52 @@ class Objective(nn.Module):
 
     weight: float = 1.0
     step_groups: tuple[str, ...] = ("main",)
+
+
+@dataclass
+class MaskedEncoding:
+    """One step's masked image encoding (MAE): ``tokens`` [B, prefix + V, C] from the vision tower's masked
+    forward (final norm applied, prefix/CLS first), ``ids_keep`` [B, V] long (the visible patches, sorted),
+    ``mask`` [B, N] float (1 = masked, 0 = visible) over the N patches in row-major order."""
+
+    tokens: torch.Tensor
+    ids_keep: torch.Tensor
+    mask: torch.Tensor
+
+
+class MaskedImageModel(Objective):
+    """An objective that encodes a masked view of the batch's images (objective.mae).
+
+    ``masked_encoding(fwd) -> MaskedEncoding``: memoised in ``fwd``, so every objective of the step that
+    reads it (objective.caption on MUG's masked view) shares one masked forward. ``vision``: the tower.
+    ``reconstruct(fwd) -> Tensor [B, N, patch*patch*3]``: the decoder's pixel predictions (normalised
+    per patch when ``norm_pix``), for evaluators and the app.
+    """
+
+    vision: "VisionTower"
+
+    def masked_encoding(self, fwd: Forward) -> MaskedEncoding:
+        raise NotImplementedError
+
+    def reconstruct(self, fwd: Forward) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CaptionDecoder(nn.Module):
+    """A causal caption decoder conditioned on image tokens (decoder.caption).
+
+    ``forward(input_ids [B, L], attention_mask [B, L], image_tokens [B, M, Cv]) -> logits [B, L, V]``:
+    position t predicts token t+1 and depends only on tokens <= t and the image.
+    ``generate(image_tokens, max_len, beams=1) -> list[list[int]]``: token ids after BOS, up to (not
+    including) EOS. ``tokenizer``: its tokenizer (BOS = ``cls_id``, EOS = ``sep_id``); ``image_width``:
+    the width of the image tokens it reads.
+    """
+
+    tokenizer: Tokenizer
+    image_width: int
+
+    def generate(self, image_tokens: torch.Tensor, max_len: int | None = None, beams: int = 1) -> list[list[int]]:
+        raise NotImplementedError
 
 
 class PatchScorer(nn.Module):
@@ -280,6 +333,8 @@ class EvalResult:
     metrics: dict[str, float]
     # rows for the store's patch_scores table (dicts with its columns less run_id/step)
     patch_scores: list[dict] = field(default_factory=list)
+    # rows for the store's samples table (generated captions, reconstructions...; see Store.log_samples)
+    samples: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------- context

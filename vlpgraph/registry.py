@@ -26,7 +26,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
-ROLES = ("dataset", "encoder", "head", "mixer", "objective", "evaluator", "trainer")
+ROLES = ("dataset", "encoder", "decoder", "head", "mixer", "objective", "evaluator", "trainer")
 
 
 class Params(BaseModel):

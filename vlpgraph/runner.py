@@ -402,7 +402,8 @@ class Runner:
             # one transaction replaces whatever this evaluator wrote at this step (an older version's rows)
             self.store.log_evaluation(plan.trial.run_id, step, name, node.hash,
                                       {k: float(v) for k, v in result.metrics.items()},
-                                      headline=getattr(evaluator, "headline", None), patch_rows=result.patch_scores or ())
+                                      headline=getattr(evaluator, "headline", None), patch_rows=result.patch_scores or (),
+                                      sample_rows=result.samples or ())
             out.update({f"{name}.{k}": float(v) for k, v in result.metrics.items()})
         return out
 

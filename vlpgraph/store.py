@@ -2,7 +2,7 @@
 
 Layout under the store root (``store/`` by default, ``--store DIR`` or ``$VLPGRAPH_STORE``)::
 
-    vlpgraph.duckdb          runs, metrics, evals, patch_scores (+ meta)
+    vlpgraph.duckdb          runs, metrics, evals, patch_scores, samples (+ meta)
     runs/<run_id>/           per-run artifacts (checkpoints, logs)
     cache/<hash>/            cached node outputs (tokenizers, materialised datasets)
 
@@ -65,7 +65,7 @@ Evaluations and their evaluator's version
 -----------------------------------------
 ``evals.evaluator_hash`` is the content hash of the evaluator node that wrote the row (its kind,
 params and inputs' hashes). ``log_evaluation`` writes one evaluator's result at one step and deletes
-whatever that evaluator had at that step first (evals and patch_scores, one transaction), so an
+whatever that evaluator had at that step first (evals, patch_scores and samples, one transaction), so an
 edited evaluator's rows never sit beside its older version's. ``completed_evals(run, hashes)``
 counts an evaluation as done only when its rows carry the hash asked for (rows from before the
 column have none and count as not done for that purpose).
@@ -73,7 +73,7 @@ column have none and count as not done for that purpose).
 Keys and idempotence
 --------------------
 ``runs``: run_id (upsert; a resumed run keeps its row). ``metrics``: (run_id, step, name).
-``evals``: (run_id, step, evaluator, metric). ``patch_scores``: (run_id, step, evaluator, kind, sample_id). All are
+``evals``: (run_id, step, evaluator, metric). ``patch_scores`` and ``samples``: (run_id, step, evaluator, kind, sample_id). All are
 PRIMARY KEYs and every log_* call replaces rows with the same key, so repeating a write never
 duplicates; ``delete_metrics_after`` drops what a resumed run will log again. Timestamps are UTC.
 """
@@ -128,6 +128,9 @@ _PATCH_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARC
                   ("grid_h", "INTEGER"), ("grid_w", "INTEGER"), ("scores", "FLOAT[]"), ("image", "BLOB"),
                   ("boxes", "VARCHAR"), ("partner_id", "BIGINT"), ("partner_image", "BLOB"),
                   ("mixed_image", "BLOB"), ("lam", "DOUBLE")]
+_SAMPLE_COLUMNS = [("run_id", "VARCHAR"), ("step", "BIGINT"), ("evaluator", "VARCHAR"), ("kind", "VARCHAR"),
+                   ("sample_id", "BIGINT"), ("text", "VARCHAR"), ("reference", "VARCHAR"), ("image", "BLOB"),
+                   ("masked_image", "BLOB"), ("output_image", "BLOB"), ("info", "VARCHAR")]
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -199,9 +202,25 @@ SCHEMA = [
         lam DOUBLE,
         PRIMARY KEY (run_id, step, evaluator, kind, sample_id)
     )""",
+    # What evaluators produce to look at, one row per (evaluator, kind, sample): generated captions beside
+    # their references, MAE reconstructions, later QA answers and mixed sentences (ports.EvalResult.samples).
+    """CREATE TABLE IF NOT EXISTS samples (
+        run_id VARCHAR NOT NULL,
+        step BIGINT NOT NULL,
+        evaluator VARCHAR NOT NULL,     -- the evaluator node that wrote the row
+        kind VARCHAR NOT NULL,          -- 'caption' | 'reconstruction' | ... (what the row shows)
+        sample_id BIGINT NOT NULL,      -- the test sample's id
+        text VARCHAR,                   -- what the model produced (a generated caption, an answer)
+        reference VARCHAR,              -- what it should be (the reference caption(s), the true answer)
+        image BLOB,                     -- the input image (PNG)
+        masked_image BLOB,              -- what the model saw of it (e.g. MAE's visible patches; PNG)
+        output_image BLOB,              -- what the model made of it (e.g. MAE's reconstruction; PNG)
+        info VARCHAR,                   -- anything else, JSON (scores, the question, the mask ratio)
+        PRIMARY KEY (run_id, step, evaluator, kind, sample_id)
+    )""",
     "INSERT OR IGNORE INTO meta VALUES ('schema_version', '2')",
 ]
-TABLES = ("runs", "metrics", "evals", "patch_scores", "meta")
+TABLES = ("runs", "metrics", "evals", "patch_scores", "samples", "meta")
 
 
 class StoreError(Exception):
@@ -863,23 +882,67 @@ class Store:
 
     def log_evaluation(self, run_id: str, step: int, evaluator: str, evaluator_hash: str | None,
                        metrics: Mapping[str, float], headline: str | None = None,
-                       patch_rows: Sequence[Mapping[str, Any]] = ()) -> None:
+                       patch_rows: Sequence[Mapping[str, Any]] = (),
+                       sample_rows: Sequence[Mapping[str, Any]] = ()) -> None:
         """One evaluator's result at one step, replacing whatever that evaluator wrote at that step
-        before (evals and patch_scores, in one transaction): an edited evaluator's new metrics never
-        sit beside its old ones. ``patch_rows`` as for log_patch_scores (step/evaluator filled in)."""
+        before (evals, patch_scores and samples, in one transaction): an edited evaluator's new metrics
+        never sit beside its old ones. ``patch_rows`` as for log_patch_scores, ``sample_rows`` as for
+        log_samples (step/evaluator filled in)."""
         validate_run_id(run_id)
         rows = [dict(step=step, evaluator=evaluator, metric=k, value=v, headline=k == headline,
                      evaluator_hash=evaluator_hash) for k, v in metrics.items()]
         evals = self._prepare_evals(run_id, rows)
         patches = self._prepare_patches(run_id, [dict(r, step=step, evaluator=evaluator) for r in patch_rows])
+        samples = self._prepare_samples(run_id, [dict(r, step=step, evaluator=evaluator) for r in sample_rows])
         with self._writing() as con:
-            for table in ("evals", "patch_scores"):
+            for table in ("evals", "patch_scores", "samples"):
                 con.execute(f"DELETE FROM {table} WHERE run_id = ? AND step = ? AND evaluator = ?",
                             [run_id, int(step), evaluator])
             if evals:
                 self._insert_replace(con, "evals", _EVAL_COLUMNS, evals)
             if patches:
                 self._insert_replace(con, "patch_scores", _PATCH_COLUMNS, patches)
+            if samples:
+                self._insert_replace(con, "samples", _SAMPLE_COLUMNS, samples)
+
+    def log_samples(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write things an evaluator produced to look at (the ``samples`` table).
+
+        Row keys: step, evaluator, kind (e.g. 'caption', 'reconstruction'), sample_id; optional text,
+        reference (a str, or a list of str stored as JSON), image / masked_image / output_image (PNG
+        bytes), info (JSON-able or JSON text). (run_id, step, evaluator, kind, sample_id) is replaced.
+        """
+        validate_run_id(run_id)
+        prepared = self._prepare_samples(run_id, rows)
+        if prepared:
+            with self._writing() as con:
+                self._insert_replace(con, "samples", _SAMPLE_COLUMNS, prepared)
+
+    def _prepare_samples(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+        prepared = []
+        for r in rows:
+            try:
+                blobs = []
+                for key in ("image", "masked_image", "output_image"):
+                    blob = r.get(key)
+                    if blob is not None and not isinstance(blob, (bytes, bytearray, memoryview)):
+                        raise TypeError(f"{key} must be PNG bytes, got {type(blob).__name__}")
+                    blobs.append(None if blob is None else bytes(blob))
+                ref, info = r.get("reference"), r.get("info")
+                if ref is not None and not isinstance(ref, str):
+                    ref = _json(list(ref))
+                if info is not None and not isinstance(info, str):
+                    info = _json(info)
+                kind = str(r.get("kind") or "")
+                if not kind:
+                    raise ValueError("kind is required")
+                prepared.append([
+                    run_id, int(_scalar(r["step"])), str(r.get("evaluator") or ""), kind, int(_scalar(r["sample_id"])),
+                    None if r.get("text") is None else str(r["text"]), ref, *blobs, info,
+                ])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"log_samples: bad row (sample {r.get('sample_id')!r}): {exc}") from exc
+        return self._dedupe(prepared, key=lambda r: (r[1], r[2], r[3], r[4]))
 
     def log_patch_scores(self, run_id: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Write scored (image, caption) pairs and mixed samples for the app.
@@ -941,7 +1004,7 @@ class Store:
         """Remove a run's rows from every table (one transaction); artifacts on disk are left alone."""
         validate_run_id(run_id)
         with self._writing() as con:
-            for table in ("metrics", "evals", "patch_scores", "runs"):
+            for table in ("metrics", "evals", "patch_scores", "samples", "runs"):
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
 
     # ---------------------------------------------------------------- reader API
@@ -1037,6 +1100,22 @@ class Store:
             sql += " AND step = ?"
             values.append(int(step))
         sql += " ORDER BY step DESC, sample_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            values.append(int(limit))
+        return self._read(lambda con: _rows(con.execute(sql, values)))
+
+    def samples(self, run_id: str, step: int | None = None, kind: str | None = None,
+                evaluator: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Rows of the ``samples`` table for a run (latest step first), ordered by sample_id; optionally one
+        step, kind and/or evaluator."""
+        validate_run_id(run_id)
+        sql, values = "SELECT * FROM samples WHERE run_id = ?", [run_id]
+        for column, value in (("step", step), ("kind", kind), ("evaluator", evaluator)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                values.append(int(value) if column == "step" else str(value))
+        sql += " ORDER BY step DESC, evaluator, kind, sample_id"
         if limit is not None:
             sql += " LIMIT ?"
             values.append(int(limit))

@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BuildContext, Model, Objective, PairedData, TextTower
+from vlpgraph.ports import BuildContext, CaptionDecoder, Model, Objective, PairedData, TextTower
 from vlpgraph.registry import In, Params, register, size_of
 
 
@@ -57,10 +57,10 @@ class TrainJob(Model):
         self.device = device
         tokenizers = {}
         for m in self.modules.modules():
-            if isinstance(m, TextTower):
+            if isinstance(m, (TextTower, CaptionDecoder)):
                 tokenizers[m.tokenizer.content_hash] = m.tokenizer
         if len(tokenizers) > 1:
-            raise UserError("the objectives use text towers with different tokenizers; one trial needs one tokenizer")
+            raise UserError("the objectives use text towers / caption decoders with different tokenizers (vocab_size, max_len or tokenizer file differ); one trial needs one tokenizer")
         self.tokenizer = next(iter(tokenizers.values()), None)
 
 

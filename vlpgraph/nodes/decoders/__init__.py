@@ -1,0 +1,1 @@
+"""Node kinds: decoders (decoder.caption)."""
