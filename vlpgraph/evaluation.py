@@ -172,3 +172,85 @@ def recall_at(ranks: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     if ranks.numel() == 0:
         return {k: float("nan") for k in ks}
     return {k: (ranks < k).float().mean().item() for k in ks}
+
+
+# ------------------------------------------------------------------------------- frozen transfer
+
+
+@dataclass
+class FrozenTokens:
+    """A frozen vision tower's output on some items of a split, computed once per evaluation.
+
+    tokens: [N, prefix + P, C] fp32 on CPU (final norm applied, CLS first); labels: Long[N] (the items'
+    ``label``, -1 where an item has none or the data has no labels); captions, sample_ids: one per item.
+    """
+
+    indices: list[int]
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    captions: list[str] = field(default_factory=list)
+    sample_ids: list[int] = field(default_factory=list)
+
+
+def frozen_image_tokens(
+    encoder: ports.VisionTower,
+    data: ports.PairedData,
+    dataset: torch.utils.data.Dataset,
+    indices: Sequence[int] | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> FrozenTokens:
+    """Run ``encoder`` once over ``dataset[i]`` for ``i`` in ``indices`` (default: all), in eval mode
+    under ``no_grad`` (its own train flags restored afterwards): the features every frozen-transfer
+    head trains on. The encoder's weights are only read."""
+    idx = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    chunks: list[torch.Tensor] = []
+    labels: list[int] = []
+    out = FrozenTokens(indices=idx, tokens=torch.empty(0), labels=torch.empty(0, dtype=torch.long))
+    flags = {m: m.training for m in encoder.modules()}
+    encoder.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(idx), batch_size):
+                items = [dataset[i] for i in idx[start : start + batch_size]]
+                batch = data.collate(items)
+                chunks.append(encoder(batch["images"].to(device)).float().cpu())
+                labels.extend(int(it.get("label", -1)) for it in items)
+                out.captions.extend(batch.get("captions", []))
+                ids = batch.get("sample_ids")
+                if ids is not None:
+                    out.sample_ids.extend(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+    finally:
+        for m, was_training in flags.items():
+            m.training = was_training
+    out.tokens = torch.cat(chunks) if chunks else torch.empty(0)
+    out.labels = torch.tensor(labels, dtype=torch.long)
+    return out
+
+
+@contextmanager
+def seeded(ctx: ports.BuildContext) -> Iterator[torch.Generator]:
+    """A light head's random draws, a pure function of (trial seed, evaluator node): the global torch RNG
+    is forked (what training draws next is untouched, evaluation mid-training included) and seeded from
+    them; also yields a CPU generator with the same seed for samplers and shuffles."""
+    from vlpgraph.compile import node_seed
+
+    seed = node_seed(ctx.seed, ctx.node)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def tokenizer_for(model: ports.Model, data: ports.PairedData, ctx: ports.BuildContext, vocab_size: int = 2000,
+                  max_len: int = 32) -> ports.Tokenizer:
+    """The model's tokenizer when it has one, else a WordPiece trained on the data's training captions
+    (cached under the store's cache by content hash), for heads that read text of a model without a text
+    tower (an MAE's transfer retrieval or captioning)."""
+    if model.tokenizer is not None:
+        return model.tokenizer
+    from vlpgraph.layers.tokenizer import WordPieceTokenizer, cached_wordpiece
+
+    hf_tok, _ = cached_wordpiece(list(data.train_captions()), vocab_size, ctx.cache_root, ctx.log)
+    return WordPieceTokenizer(hf_tok, max_len)
