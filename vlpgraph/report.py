@@ -1,8 +1,9 @@
-"""`vlpgraph report`: a metric by variant x grid point, mean ± std over seeds, from the store.
+"""`vlpgraph report`: metrics by variant (x grid point), mean ± std over seeds, from the store.
 
 The trials come from expanding the graph file (so the report shows exactly that experiment, even
 when its trials were computed by another graph with the same trainer); values are the evaluations
-at each run's final step.
+at each run's final step. A sweep with a grid gets one table per metric (variant x grid point); a
+sweep of variants and seeds only (graphs/mug.yaml) gets one variant x metric table.
 
 A report never answers with an empty table and exit 0: when none of the experiment's trials is in
 the store, or a ``--metric`` names nothing these trials have, :func:`build_report` raises a
@@ -77,8 +78,9 @@ def final_values(exp: Experiment, store: Store) -> dict[str, dict[str, float]]:
 def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None, *,
                  sets: list[tuple[str, Any]] = (), profile: str | None = None) -> list[Table | Text]:
     """The report's tables: each metric (default: each evaluator's headline), then wall time, by
-    variant x grid point (a line explaining empty cells when some trial is not done); then the
-    data-efficiency table where the grid allows one.
+    variant x grid point; a sweep without a grid gets one variant x metric table instead (metrics,
+    then wall time, as columns). Then a line explaining empty cells when some trial is not done, and
+    the data-efficiency table where the grid allows one.
 
     sets, profile: the ``--set`` / ``--profile`` the experiment was expanded with; only used to say
     which other profile would find the stored runs when none of these trials is in the store.
@@ -92,7 +94,7 @@ def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None
     if metrics:
         check_metrics(exp, store, metrics, values)
     metrics = list(metrics or default_metrics(exp) or sorted({k for v in values.values() for k in v if k != "wall_s"}))
-    metrics = [m for m in metrics if m != "wall_s"]  # wall time always gets its own table
+    metrics = [m for m in metrics if m != "wall_s"]  # wall time always gets its own table (or column)
     grid_keys = list(exp.trials[0].grid)
     points = list(dict.fromkeys(tuple(t.grid.get(k) for k in grid_keys) for t in exp.trials))
     variants = list(dict.fromkeys(t.variant for t in exp.trials))
@@ -103,22 +105,25 @@ def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None
         status = statuses.get(t.run_id)
         if status is not None and status != "completed":
             unfinished[(t.variant, tuple(t.grid.get(k) for k in grid_keys))].add(status)
-    tables = []
-    for metric in metrics + ["wall_s"]:
-        cells: dict[tuple, list[float]] = defaultdict(list)
-        for t in exp.trials:
-            v = values.get(t.run_id, {}).get(metric)
-            if v is not None:
-                cells[(t.variant, tuple(t.grid.get(k) for k in grid_keys))].append(v)
-        title = f"{exp.name}: {metric}" + (" (seconds per trial)" if metric == "wall_s" else "") + f" — mean ± std (n seeds); {done}/{len(exp.trials)} trials done"
-        table = Table(title=title)
-        table.add_column("variant \\ " + (", ".join(grid_keys) if grid_keys else ""))
-        for pt in points:
-            table.add_column(", ".join(str(x) for x in pt) if grid_keys else "all", justify="right")
-        for v in variants:
-            table.add_row(v, *[fmt_cell(cells.get((v, pt), []), 1 if metric == "wall_s" else 3,
-                                        tuple(sorted(unfinished.get((v, pt), ())))) for pt in points])
-        tables.append(table)
+    tables: list[Table | Text] = []
+    if not grid_keys:  # variants x seeds only (graphs/mug.yaml): one table, a column per metric
+        tables.append(variant_table(exp, values, metrics, unfinished, done))
+    else:  # a table per metric, variant x grid point
+        for metric in metrics + ["wall_s"]:
+            cells: dict[tuple, list[float]] = defaultdict(list)
+            for t in exp.trials:
+                v = values.get(t.run_id, {}).get(metric)
+                if v is not None:
+                    cells[(t.variant, tuple(t.grid.get(k) for k in grid_keys))].append(v)
+            title = f"{exp.name}: {metric}" + (" (seconds per trial)" if metric == "wall_s" else "") + f" — mean ± std (n seeds); {done}/{len(exp.trials)} trials done"
+            table = Table(title=title)
+            table.add_column("variant \\ " + ", ".join(grid_keys))
+            for pt in points:
+                table.add_column(", ".join(str(x) for x in pt), justify="right")
+            for v in variants:
+                table.add_row(v, *[fmt_cell(cells.get((v, pt), []), 1 if metric == "wall_s" else 3,
+                                            tuple(sorted(unfinished.get((v, pt), ())))) for pt in points])
+            tables.append(table)
     if done < len(exp.trials):
         tables.append(Text("a cell without results: '-' none yet (not run, or not evaluated); else the status of its trials "
                            "that did not complete (failed, running, ...)"))
@@ -127,6 +132,25 @@ def build_report(exp: Experiment, store: Store, metrics: list[str] | None = None
         if eff is not None:
             tables.append(eff)
     return tables
+
+
+def variant_table(exp: Experiment, values: dict[str, dict[str, float]], metrics: list[str],
+                  unfinished: dict[tuple, set[str]], done: int) -> Table:
+    """The report of a sweep without a grid: a row per variant, a column per metric and a last one for
+    wall time, each cell 'mean ± std (n)' over the variant's seeds (or its trials' unfinished statuses)."""
+    title = (f"{exp.name}: variant x metric — mean ± std (n seeds), at each run's final step; "
+             f"{done}/{len(exp.trials)} trials done")
+    table = Table(title=title)
+    table.add_column("variant")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    table.add_column("wall_s (seconds per trial)", justify="right")
+    for variant in dict.fromkeys(t.variant for t in exp.trials):
+        runs = [values.get(t.run_id, {}) for t in exp.trials if t.variant == variant]
+        statuses = tuple(sorted(unfinished.get((variant, ()), ())))
+        table.add_row(variant, *[fmt_cell([v[m] for v in runs if m in v], 1 if m == "wall_s" else 3, statuses)
+                                 for m in [*metrics, "wall_s"]])
+    return table
 
 
 def check_metrics(exp: Experiment, store: Store, metrics: list[str], values: dict[str, dict[str, float]]) -> None:
