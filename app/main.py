@@ -23,6 +23,7 @@ PAGES = [
     st.Page(str(HERE / "views/efficiency.py"), title="Data efficiency", icon=":material/show_chart:",
             url_path="efficiency"),
     st.Page(str(HERE / "views/heatmaps.py"), title="Patch heatmaps", icon=":material/blur_on:", url_path="heatmaps"),
+    st.Page(str(HERE / "views/samples.py"), title="Samples", icon=":material/photo_library:", url_path="samples"),
     st.Page(str(HERE / "views/graph.py"), title="Graph", icon=":material/account_tree:", url_path="graph"),
 ]
 

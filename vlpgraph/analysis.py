@@ -523,3 +523,79 @@ def graph_runs(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
         return _df(con, f"SELECT r.run_id, r.graph, r.variant, r.seed FROM {_runs(con)} WHERE TRUE{where} "
                         "ORDER BY r.created_at DESC, r.run_id", values)
     return store._read(q)
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def sample_runs(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
+    """Runs that stored samples (the ``samples`` table that evaluators such as evaluator.captioning and
+    evaluator.reconstruction write): one row per run with graph, variant, seed, created_at, its latest
+    step with samples, how many distinct samples and which kinds ('caption, reconstruction'), oldest first."""
+    def q(con):
+        where, values = where_sql(_runs_columns(con), filters)
+        return _df(con, "SELECT s.run_id, any_value(r.graph) AS graph, any_value(r.variant) AS variant, "
+                        "any_value(r.seed) AS seed, any_value(r.created_at) AS created_at, max(s.step) AS step, "
+                        "count(DISTINCT s.sample_id) AS samples, string_agg(DISTINCT s.kind, ', ' ORDER BY s.kind) AS kinds "
+                        f"FROM samples s JOIN {_runs(con)} ON r.run_id = s.run_id WHERE TRUE{where} "
+                        "GROUP BY s.run_id ORDER BY created_at, s.run_id", values)
+    return store._read(q)
+
+
+def sample_steps(store: Store, run_id: str) -> list[int]:
+    """The steps at which a run stored samples, latest first."""
+    rows = store.query("SELECT DISTINCT step FROM samples WHERE run_id = ? ORDER BY step DESC", [validate_run_id(run_id)])
+    return [int(r["step"]) for r in rows]
+
+
+def references(value: str | None) -> list[str]:
+    """A samples row's reference as a list: Store.log_samples keeps a list of references as JSON text,
+    a single one as plain text."""
+    if value is None:
+        return []
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, list):
+            return [str(v) for v in parsed]
+    return [value]
+
+
+def sample_table(store: Store, run_id: str, step: int) -> pd.DataFrame:
+    """Every samples row of a run at a step without its images: sample_id, evaluator, kind, text,
+    reference (several references joined by ' | '), and which images it has; by sample_id, evaluator, kind."""
+    frame = store.query_df(
+        "SELECT sample_id, evaluator, kind, text, reference, image IS NOT NULL AS has_image, "
+        "masked_image IS NOT NULL AS has_masked_image, output_image IS NOT NULL AS has_output_image "
+        "FROM samples WHERE run_id = ? AND step = ? ORDER BY sample_id, evaluator, kind",
+        [validate_run_id(run_id), int(step)])
+    frame["reference"] = [" | ".join(references(r)) if isinstance(r, str) else None for r in frame["reference"]]
+    return frame
+
+
+def sample_labels(table: pd.DataFrame, width: int = 60) -> dict[int, str]:
+    """sample_id -> '#id · kinds · the first reference (or text)', from sample_table's rows, for a picker."""
+    out: dict[int, str] = {}
+    for sid, group in table.groupby("sample_id", sort=True):
+        words = next((str(v) for col in ("reference", "text") for v in group[col] if isinstance(v, str) and v), "")
+        words = words if len(words) <= width else words[: width - 1] + "…"
+        out[int(sid)] = " · ".join(bit for bit in (f"#{int(sid)}", ", ".join(dict.fromkeys(group["kind"])), words) if bit)
+    return out
+
+
+def sample_detail(store: Store, run_id: str, step: int, sample_id: int) -> list[dict[str, Any]]:
+    """One sample of a run at a step: a row per (evaluator, kind) with text, ``references`` (a list),
+    image / masked_image / output_image (PNG bytes or None) and ``info`` (a dict: the stored JSON, a
+    non-object value under 'info'). Empty when the run did not store that sample at that step."""
+    rows = store.query("SELECT * FROM samples WHERE run_id = ? AND step = ? AND sample_id = ? ORDER BY evaluator, kind",
+                       [validate_run_id(run_id), int(step), int(sample_id)])
+    for row in rows:
+        row["references"] = references(row.pop("reference"))
+        try:
+            info = json.loads(row["info"]) if row.get("info") else {}
+        except ValueError:
+            info = row["info"]
+        row["info"] = info if isinstance(info, dict) else {"info": info}
+    return rows

@@ -1,0 +1,106 @@
+"""Samples: what evaluators stored to look at (the store's ``samples`` table) for a run and a test sample —
+the image, the masked view and the MAE reconstruction; generated vs reference captions; a second run side
+by side on the same sample. A kind this page does not know is shown generically (images, text, reference,
+info)."""
+
+import streamlit as st
+
+import common
+from vlpgraph import analysis, plots
+
+NONE = "(none)"
+ALL_VARIANTS = "(all variants)"
+IMAGES = ("image", "masked_image", "output_image")
+# How each kind's fields are titled; any other kind gets the column names.
+LABELS = {
+    "reconstruction": {"image": "image", "masked_image": "masked view (what the encoder saw)",
+                       "output_image": "MAE reconstruction", "text": "output", "references": "reference"},
+    "caption": {"image": "image", "text": "generated", "references": "reference"},
+}
+DEFAULT_LABELS = {"image": "image", "masked_image": "masked_image", "output_image": "output_image", "text": "text",
+                  "references": "reference"}
+
+
+def show_row(row: dict) -> None:
+    """One (evaluator, kind) row of a sample: its images in a row, its text beside its reference(s),
+    then its info (scalars on a line, anything nested as JSON)."""
+    labels = {**DEFAULT_LABELS, **LABELS.get(row["kind"], {})}
+    st.markdown(f"**{common.plain(row['evaluator'])}** · {common.plain(row['kind'])}")
+    images = [(labels[c], row[c]) for c in IMAGES if row.get(c) is not None]
+    if images:
+        for col, (title, blob) in zip(st.columns(len(images)), images):
+            # PNG, not Streamlit's default JPEG re-encoding: a reconstruction is compared pixel by pixel
+            col.image(plots.upscale_png(blob), caption=title, output_format="PNG")
+    if row.get("text") is not None:
+        st.markdown(f"{labels['text']}: **{common.plain(row['text'])}**")
+    refs = row["references"]
+    if len(refs) == 1:
+        st.markdown(f"{labels['references']}: {common.plain(refs[0])}")
+    elif refs:
+        st.markdown(f"{labels['references']}s ({len(refs)}):\n" + "".join(f"\n- {common.plain(r)}" for r in refs))
+    info = row["info"]
+    scalars = {k: v for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    if scalars:
+        st.caption(" · ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in scalars.items()))
+    nested = {k: v for k, v in info.items() if k not in scalars}
+    if nested:
+        st.json(nested, expanded=False)
+
+
+st.title("Samples")
+common.require_runs()
+base = common.base_filters()
+runs = common.q("sample_runs", base)
+if runs.empty:
+    st.info(f"No run of {common.graph_label()} stored samples. Evaluators write them: `evaluator.reconstruction` "
+            "(the image, its masked view and the MAE reconstruction) and `evaluator.captioning` (generated captions "
+            "beside their references), e.g.\n\n```\nvlpgraph run graphs/mug.yaml\n```", icon=":material/info:")
+    st.stop()
+
+labels = analysis.run_labels(runs)
+kinds = dict(zip(runs["run_id"], runs["kinds"]))
+
+# ---- which run, step and sample
+c1, c2, c3, c4 = st.columns([1, 3, 1, 3])
+variants = sorted(set(runs["variant"].dropna()))
+variant = c1.selectbox("variant", [ALL_VARIANTS] + variants, key="sm_variant")
+shown = runs if variant == ALL_VARIANTS else runs[runs["variant"] == variant]
+run_ids = shown["run_id"].tolist()
+run_id = c2.selectbox("run", run_ids, index=len(run_ids) - 1, key="sm_run",
+                      format_func=lambda r: f"{labels.get(r, r)} · {kinds[r]}")
+steps = common.q("sample_steps", run_id)
+step = c3.selectbox("step", steps, key="sm_step", help="the evaluation step (latest first)")
+others = [r for r in runs["run_id"] if r != run_id]
+other = c4.selectbox("side by side with", [NONE] + others, key="sm_other",
+                     format_func=lambda r: r if r == NONE else labels.get(r, r))
+
+table = common.q("sample_table", run_id, int(step))
+ids = sorted(set(table["sample_id"].astype(int)))
+other_step, other_table = None, None
+if other != NONE:
+    # the second run at the same step when it has one, else at its latest
+    other_steps = common.q("sample_steps", other)
+    other_step = step if step in other_steps else other_steps[0]
+    other_table = common.q("sample_table", other, int(other_step))
+    both = [i for i in ids if i in set(other_table["sample_id"].astype(int))]
+    if both:
+        ids = both
+    else:
+        st.warning("The two runs stored no sample in common; showing the first run's samples.")
+sample_names = analysis.sample_labels(table)
+sample_id = st.selectbox("sample", ids, key="sm_sample", format_func=lambda i: sample_names.get(i, f"#{i}"),
+                         help="test samples the evaluators stored (with a second run: those both stored)")
+
+# ---- the sample, one panel per run
+panels = [(run_id, step)] + ([(other, other_step)] if other != NONE else [])
+for panel, (rid, at_step) in zip(st.columns(len(panels)), panels):
+    with panel:
+        st.caption(f"{labels.get(rid, rid)} · step {at_step}")
+        rows = common.q("sample_detail", rid, int(at_step), int(sample_id))
+        if not rows:
+            st.warning(f"This run did not store sample #{sample_id} at step {at_step}.")
+        for row in rows:
+            show_row(row)
+
+with st.expander(f"Every stored sample of this run at step {step} ({len(table)} rows)"):
+    st.dataframe(table[["sample_id", "evaluator", "kind", "text", "reference"]], hide_index=True, key="sm_table")
