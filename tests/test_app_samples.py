@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +152,8 @@ def test_a_reconstruction_row_shows_image_masked_view_and_reconstruction(store, 
     for (_, got), want in zip(shown, (picture(2), picture(10 + 2), picture(100 + 4 + 2))):
         assert np.array_equal(got, pixels(want))
     assert "mask_ratio: 0.75" in text(at)
+    page = text(at)  # the picture first, then what the captioner said about it
+    assert page.index("reconstruction · reconstruction") < page.index("captioning · caption")
 
 
 def test_side_by_side_shows_both_runs_captions_of_the_same_sample(store, monkeypatch):
@@ -185,3 +189,17 @@ def test_a_store_without_samples_says_which_evaluators_write_them(tmp_path, monk
     assert not at.get("image")
     empty = open_samples(tmp_path / "nothing", monkeypatch)  # no runs at all: the app's usual notice
     assert any("vlpgraph run graphs/smoke.yaml" in i.value for i in empty.info)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium (scripts/install-chromium)")
+def test_the_screenshot_script_shows_two_runs_side_by_side_in_chromium(store, tmp_path):
+    """scripts/screenshot_app.py (what makes docs/app/samples.png from a real store) on this store: it picks a
+    run and a second one, and saves the page; it would exit with a FAILED shot on an exception box."""
+    spec = importlib.util.spec_from_file_location("screenshot_app", ROOT / "scripts" / "screenshot_app.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = script.screenshot(store.root, "samples", tmp_path / "samples.png",
+                            [("run", "mugtest/mug"), ("side by side with", "captioner")])
+    shot = pixels(out.read_bytes())
+    assert shot.shape[1] == 1600 and shot.shape[0] >= 600

@@ -588,8 +588,10 @@ def sample_labels(table: pd.DataFrame, width: int = 60) -> dict[int, str]:
 def sample_detail(store: Store, run_id: str, step: int, sample_id: int) -> list[dict[str, Any]]:
     """One sample of a run at a step: a row per (evaluator, kind) with text, ``references`` (a list),
     image / masked_image / output_image (PNG bytes or None) and ``info`` (a dict: the stored JSON, a
-    non-object value under 'info'). Empty when the run did not store that sample at that step."""
-    rows = store.query("SELECT * FROM samples WHERE run_id = ? AND step = ? AND sample_id = ? ORDER BY evaluator, kind",
+    non-object value under 'info'); rows with images first (the picture, then what was said about it),
+    then by evaluator and kind. Empty when the run did not store that sample at that step."""
+    rows = store.query("SELECT * FROM samples WHERE run_id = ? AND step = ? AND sample_id = ? "
+                       "ORDER BY image IS NULL AND masked_image IS NULL AND output_image IS NULL, evaluator, kind",
                        [validate_run_id(run_id), int(step), int(sample_id)])
     for row in rows:
         row["references"] = references(row.pop("reference"))
