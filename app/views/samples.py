@@ -76,7 +76,7 @@ other = c4.selectbox("side by side with", [NONE] + others, key="sm_other",
 
 table = common.q("sample_table", run_id, int(step))
 ids = sorted(set(table["sample_id"].astype(int)))
-other_step, other_table = None, None
+other_step = None
 if other != NONE:
     # the second run at the same step when it has one, else at its latest
     other_steps = common.q("sample_steps", other)
