@@ -340,3 +340,19 @@ def test_tiny_mae_graph_trains_and_writes_reconstructions(tmp_path: Path):
     assert [r["sample_id"] for r in rows] == sorted(r["sample_id"] for r in rows) and len(rows) == 4
     assert all(r["evaluator"] == "reconstruction" and r["output_image"] for r in rows)
     assert json.loads(rows[0]["info"])["mask_ratio"] == 0.75
+
+
+def test_mae_decoder_attention_goes_through_attend(monkeypatch):
+    from vlpgraph.layers import attention
+
+    mae = _mae(_tower(), attention="math")
+    backends = []
+    real = attention.attend
+
+    def spy(*a, **kw):
+        backends.append(a[5])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(attention, "attend", spy)
+    mae.decoder(torch.randn(2, 5, 32), torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]))
+    assert backends == ["math"]  # one decoder block, its attention routed with the node's backend
