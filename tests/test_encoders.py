@@ -135,9 +135,8 @@ def test_vit_attention_goes_through_attend(tmp_path, monkeypatch):
         seen.append(a[5] if len(a) > 5 else kw.get("backend"))
         return real(*a, **kw)
 
-    import vlpgraph.nodes.encoders.vit as vit_mod
-
-    monkeypatch.setattr(vit_mod, "attend", spy)
+    # RoutedAttention (vlpgraph.layers.attention) looks attend up in its own module
+    monkeypatch.setattr(attention, "attend", spy)
     v(torch.randn(1, 3, 32, 32))
     assert seen == ["math", "math"]
 

@@ -17,6 +17,10 @@ Layout is ``[B, H, L, Dh]`` for q, k, v and the output (the layout of
 Masks: boolean (True = attend) or additive float, broadcastable to ``[B, H, Lq, Lk]``. ``causal`` is
 top-left aligned (query i sees keys 0..i), as in SDPA's ``is_causal``; it may be combined with a mask.
 
+timm models route through it with :class:`RoutedAttention` (timm's ``Attention`` with the same weights,
+its core replaced by :func:`attend`) and :func:`route_timm_attention`; encoder.vit and objective.mae's
+decoder blocks use them. transformers models route through it with :func:`transformers_attention_name`.
+
 Modules whose attention goes through :func:`attend` carry an ``attention_backend`` attribute (or
 property); :func:`set_attention_backend` switches every such module inside a model, which is how
 tests compare backends on the same weights.
@@ -30,6 +34,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
 from torch import nn
 
 from vlpgraph.errors import UserError
@@ -207,6 +212,56 @@ def set_attention_backend(module: nn.Module, backend: str) -> int:
     n = 0
     for m in module.modules():
         if hasattr(m, "attention_backend"):
+            m.attention_backend = backend
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------ timm attention
+
+
+class RoutedAttention(TimmAttention):
+    """timm's ``Attention`` with the scaled-dot-product step done by :func:`vlpgraph.layers.attention.attend`.
+
+    Same parameters and state-dict keys as timm's; the forward mirrors timm 1.0.31's line by line
+    (qkv, q_norm/k_norm, attention with attn_drop, norm, optional gate, proj, proj_drop).
+    ``attention_backend`` picks the backend. With ``keep_weights`` set, the math backend runs and the
+    attention weights [B, H, N, N] are kept in ``last_weights`` (for attention maps).
+    """
+
+    attention_backend: str = "auto"
+    keep_weights: bool = False
+    last_weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        p = self.attn_drop.p if self.training else 0.0
+        if self.keep_weights:
+            x, w = attend(q, k, v, attn_mask, is_causal, "math", self.scale, return_weights=True, dropout_p=p)
+            self.last_weights = w.detach()
+        else:
+            x = attend(q, k, v, attn_mask, is_causal, self.attention_backend, self.scale, dropout_p=p)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        x = self.proj(x)
+        x = self.proj_drop(x)
+        return x
+
+
+def route_timm_attention(model: torch.nn.Module, backend: str = "auto") -> int:
+    """Make every timm ``Attention`` inside ``model`` a :class:`RoutedAttention` (in place; weights and
+    keys unchanged) using ``backend``. Returns how many modules were routed."""
+    n = 0
+    for m in model.modules():
+        if type(m) is TimmAttention:
+            m.__class__ = RoutedAttention
+        if isinstance(m, RoutedAttention):
             m.attention_backend = backend
             n += 1
     return n

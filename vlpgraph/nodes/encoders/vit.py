@@ -6,10 +6,9 @@ from typing import Literal, Sequence
 
 import torch
 from pydantic import Field
-from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
-from vlpgraph.layers.attention import attend, resolve_backend
+from vlpgraph.layers.attention import RoutedAttention, resolve_backend, route_timm_attention
 from vlpgraph.checkpoints import files_fingerprint, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.ports import BuildContext, PairedData, VisionTower
@@ -66,56 +65,6 @@ def fingerprint(p: ViTParams, base_dir) -> dict | None:
     return files_fingerprint({"pretrained": p.pretrained}, base_dir)
 
 
-# ------------------------------------------------------------------------------- attention routing
-
-
-class RoutedAttention(TimmAttention):
-    """timm's ``Attention`` with the scaled-dot-product step done by :func:`vlpgraph.layers.attention.attend`.
-
-    Same parameters and state-dict keys as timm's; the forward mirrors timm 1.0.31's line by line
-    (qkv, q_norm/k_norm, attention with attn_drop, norm, optional gate, proj, proj_drop).
-    ``attention_backend`` picks the backend. With ``keep_weights`` set, the math backend runs and the
-    attention weights [B, H, N, N] are kept in ``last_weights`` (for attention maps).
-    """
-
-    attention_backend: str = "auto"
-    keep_weights: bool = False
-    last_weights: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        p = self.attn_drop.p if self.training else 0.0
-        if self.keep_weights:
-            x, w = attend(q, k, v, attn_mask, is_causal, "math", self.scale, return_weights=True, dropout_p=p)
-            self.last_weights = w.detach()
-        else:
-            x = attend(q, k, v, attn_mask, is_causal, self.attention_backend, self.scale, dropout_p=p)
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj(x)
-        x = self.proj_drop(x)
-        return x
-
-
-def route_timm_attention(model: torch.nn.Module, backend: str = "auto") -> int:
-    """Make every timm ``Attention`` inside ``model`` a :class:`RoutedAttention` (in place; weights and
-    keys unchanged) using ``backend``. Returns how many modules were routed."""
-    n = 0
-    for m in model.modules():
-        if type(m) is TimmAttention:
-            m.__class__ = RoutedAttention
-        if isinstance(m, RoutedAttention):
-            m.attention_backend = backend
-            n += 1
-    return n
-
-
 # ------------------------------------------------------------------------------------------ tower
 
 
@@ -153,6 +102,25 @@ class ViTTower(VisionTower):
             for key in want.get(i, ()):
                 out[key] = x
         return vit.norm(x), out
+
+    def forward_masked(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+        """MAE's encoder pass: images [B, 3, H, W], ids_keep [B, V] long (row-major patch indices, each row
+        sorted) -> [B, prefix + V, C], final norm applied, CLS first.
+
+        Every patch is embedded and gets its position (cheap: one conv and an add), then only the listed
+        patches go on, after the CLS token with its own position; the blocks run on prefix + V tokens and
+        never see the masked patches. With every patch listed this is exactly ``forward``."""
+        if ids_keep.dim() != 2 or ids_keep.shape[0] != images.shape[0]:
+            raise ValueError(f"forward_masked: ids_keep must be [B, V] for {images.shape[0]} images, got {tuple(ids_keep.shape)}")
+        vit = self.vit
+        x = vit._pos_embed(vit.patch_embed(images))  # [B, prefix + N, C], positions added (timm's own rule)
+        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
+        index = ids_keep.to(patches.device).unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+        x = torch.cat((prefix, patches.gather(1, index)), dim=1)
+        x = vit.patch_drop(x)
+        x = vit.norm_pre(x)
+        x = vit.blocks(x)
+        return vit.norm(x)
 
     @torch.no_grad()
     def attention_maps(self, images: torch.Tensor, blocks: Sequence[int] = (-1,)) -> dict[int, torch.Tensor]:
@@ -236,7 +204,8 @@ def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
     Produces a VisionTower: images [B, 3, S, S] -> tokens [B, 1 + (S/patch_size)^2, width], class
     token first, final LayerNorm applied. ``forward_blocks(images, blocks)`` also returns the tokens
     after the listed blocks (before the final norm); block indices are 0 .. depth-1 (negative
-    indices count from the end). Attention runs through vlpgraph.layers.attention with the ``attention``
+    indices count from the end). ``forward_masked(images, ids_keep)`` encodes only the listed patches
+    plus CLS (MAE's encoder: the blocks run on 1 + V tokens; objective.mae uses it). Attention runs through vlpgraph.layers.attention with the ``attention``
     backend. S is ``image_size``, or the data input's image size when left out (32 without data);
     validation checks that ``patch_size`` divides S, also when S comes from the data.
     ``pretrained`` loads a local .safetensors/.pth state dict (timm ViT keys, optionally prefixed
