@@ -84,10 +84,14 @@ def test_greedy_generation_is_the_argmax_of_the_teacher_forced_logits_on_its_own
         if len(g) < steps:
             assert argmax[len(g)] == tok.sep_id  # it stopped because EOS was the argmax
     # also on an untrained decoder (no EOS: generation runs to the length limit)
+    # (argmax over the tokens generation may emit: padding, BOS and [MASK] are never generated)
     dec, img = decoder(seed=3), images(3, seed=5)
     for i, g in enumerate(dec.generate(img, max_len=6)):
         ids = torch.tensor([[dec.tokenizer.cls_id] + g])
-        assert dec(ids, None, img[i : i + 1]).argmax(-1)[0].tolist()[: len(g)] == g and len(g) <= 6
+        logits = dec(ids, None, img[i : i + 1])
+        logits[..., dec.never_generated()] = float("-inf")
+        assert logits.argmax(-1)[0].tolist()[: len(g)] == g and len(g) == 6
+        assert not set(g) & set(dec.never_generated())
 
 
 def test_beam_search_with_one_beam_is_greedy_and_more_beams_score_at_least_as_high():
@@ -102,7 +106,9 @@ def test_beam_search_with_one_beam_is_greedy_and_more_beams_score_at_least_as_hi
     dec, img = decoder(seed=4), images(1)
     g = dec.generate(img, max_len=3)
     ids = torch.tensor([[dec.tokenizer.cls_id] + g[0]])
-    logp = F.log_softmax(dec(ids, None, img), -1)[0, :-1].gather(-1, ids[0, 1:, None]).sum()
+    logits = dec(ids, None, img)
+    logits[..., dec.never_generated()] = float("-inf")
+    logp = F.log_softmax(logits, -1)[0, :-1].gather(-1, ids[0, 1:, None]).sum()
     assert torch.allclose(dec.sequence_logprob(img, g, max_len=3), logp, atol=1e-5)
 
 

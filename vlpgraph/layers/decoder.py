@@ -144,17 +144,25 @@ class CaptionTransformer(ports.CaptionDecoder):
         limit = self.max_len - 1
         return limit if max_len is None else max(1, min(int(max_len), limit))
 
+    def never_generated(self) -> list[int]:
+        """Ids generation never emits: padding, BOS and [MASK] (no caption target is one of them; an
+        untrained decoder with tied embeddings tends to repeat BOS)."""
+        tok = self.tokenizer
+        return sorted({tok.pad_id, tok.cls_id, getattr(tok, "mask_id", tok.pad_id)})
+
     def _next_logprobs(self, ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probs [B, V] of the token after ``ids``, over the tokens generation may emit."""
         # Right-padding after EOS sits after every real token, so causality alone keeps it out.
-        logits = self(ids, None, image_tokens)[:, -1]
-        return F.log_softmax(logits.float(), dim=-1)
+        logits = self(ids, None, image_tokens)[:, -1].float()
+        logits[:, self.never_generated()] = float("-inf")
+        return F.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
     def generate(self, image_tokens: torch.Tensor, max_len: int | None = None, beams: int = 1,
                  length_penalty: float = 1.0) -> list[list[int]]:
         """Captions for image_tokens [B, M, image_width]: per image, the token ids after BOS up to (not
         including) EOS, at most ``max_len`` tokens (default and cap: the decoder's positions - 1, EOS
-        counted). ``beams`` = 1: greedy; more: beam search, the final beam chosen by
+        counted), never emitting :meth:`never_generated`. ``beams`` = 1: greedy; more: beam search, the final beam chosen by
         sum log-prob / (generated tokens incl. EOS) ** ``length_penalty`` (0 = plain sum log-prob).
         Call it in eval mode (dropout off)."""
         steps = self._steps(max_len)
@@ -214,13 +222,16 @@ class CaptionTransformer(ports.CaptionDecoder):
     def sequence_logprob(self, image_tokens: torch.Tensor, generated: list[list[int]],
                          max_len: int | None = None) -> torch.Tensor:
         """Sum log-prob [B] of each caption that ``generate(image_tokens, max_len)`` returned, teacher-forced
-        (what beam search maximises): its ids and then EOS, unless it stopped at the length limit."""
+        over the tokens generation may emit (what beam search maximises): its ids and then EOS, unless it
+        stopped at the length limit."""
         tok, steps = self.tokenizer, self._steps(max_len)
         rows = [[tok.cls_id] + g + ([tok.sep_id] if len(g) < steps else []) for g in generated]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows], device=image_tokens.device)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=ids.device)
         with torch.no_grad():
-            logp = F.log_softmax(self(ids, mask, image_tokens).float(), dim=-1)[:, :-1]
+            logits = self(ids, mask, image_tokens).float()
+            logits[..., self.never_generated()] = float("-inf")  # the distribution generation draws from
+            logp = F.log_softmax(logits, dim=-1)[:, :-1]
         picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return (picked * mask[:, 1:]).sum(1)
+        return picked.masked_fill(mask[:, 1:] == 0, 0.0).sum(1)  # padding targets (log-prob -inf) left out
