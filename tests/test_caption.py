@@ -315,3 +315,23 @@ def test_caption_graph_trains_end_to_end_and_stores_caption_samples(tmp_path):
     assert len(own) == 4 and len([r for r in rows if r["evaluator"] == "captioning_fresh"]) == 2
     assert all(r["image"][:4] == b"\x89PNG" and r["reference"] for r in own)
     assert '"own"' in own[0]["info"]
+
+
+def test_own_mode_needs_a_decoder_and_a_decoder_must_read_the_encoders_width(tmp_path):
+    import pytest
+    from vlpgraph.errors import UserError
+
+    ctx = ports.BuildContext(node="captioning", node_hash="h", seed=0, cache_root=tmp_path)
+    own = captioning_mod.CaptioningParams(decoder_mode="own")
+    assert captioning_mod.check(own, {"model": [{}], "data": [{}], "encoder": [{}]})  # refused at validation
+    assert not captioning_mod.check(own, {"decoder": [{"node": "decoder"}]})
+    data, vision = _shapes_and_vit(ctx)
+    with pytest.raises(UserError, match="needs the 'decoder' input"):
+        captioning_mod.build(own, {"model": None, "data": data, "encoder": vision}, ctx)
+    with pytest.raises(UserError, match="width 12"):  # decoder() reads width 12, this ViT makes 16
+        captioning_mod.build(own, {"model": None, "data": data, "encoder": vision, "decoder": decoder()}, ctx)
+    fresh = captioning_mod.build(captioning_mod.CaptioningParams(decoder_mode="fresh"),
+                                 {"model": None, "data": data, "encoder": vision, "decoder": decoder()}, ctx)
+    assert fresh.mode == "fresh"
+    with pytest.raises(UserError, match="width 12"):
+        caption_mod.build(caption_mod.CaptionParams(), {"decoder": decoder(), "vision": vision}, ctx)
