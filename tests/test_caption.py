@@ -65,6 +65,17 @@ def test_logits_at_t_depend_only_on_tokens_up_to_t_and_on_the_image():
     assert (other - base).abs().amax(-1).min() > 1e-4  # every position reads the image
 
 
+def test_every_attention_goes_through_attend():
+    from vlpgraph.layers.attention import set_attention_backend
+
+    dec, img = decoder(), images(2)
+    ids = dec.tokenizer(CAPTIONS[:2])
+    assert set_attention_backend(dec, "math") == 3  # uni layer: self; multimodal layer: self + cross
+    math = dec(ids["input_ids"], ids["attention_mask"], img)
+    set_attention_backend(dec, "sdpa")
+    assert torch.allclose(dec(ids["input_ids"], ids["attention_mask"], img), math, atol=1e-5)
+
+
 def test_output_projection_is_tied_to_the_token_embedding():
     dec = decoder()
     assert dec.head.weight is dec.token_embedding.weight
