@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -254,3 +255,73 @@ def tokenizer_for(model: ports.Model, data: ports.PairedData, ctx: ports.BuildCo
 
     hf_tok, _ = cached_wordpiece(list(data.train_captions()), vocab_size, ctx.cache_root, ctx.log)
     return WordPieceTokenizer(hf_tok, max_len)
+
+
+# --- h3: frozen-transfer heads (evaluator.linear_probe, evaluator.transfer_retrieval)
+
+
+def split_labels(split: torch.utils.data.Dataset) -> torch.Tensor:
+    """Long[len(split)]: each item's ``label`` (-1 where it has none). Data with capability ``labels``
+    lists them as ``split.labels`` (read without decoding an image); otherwise every item is read."""
+    labels = getattr(split, "labels", None)
+    if labels is None:
+        labels = [int(split[i].get("label", -1)) for i in range(len(split))]
+    return torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)
+
+
+def minibatches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``steps`` index batches into ``range(n)``: epochs of a random permutation (drawn from
+    ``generator``), each cut into batches of ``min(batch_size, n)``; an epoch's short tail is skipped
+    (every batch has the same size, so a batch statistic never rests on a handful of items)."""
+    size = min(batch_size, n)
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - size + 1, size):
+            if done == steps:
+                return
+            yield perm[start : start + size]
+            done += 1
+
+
+class AttentivePool(nn.Module):
+    """Learned queries cross-attend over a set of tokens (LCL's attentive pooler, V-JEPA's attentive
+    probe): tokens [B, N, C] -> [B, heads * C], each head's softmax-weighted mean of the tokens, side by side.
+
+    The queries live in the tokens' own space (keys = values = the tokens, through
+    :func:`vlpgraph.layers.attention.attend`): with one query per head, a key projection folds into the
+    query (q . W_k t = (W_k^T q) . t) and a value projection commutes with the weighted mean, so leaving
+    both to the linear map after the pool computes the same family of functions as a standard
+    multi-head attention pool, at O(N C heads) per image instead of O(N C^2). The queries start near
+    zero: the pool starts as the mean of the tokens.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads, self.out_dim = heads, heads * width
+        self.query = nn.Parameter(torch.randn(heads, width) * 0.02)
+        self.attention_backend = "auto"
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        from vlpgraph.layers.attention import attend
+
+        b, n, c = tokens.shape
+        q = self.query[None, :, None, :].expand(b, -1, -1, -1).to(tokens.dtype)  # [B, H, 1, C]
+        kv = tokens[:, None].expand(b, self.heads, n, c)  # [B, H, N, C]
+        return attend(q, kv, kv, backend=self.attention_backend).reshape(b, self.heads * c)
+
+
+def recall_ks_too_large(ks: Sequence[int], n: int) -> list[int]:
+    """The ks that make no sense on n pairs: R@k is 1 for any model once k >= n."""
+    return [k for k in ks if k >= n]
+
+
+def recall_ks_degenerate(ks: Sequence[int], n: int) -> list[int]:
+    """The ks whose recall says little on n pairs: from k >= n/2 on, a random ranking scores >= 0.5."""
+    return [k for k in ks if 2 * k >= n]
+
+
+def recall_ks_refusal(bad: Sequence[int], searched: str) -> str:
+    """The message refusing ``bad`` ks on a test split of ``searched`` (e.g. '64 samples')."""
+    return (f"ks {list(bad)} reach the size of the test split searched ({searched}): R@k is 1 for any model once "
+            f"k >= the number of pairs (use smaller ks, or a larger test split)")
