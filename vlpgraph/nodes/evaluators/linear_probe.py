@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from vlpgraph import ports
-from vlpgraph.errors import TrialFailed
+from vlpgraph.errors import TrialFailed, UserError
 from vlpgraph.evaluation import (AttentivePool, FrozenTokens, first_hit_ranks, frozen_image_tokens, minibatches, recall_at,
                                  seeded, split_labels)
 from vlpgraph.registry import In, Params, register
@@ -19,9 +19,9 @@ from vlpgraph.registry import In, Params, register
 class LinearProbeParams(Params):
     pool: Literal["cls", "mean", "attentive"] = Field(
         "attentive", description="image feature: the CLS token, the mean of the patch tokens (prefix excluded), or a "
-        "learned attention pool (pool_heads queries) over the patch tokens, trained with the classifier")
-    pool_heads: int = Field(4, ge=1, le=64, description="learned queries of the attentive pool (its feature is "
-                            "pool_heads x the encoder's width)")
+        "learned single-query attention pool over the patch tokens, trained with the classifier")
+    pool_heads: int = Field(4, ge=1, le=64, description="attention heads of the attentive pool (divides the "
+                            "encoder's width)")
     batchnorm: bool = Field(True, description="a BatchNorm without affine parameters before the classifier, as "
                             "MAE's linear probe (features of every method on one scale, so one lr fits all)")
     steps: int = Field(200, ge=1, description="optimiser steps of the head (the fixed budget, same for every method)")
@@ -129,9 +129,8 @@ def build(params: LinearProbeParams, inputs: dict, ctx: ports.BuildContext) -> L
     The encoder runs once per evaluation, in eval mode under no_grad, over the labelled items of the
     train and test splits (items with ``label`` -1 are left out; data needs capability ``labels``). The
     feature is its CLS token (``pool: cls``), the mean of its patch tokens (``mean``; CLS and any other
-    prefix token excluded), or a learned attention pool over the patch tokens (``attentive``: ``pool_heads``
-    learned queries, each a softmax-weighted mean of the tokens, side by side; see
-    ``evaluation.AttentivePool``), trained with the classifier. Then an affine-free BatchNorm (``batchnorm``, as MAE's probe) and a
+    prefix token excluded), or a learned single-query attention pool over the patch tokens (``attentive``,
+    ``pool_heads`` heads, ``evaluation.AttentivePool``), trained with the classifier. Then an affine-free BatchNorm (``batchnorm``, as MAE's probe) and a
     linear classifier, trained with cross-entropy for exactly ``steps`` AdamW steps of ``batch_size``
     items (cosine decay from ``lr``), from the evaluator's own seed (trial seed, node). The head never
     sees the encoder, so the encoder's weights stay bit-identical.
@@ -145,4 +144,8 @@ def build(params: LinearProbeParams, inputs: dict, ctx: ports.BuildContext) -> L
     Fails the trial with a clear message when the labelled training items span fewer than 2 classes or
     the test split has no labelled item.
     """
-    return LinearProbe(params, inputs["data"], inputs["encoder"])
+    encoder = inputs["encoder"]
+    if params.pool == "attentive" and int(encoder.width) % params.pool_heads:
+        raise UserError(f"node '{ctx.node}' (evaluator.linear_probe): pool_heads {params.pool_heads} does not "
+                        f"divide the encoder's width {int(encoder.width)}")
+    return LinearProbe(params, inputs["data"], encoder)

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from vlpgraph import ports
-from vlpgraph.errors import TrialFailed, UserError
+from vlpgraph.errors import UserError
 from vlpgraph.evaluation import (AttentivePool, first_hit_ranks, frozen_image_tokens, minibatches, recall_at,
                                  recall_ks_degenerate, recall_ks_refusal, recall_ks_too_large, seeded,
                                  tokenizer_for)
@@ -22,7 +22,8 @@ from vlpgraph.registry import In, Params, register, size_of
 
 class TransferRetrievalParams(Params):
     embed_dim: int = Field(64, ge=2, description="dimension of the shared embedding both heads project to")
-    pool_heads: int = Field(4, ge=1, le=64, description="learned queries of the image side's attentive pool")
+    pool_heads: int = Field(4, ge=1, le=64, description="attention heads of the image side's attentive pool "
+                            "(divides the encoder's width)")
     width: int = Field(64, ge=8, le=4096, description="the text tower's hidden size (divisible by heads)")
     depth: int = Field(2, ge=1, le=24, description="the text tower's transformer layers")
     heads: int = Field(2, ge=1, le=64, description="the text tower's attention heads")
@@ -105,11 +106,8 @@ class TransferRetrieval(ports.Evaluator):
 
     def _tokenize(self, tokenizer: ports.Tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         out = tokenizer(captions)
-        ids, mask = out["input_ids"][:, : self.params.max_len], out["attention_mask"][:, : self.params.max_len]
-        if ids.shape[1] and int(ids.max()) >= tokenizer.vocab_size:
-            raise TrialFailed(f"evaluator.transfer_retrieval: token id {int(ids.max())} >= vocab_size "
-                              f"{tokenizer.vocab_size}")
-        return ids, mask
+        # the text tower has max_len positions; a tokenizer that cuts later is cut here (SEP may go)
+        return out["input_ids"][:, : self.params.max_len], out["attention_mask"][:, : self.params.max_len]
 
     def evaluate(self, model: ports.Model, ctx: ports.BuildContext) -> ports.EvalResult:
         p = self.params
@@ -191,7 +189,7 @@ def build(params: TransferRetrievalParams, inputs: dict, ctx: ports.BuildContext
     Lets a model without a text tower (an MAE, a captioner) be compared on retrieval with a CLIP: the
     text side never sees the trained model's text tower. The encoder runs once per evaluation over
     every train and test item (eval mode, no_grad; its weights stay bit-identical). Image side: a
-    learned attention pool over the patch tokens (prefix excluded; ``pool_heads`` queries, see
+    learned single-query attention pool over the patch tokens (prefix excluded; ``pool_heads`` heads,
     ``evaluation.AttentivePool``) and a linear map to ``embed_dim``. Text side: a small BERT (transformers ``BertModel``: ``width``/``depth``/``heads``,
     from scratch; the same family as encoder.text, and a well-kept implementation rather than a
     hand-written one; attention through vlpgraph.layers.attention) on the model's tokenizer, or a
@@ -210,6 +208,8 @@ def build(params: TransferRetrievalParams, inputs: dict, ctx: ports.BuildContext
     """
     encoder = inputs["encoder"]
     who = f"node '{ctx.node}' (evaluator.transfer_retrieval)"
+    if int(encoder.width) % params.pool_heads:
+        raise UserError(f"{who}: pool_heads {params.pool_heads} does not divide the encoder's width {int(encoder.width)}")
     n = len(inputs["data"].test)
     bad = recall_ks_too_large(params.ks, n)
     if bad:
