@@ -441,7 +441,8 @@ def _provides(p: CaptionsParams) -> frozenset[str]:
     return frozenset({PAIRED} | ({BOXES} if p.boxes else set()) | ({LABELS} if p.label_column else set()))
 
 
-def class_indices(train: list[Record], test: list[Record], ann: Path, column: str) -> tuple[list[str], list[int], list[int]]:
+def class_indices(train: list[Record], test: list[Record], ann: Path,
+                  column: str) -> tuple[list[str], list[int], list[int]]:
     """(class names sorted, train label indices, test label indices): the classes are the names found in
     the training split (-1 for a record without one); a test name unseen in training is an error (a
     classifier could never predict it), listing them."""

@@ -11,8 +11,8 @@ from torch import nn
 
 from vlpgraph import ports
 from vlpgraph.errors import TrialFailed, UserError
-from vlpgraph.evaluation import (AttentivePool, FrozenTokens, first_hit_ranks, frozen_image_tokens, minibatches, recall_at,
-                                 seeded, split_labels)
+from vlpgraph.evaluation import (AttentivePool, FrozenTokens, first_hit_ranks, frozen_image_tokens, minibatches,
+                                 recall_at, seeded, split_labels)
 from vlpgraph.registry import In, Params, register
 
 
@@ -129,11 +129,14 @@ def build(params: LinearProbeParams, inputs: dict, ctx: ports.BuildContext) -> L
     The encoder runs once per evaluation, in eval mode under no_grad, over the labelled items of the
     train and test splits (items with ``label`` -1 are left out; data needs capability ``labels``). The
     feature is its CLS token (``pool: cls``), the mean of its patch tokens (``mean``; CLS and any other
-    prefix token excluded), or a learned single-query attention pool over the patch tokens (``attentive``,
-    ``pool_heads`` heads, ``evaluation.AttentivePool``), trained with the classifier. Then an affine-free BatchNorm (``batchnorm``, as MAE's probe) and a
-    linear classifier, trained with cross-entropy for exactly ``steps`` AdamW steps of ``batch_size``
-    items (cosine decay from ``lr``), from the evaluator's own seed (trial seed, node). The head never
-    sees the encoder, so the encoder's weights stay bit-identical.
+    prefix token excluded), or a learned single-query attention pool over the patch tokens
+    (``attentive``, ``pool_heads`` heads, ``evaluation.AttentivePool``), trained with the classifier.
+    Then an affine-free BatchNorm (``batchnorm``, as MAE's probe) and a linear classifier, trained with
+    cross-entropy for exactly ``steps`` AdamW steps of ``batch_size`` items (cosine decay from ``lr``),
+    from the evaluator's own seed (trial seed, node). The head never sees the encoder, so the encoder's
+    weights stay bit-identical. ``attentive`` is the default because methods train the CLS token very
+    differently (ITC directly, MAE hardly at all): a pool that reads the patches judges the encoder, not
+    where a method put its summary (LCL drops CLS for an attentive pooler for the same reason).
 
     The budget is the same for every method: these params alone decide how the head trains (nothing
     is read from the model or its trainer), so variants judged by one evaluator node get one budget.

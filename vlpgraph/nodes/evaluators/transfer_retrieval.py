@@ -190,11 +190,11 @@ def build(params: TransferRetrievalParams, inputs: dict, ctx: ports.BuildContext
     text side never sees the trained model's text tower. The encoder runs once per evaluation over
     every train and test item (eval mode, no_grad; its weights stay bit-identical). Image side: a
     learned single-query attention pool over the patch tokens (prefix excluded; ``pool_heads`` heads,
-    ``evaluation.AttentivePool``) and a linear map to ``embed_dim``. Text side: a small BERT (transformers ``BertModel``: ``width``/``depth``/``heads``,
-    from scratch; the same family as encoder.text, and a well-kept implementation rather than a
-    hand-written one; attention through vlpgraph.layers.attention) on the model's tokenizer, or a
-    WordPiece trained on the data's captions when the model has none; mean of its non-pad tokens, then
-    linear. Both train jointly with symmetric InfoNCE and a learned temperature (CLIP's init, inverse
+    ``evaluation.AttentivePool``) and a linear map to ``embed_dim``. Text side: a small BERT
+    (transformers ``BertModel``: ``width``/``depth``/``heads``, from scratch; the same family as
+    encoder.text, and a well-kept implementation rather than a hand-written one; attention through
+    vlpgraph.layers.attention) on the model's tokenizer, or a WordPiece trained on the data's captions
+    when the model has none; mean of its non-pad tokens, then linear. Both train jointly with symmetric InfoNCE and a learned temperature (CLIP's init, inverse
     capped at 100) for exactly ``steps`` AdamW steps of ``batch_size`` pairs (cosine decay from ``lr``),
     from the evaluator's own seed (trial seed, node). Identical caption texts are positives of each
     other in a batch (their target mass is shared), as they are hits in the ranking.
@@ -209,7 +209,8 @@ def build(params: TransferRetrievalParams, inputs: dict, ctx: ports.BuildContext
     encoder = inputs["encoder"]
     who = f"node '{ctx.node}' (evaluator.transfer_retrieval)"
     if int(encoder.width) % params.pool_heads:
-        raise UserError(f"{who}: pool_heads {params.pool_heads} does not divide the encoder's width {int(encoder.width)}")
+        raise UserError(f"{who}: pool_heads {params.pool_heads} does not divide the encoder's width "
+                        f"{int(encoder.width)}")
     n = len(inputs["data"].test)
     bad = recall_ks_too_large(params.ks, n)
     if bad:
