@@ -4,6 +4,7 @@ caption, a real encoder.vit for the frozen-weights check, and a tiny graph throu
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -288,6 +289,24 @@ def test_captions_refuses_test_labels_unseen_in_training(tmp_path):
                       label_column="kind")
     with pytest.raises(UserError, match="no training sample has a value in that column"):
         captions_data(tmp_path, [("f.png", "a dog", "dog")], label_column="species")
+
+
+def test_coco_labels_on_images_and_integer_labels_sort_by_value(tmp_path):
+    """COCO: a label on the image entry applies to each of its captions, one on an annotation overrides it;
+    integer labels keep their order by value (2 before 10), not by text."""
+    folder = tmp_path / "coco"
+    write_captions(folder, [(f"{i}.png", "x", "") for i in range(4)], "unused.csv")
+    doc = {"images": [{"id": 0, "file_name": "0.png", "kind": 10}, {"id": 1, "file_name": "1.png", "kind": 2},
+                      {"id": 2, "file_name": "2.png"}, {"id": 3, "file_name": "3.png", "kind": 2}],
+           "annotations": [{"image_id": 0, "caption": "a"}, {"image_id": 0, "caption": "b", "kind": 2},
+                           {"image_id": 1, "caption": "c"}, {"image_id": 2, "caption": "d"},
+                           {"image_id": 3, "caption": "e"}]}
+    (folder / "coco.json").write_text(json.dumps(doc))
+    p = captions_mod.CaptionsParams(annotations=str(folder / "coco.json"), test_size=1, image_size=16,
+                                    label_column="kind")
+    data = captions_mod.build(p, {}, ctx(tmp_path))
+    assert data.class_names == ["2", "10"]
+    assert list(data.train.labels) == [1, 0, 0, -1] and list(data.test.labels) == [0]
 
 
 def test_validation_refuses_a_probe_on_data_without_labels(tmp_path, capsys):

@@ -444,9 +444,12 @@ def _provides(p: CaptionsParams) -> frozenset[str]:
 def class_indices(train: list[Record], test: list[Record], ann: Path,
                   column: str) -> tuple[list[str], list[int], list[int]]:
     """(class names sorted, train label indices, test label indices): the classes are the names found in
-    the training split (-1 for a record without one); a test name unseen in training is an error (a
+    the training split (-1 for a record without one), sorted by name, or by value when every name is an
+    integer (so integer labels 0..K-1 keep their index); a test name unseen in training is an error (a
     classifier could never predict it), listing them."""
-    names = sorted({r.label for r in train if r.label is not None})
+    found = {r.label for r in train if r.label is not None}
+    numeric = all(name.lstrip("-").isdigit() for name in found)
+    names = sorted(found, key=int) if numeric else sorted(found)
     if not names:
         raise _fail(ann, f"label_column '{column}': no training sample has a value in that column (is it named right?)")
     index = {name: i for i, name in enumerate(names)}
@@ -592,7 +595,7 @@ def build(params: CaptionsParams, inputs: dict, ctx: BuildContext) -> PairedData
     ceil(f * N) training samples. With ``label_column`` (capability ``labels``, for
     evaluator.linear_probe) items also carry ``label``: that column's class name (a string or an
     integer) as an index into ``class_names``, the names found in the whole training split sorted
-    (so every train_fraction shares them), -1 where a sample has none; a test label never seen in
+    (by value when all are integers; every train_fraction shares them), -1 where a sample has none; a test label never seen in
     training is an error that lists them. The column's content is covered by the annotations' hash.
     """
     ann, root, test_ann, test_root = resolve_paths(params, ctx.base_dir)
