@@ -20,6 +20,9 @@ from torch import nn
 PAIRED = "paired"  # image + caption samples
 BOXES = "boxes"  # per-object boxes and which objects each caption mentions
 CLASSES = "classes"  # zero-shot class labels on (some) test images
+# every item of both splits carries ``label`` (int class index, -1 where the item has none), each split
+# lists them as ``labels`` (one per item), and the data has ``class_names`` (index -> name)
+LABELS = "labels"
 
 
 @dataclass

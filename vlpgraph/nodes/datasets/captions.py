@@ -7,7 +7,9 @@ Formats (chosen by the file's suffix):
 - ``.jsonl``: one object per line with ``image``, ``caption`` and optionally ``boxes``.
 - ``.csv``: columns ``image``, ``caption`` and optionally ``boxes`` (a JSON list).
 
-Boxes are ``[[x0, y0, x1, y1], ...]`` in pixels of the original image.
+Boxes are ``[[x0, y0, x1, y1], ...]`` in pixels of the original image. With ``label_column`` set, that
+column (an annotation's or its image entry's key in COCO) holds each sample's class name (a string or an
+integer; empty or absent: no label).
 
 Relative paths in the params resolve against the graph file's folder. The node's identity covers
 what it reads: a content hash of each annotations file and a fingerprint of the images they name
@@ -35,7 +37,7 @@ from torchvision.transforms import v2
 
 from vlpgraph.checkpoints import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BOXES, PAIRED, BuildContext, PairedData
+from vlpgraph.ports import BOXES, LABELS, PAIRED, BuildContext, PairedData
 from vlpgraph.registry import Params, register
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
@@ -66,6 +68,10 @@ class CaptionsParams(Params):
         "warning) before erroring",
     )
     train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="use the first ceil(f * N) training samples")
+    label_column: str | None = Field(
+        None, description="column holding each sample's class name (provides the labels capability, for "
+        "evaluator.linear_probe); samples without one get label -1; None: no labels"
+    )
 
     def problems(self) -> list[tuple[str, str]]:
         lo, hi = self.random_resized_crop_scale
@@ -80,6 +86,7 @@ class Record:
     caption: str
     boxes: list[list[float]] | None
     where: str = ""  # where in the annotations file, for messages ("line 4", "annotation 3")
+    label: str | None = None  # the label column's class name (None: no label)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -114,19 +121,22 @@ def _check_columns(path: Path, columns: list[str], want_boxes: bool) -> None:
             raise _fail(path, f"no '{col}' column (columns: {listed}){hint}")
 
 
-def _rows_coco(path: Path, data, want_boxes: bool) -> list[tuple[str, object, object, str]]:
+def _rows_coco(path: Path, data, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
         data.get("annotations"), list
     ):
         raise _fail(path, "not a COCO-captions file (expected an object with 'images' and 'annotations' lists)")
     files: dict = {}
     image_boxes: dict = {}
+    image_labels: dict = {}
     for im in data["images"]:
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise _fail(path, "every entry of 'images' needs 'id' and 'file_name'")
         files[im["id"]] = im["file_name"]
         if "boxes" in im:
             image_boxes[im["id"]] = im["boxes"]
+        if label_column and label_column in im:
+            image_labels[im["id"]] = im[label_column]
     anns = data["annotations"]
     if not anns:
         return []
@@ -146,11 +156,12 @@ def _rows_coco(path: Path, data, want_boxes: bool) -> list[tuple[str, object, ob
         boxes = a.get("boxes", image_boxes.get(a["image_id"])) if want_boxes else None
         if want_boxes and boxes is None:
             raise _fail(path, f"{where}: no 'boxes' (on the annotation or its image)")
-        rows.append((files[a["image_id"]], a["caption"], boxes, where))
+        label = a.get(label_column, image_labels.get(a["image_id"])) if label_column else None
+        rows.append((files[a["image_id"]], a["caption"], boxes, where, label))
     return rows
 
 
-def _rows_jsonl(path: Path, text: str, want_boxes: bool) -> list[tuple[str, object, object, str]]:
+def _rows_jsonl(path: Path, text: str, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
     rows = []
     checked = False
     for n, line in enumerate(text.splitlines(), start=1):
@@ -168,26 +179,41 @@ def _rows_jsonl(path: Path, text: str, want_boxes: bool) -> list[tuple[str, obje
         for col in ("image", "caption") + (("boxes",) if want_boxes else ()):
             if col not in obj:
                 raise UserError(f"{path}:{n}: no '{col}'")
-        rows.append((obj["image"], obj["caption"], obj.get("boxes") if want_boxes else None, f"line {n}"))
+        label = obj.get(label_column) if label_column else None
+        rows.append((obj["image"], obj["caption"], obj.get("boxes") if want_boxes else None, f"line {n}", label))
     return rows
 
 
-def _rows_csv(path: Path, text: str, want_boxes: bool) -> list[tuple[str, object, object, str]]:
+def _rows_csv(path: Path, text: str, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
     try:
         reader = csv.DictReader(text.splitlines())
         columns = list(reader.fieldnames or [])
         _check_columns(path, columns, want_boxes)
         return [
-            (r["image"], r["caption"], r.get("boxes") if want_boxes else None, f"line {reader.line_num}")
+            (r["image"], r["caption"], r.get("boxes") if want_boxes else None, f"line {reader.line_num}",
+             r.get(label_column) if label_column else None)
             for r in reader
         ]
     except csv.Error as e:
         raise _fail(path, f"not a readable CSV ({e})") from None
 
 
-def read_annotations(path: Path, images_root: Path, want_boxes: bool) -> list[Record]:
+def _parse_label(value, path: Path, where: str, column: str) -> str | None:
+    """A class name from the label column: strings (stripped) and integers (as their decimal text);
+    None for an absent, null or empty value; anything else is an error."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise _fail(path, f"{where}: '{column}' must be a class name (a string or an integer), got {str(value)[:60]}")
+
+
+def read_annotations(path: Path, images_root: Path, want_boxes: bool, label_column: str | None = None) -> list[Record]:
     """Records of an annotations file; raises ``UserError`` (one line, naming the file) when it is bad.
-    Captions are whitespace-normalised; empty ones are kept here (see :func:`drop_empty_captions`)."""
+    Captions are whitespace-normalised; empty ones are kept here (see :func:`drop_empty_captions`).
+    With ``label_column`` each record's ``label`` is that column's class name (None where empty)."""
     if path.is_dir():
         raise _fail(path, "is a directory, expected an annotations file (.json, .jsonl or .csv)")
     if not path.is_file():
@@ -204,14 +230,14 @@ def read_annotations(path: Path, images_root: Path, want_boxes: bool) -> list[Re
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise _fail(path, f"not valid JSON (line {e.lineno}: {e.msg})") from None
-        rows = _rows_coco(path, data, want_boxes)
+        rows = _rows_coco(path, data, want_boxes, label_column)
     elif suffix == ".jsonl":
-        rows = _rows_jsonl(path, text, want_boxes)
+        rows = _rows_jsonl(path, text, want_boxes, label_column)
     else:
-        rows = _rows_csv(path, text, want_boxes)
+        rows = _rows_csv(path, text, want_boxes, label_column)
     records = []
     paths: dict[str, Path] = {}  # one Path per image (COCO has ~5 captions an image; Path() is slow)
-    for image, caption, boxes, where in rows:
+    for image, caption, boxes, where, label in rows:
         if not isinstance(image, str) or not image.strip():
             raise _fail(path, f"{where}: 'image' must be a non-empty path")
         if not isinstance(caption, str):
@@ -225,6 +251,7 @@ def read_annotations(path: Path, images_root: Path, want_boxes: bool) -> list[Re
                 caption=" ".join(caption.split()),
                 boxes=_parse_boxes(boxes, path, where) if want_boxes else None,
                 where=where,
+                label=_parse_label(label, path, where, label_column) if label_column else None,
             )
         )
     if not records:
@@ -337,18 +364,26 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 class CaptionSplit(torch.utils.data.Dataset):
     """Items: ``image`` [3,S,S] normalised, ``caption``, ``sample_id`` (+ ``boxes`` [K,4] in pixels of
-    ``image``, ``mentioned`` [K]: True for boxes still visible after the crop)."""
+    ``image``, ``mentioned`` [K]: True for boxes still visible after the crop; + ``label``, the class
+    index or -1, when ``labels`` is given: one per record, also kept as ``self.labels``)."""
 
-    def __init__(self, records: list[Record], transform, boxes: bool):
+    def __init__(self, records: list[Record], transform, boxes: bool, labels: list[int] | None = None):
         self.records = records
         self.transform = transform
         self.with_boxes = boxes
         self.captions = [r.caption for r in records]
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
+        item = self._item(i)
+        if self.labels is not None:
+            item["label"] = int(self.labels[i])
+        return item
+
+    def _item(self, i: int) -> dict:
         r = self.records[i]
         with Image.open(r.image) as im:
             image = to_rgb(im)
@@ -372,10 +407,13 @@ class CaptionSplit(torch.utils.data.Dataset):
 
 
 class CaptionsData(PairedData):
-    def __init__(self, train: CaptionSplit, test: CaptionSplit, p: CaptionsParams):
+    """``class_names`` (index -> name; empty without ``label_column``) name the items' ``label``."""
+
+    def __init__(self, train: CaptionSplit, test: CaptionSplit, p: CaptionsParams, class_names: list[str]):
         self.train, self.test = train, test
         self.params = p
-        self.capabilities = frozenset({PAIRED, BOXES}) if p.boxes else frozenset({PAIRED})
+        self.capabilities = _provides(p)
+        self.class_names = class_names
         self.zeroshot = None
         self.image_size = p.image_size
         self.mean, self.std = MEAN, STD
@@ -400,7 +438,27 @@ def transforms(p: CaptionsParams) -> tuple[v2.Transform, v2.Transform]:
 
 
 def _provides(p: CaptionsParams) -> frozenset[str]:
-    return frozenset({PAIRED, BOXES}) if p.boxes else frozenset({PAIRED})
+    return frozenset({PAIRED} | ({BOXES} if p.boxes else set()) | ({LABELS} if p.label_column else set()))
+
+
+def class_indices(train: list[Record], test: list[Record], ann: Path,
+                  column: str) -> tuple[list[str], list[int], list[int]]:
+    """(class names sorted, train label indices, test label indices): the classes are the names found in
+    the training split (-1 for a record without one), sorted by name, or by value when every name is an
+    integer (so integer labels 0..K-1 keep their index); a test name unseen in training is an error (a
+    classifier could never predict it), listing them."""
+    found = {r.label for r in train if r.label is not None}
+    numeric = all(name.lstrip("-").isdigit() for name in found)
+    names = sorted(found, key=int) if numeric else sorted(found)
+    if not names:
+        raise _fail(ann, f"label_column '{column}': no training sample has a value in that column (is it named right?)")
+    index = {name: i for i, name in enumerate(names)}
+    unseen = sorted({r.label for r in test if r.label is not None and r.label not in index})
+    if unseen:
+        shown = ", ".join(repr(u) for u in unseen[:10]) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
+        raise _fail(ann, f"label_column '{column}': {len(unseen)} test label(s) never seen in training: {shown}")
+    as_index = lambda records: [index[r.label] if r.label is not None else -1 for r in records]
+    return names, as_index(train), as_index(test)
 
 
 # ------------------------------------------------------------------------ identity and static facts
@@ -534,14 +592,18 @@ def build(params: CaptionsParams, inputs: dict, ctx: BuildContext) -> PairedData
     a random-resized crop and horizontal flip (boxes follow); test items are resized and center-cropped
     to ``image_size``. Items: ``image`` [3,S,S] normalised with CLIP's mean/std, ``caption``,
     ``sample_id`` (+ ``boxes`` [K,4], ``mentioned`` [K]). ``train_fraction`` keeps the first
-    ceil(f * N) training samples.
+    ceil(f * N) training samples. With ``label_column`` (capability ``labels``, for
+    evaluator.linear_probe) items also carry ``label``: that column's class name (a string or an
+    integer) as an index into ``class_names``, the names found in the whole training split sorted
+    (by value when all are integers; every train_fraction shares them), -1 where a sample has none; a test label never seen in
+    training is an error that lists them. The column's content is covered by the annotations' hash.
     """
     ann, root, test_ann, test_root = resolve_paths(params, ctx.base_dir)
-    records = read_annotations(ann, root, params.boxes)
+    records = read_annotations(ann, root, params.boxes, params.label_column)
     records = drop_empty_captions(records, ann, params.max_bad_fraction, ctx.log)
     records = drop_bad_images(records, ann, params.max_bad_fraction, ctx.log)
     if test_ann is not None:
-        test_records = read_annotations(test_ann, test_root, params.boxes)
+        test_records = read_annotations(test_ann, test_root, params.boxes, params.label_column)
         test_records = drop_empty_captions(test_records, test_ann, params.max_bad_fraction, ctx.log)
         test_records = drop_bad_images(test_records, test_ann, params.max_bad_fraction, ctx.log)
         train_records = records
@@ -549,6 +611,10 @@ def build(params: CaptionsParams, inputs: dict, ctx: BuildContext) -> PairedData
         train_records, test_records = hold_out_by_image(records, params.test_size, ann)
     n_train = max(1, math.ceil(round(params.train_fraction * len(train_records), 6)))
     train_tf, test_tf = transforms(params)
-    train = CaptionSplit(train_records[:n_train], train_tf, params.boxes)
-    test = CaptionSplit(test_records, test_tf, params.boxes)
-    return CaptionsData(train, test, params)
+    names, train_labels, test_labels = [], None, None
+    if params.label_column:  # classes from the whole training split, so every train_fraction shares them
+        names, train_labels, test_labels = class_indices(train_records, test_records, ann, params.label_column)
+        train_labels = train_labels[:n_train]
+    train = CaptionSplit(train_records[:n_train], train_tf, params.boxes, train_labels)
+    test = CaptionSplit(test_records, test_tf, params.boxes, test_labels)
+    return CaptionsData(train, test, params, names)

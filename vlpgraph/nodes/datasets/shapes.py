@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from vlpgraph.ports import BOXES, CLASSES, PAIRED, BuildContext, PairedData, ZeroShotSet
+from vlpgraph.ports import BOXES, CLASSES, LABELS, PAIRED, BuildContext, PairedData, ZeroShotSet
 from vlpgraph.registry import Params, register
 
 # Bump when the generator's output changes: it is part of the cache key.
@@ -600,7 +600,9 @@ class ShapesSplit(torch.utils.data.Dataset):
 
 
 class ShapesData(PairedData):
-    """The shapes benchmark: ``train`` (a nested prefix of the train split), ``test``, ``zeroshot``."""
+    """The shapes benchmark: ``train`` (a nested prefix of the train split), ``test``, ``zeroshot``;
+    ``class_names`` (24, label = colour * 4 + shape) name the ``label`` of single-object images in both
+    splits (capability ``labels``)."""
 
     colours = COLOURS
     shapes = SHAPES
@@ -612,7 +614,7 @@ class ShapesData(PairedData):
         self.folder = folder
         self.image_size = p.image_size
         self.mean, self.std = MEAN, STD
-        self.capabilities = frozenset({PAIRED, BOXES, CLASSES})
+        self.capabilities = frozenset({PAIRED, BOXES, CLASSES, LABELS})
         self.train = ShapesSplit(folder, "train", n_train, MEAN, STD)
         self.test = ShapesSplit(folder, "test", None, MEAN, STD)
         single = np.nonzero(self.test.labels >= 0)[0]
@@ -633,7 +635,7 @@ def facts(p: ShapesParams, base_dir: Path) -> dict:
             "test_size": p.test_size, "image_size": p.image_size}
 
 
-@register("dataset.shapes", params=ShapesParams, output=PairedData, provides=frozenset({PAIRED, BOXES, CLASSES}),
+@register("dataset.shapes", params=ShapesParams, output=PairedData, provides=frozenset({PAIRED, BOXES, CLASSES, LABELS}),
           facts=facts)
 def build(params: ShapesParams, inputs: dict, ctx: BuildContext) -> PairedData:
     """Procedural benchmark: coloured shapes on textured backgrounds, captions, boxes, zero-shot classes.
@@ -643,7 +645,8 @@ def build(params: ShapesParams, inputs: dict, ctx: BuildContext) -> PairedData:
     shaded background. Captions name some of the objects with colour, shape, size, position and
     relations (left of / above / next to ...) that are true in the image. Items: ``image`` [3,S,S]
     normalised, ``caption``, ``sample_id``, ``boxes`` [K,4] (pixels), ``mentioned`` [K] (objects the
-    caption describes correctly), ``label`` (class of a single-object image, else -1).
+    caption describes correctly), ``label`` (class of a single-object image, else -1, in both splits:
+    capability ``labels``, for evaluator.linear_probe).
     A ``caption_noise`` share of training captions is misaligned: ``noise_partial`` of them have one
     named object's colour or shape changed, the rest carry another sample's caption. The test split is
     disjoint and clean; ``zeroshot_fraction`` of its images have one object and form the zero-shot set

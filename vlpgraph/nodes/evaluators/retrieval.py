@@ -8,6 +8,10 @@ from pydantic import Field, field_validator
 from vlpgraph import ports
 from vlpgraph.errors import UserError
 from vlpgraph.evaluation import embed_split, first_hit_ranks, recall_at
+# shared with evaluator.transfer_retrieval (node modules never import each other)
+from vlpgraph.evaluation import recall_ks_degenerate as degenerate
+from vlpgraph.evaluation import recall_ks_refusal as _refusal
+from vlpgraph.evaluation import recall_ks_too_large as too_large
 from vlpgraph.registry import In, Params, register, size_of
 
 
@@ -22,21 +26,6 @@ class RetrievalParams(Params):
         if any(k < 1 for k in ks):
             raise ValueError(f"every k must be >= 1, got {ks}")
         return sorted(set(ks))
-
-
-def too_large(ks: list[int], n: int) -> list[int]:
-    """The ks that make no sense on n pairs: R@k is 1 for any model once k >= n."""
-    return [k for k in ks if k >= n]
-
-
-def degenerate(ks: list[int], n: int) -> list[int]:
-    """The ks whose recall says little on n pairs: from k >= n/2 on, a random ranking scores >= 0.5."""
-    return [k for k in ks if 2 * k >= n]
-
-
-def _refusal(bad: list[int], n: str) -> str:
-    return (f"ks {bad} reach the size of the test split searched ({n}): R@k is 1 for any model once "
-            f"k >= the number of pairs (use smaller ks, or a larger test split)")
 
 
 def check(p: RetrievalParams, inputs: dict) -> list[tuple[str, str]]:
