@@ -115,6 +115,10 @@ class Tokenizer:
     def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Token ids -> text (special tokens and WordPiece continuations resolved)."""
+        raise NotImplementedError
+
 
 class VisionTower(nn.Module):
     """Images [B,3,H,W] -> tokens [B, 1+N, C] (CLS first, final norm applied).
@@ -234,15 +238,16 @@ class CaptionDecoder(nn.Module):
 
     ``forward(input_ids [B, L], attention_mask [B, L], image_tokens [B, M, Cv]) -> logits [B, L, V]``:
     position t predicts token t+1 and depends only on tokens <= t and the image.
-    ``generate(image_tokens, max_len, beams=1) -> list[list[int]]``: token ids after BOS, up to (not
-    including) EOS. ``tokenizer``: its tokenizer (BOS = ``cls_id``, EOS = ``sep_id``); ``image_width``:
+    ``generate(image_tokens, max_len, beams=1, length_penalty=1.0) -> list[list[int]]``: token ids after
+    BOS, up to (not including) EOS; beam search ranks finished captions by log-prob / length**length_penalty. ``tokenizer``: its tokenizer (BOS = ``cls_id``, EOS = ``sep_id``); ``image_width``:
     the width of the image tokens it reads.
     """
 
     tokenizer: Tokenizer
     image_width: int
 
-    def generate(self, image_tokens: torch.Tensor, max_len: int | None = None, beams: int = 1) -> list[list[int]]:
+    def generate(self, image_tokens: torch.Tensor, max_len: int | None = None, beams: int = 1,
+                 length_penalty: float = 1.0) -> list[list[int]]:
         raise NotImplementedError
 
 

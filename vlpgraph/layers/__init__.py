@@ -4,6 +4,7 @@
 - :mod:`.fusion`: ALBEF's fusion encoder layers and BERT's token head
 - :mod:`.decoder`: the causal caption decoder (uni-modal, then multimodal layers) and its generation
 - :mod:`.masking`: MAE's per-sample random patch masking and patch/pixel helpers
+- :mod:`.pooling`: attentive pooling (one learned query over a set of tokens)
 - :mod:`.patches`: patch labels from boxes, grounding metrics, PNG encoding
 - :mod:`.mixing`: what every image mixer shares (draws, ramps, window sums, soft targets)
 - :mod:`.tokenizer`: the WordPiece tokenizer behind ``ports.Tokenizer``

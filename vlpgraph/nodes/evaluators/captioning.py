@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 
 from vlpgraph import ports
-from vlpgraph.errors import TrialFailed, UserError
+from vlpgraph.errors import UserError
 from vlpgraph.evaluation import evaluation_mode, frozen_image_tokens, seeded, tokenizer_for
 from vlpgraph.layers.attention import resolve_backend
 from vlpgraph.layers.decoder import CaptionTransformer, caption_loss
@@ -164,12 +164,8 @@ class CaptioningEvaluator(ports.Evaluator):
     def _score(self, decoder: ports.CaptionDecoder, test, device) -> tuple[dict, list[str]]:
         """Teacher-forced token accuracy and perplexity, and the generated captions, on the test tokens."""
         p, tokenizer = self.params, decoder.tokenizer
-        decode = getattr(tokenizer, "decode", None)
-        if not callable(decode):
-            raise TrialFailed("evaluator.captioning: the decoder's tokenizer cannot decode ids to text")
         nll, correct, count = 0.0, 0, 0
         generated: list[str] = []
-        extra = {"length_penalty": p.length_penalty} if isinstance(decoder, CaptionTransformer) else {}
         for start in range(0, len(test.indices), p.eval_batch_size):
             image = test.tokens[start : start + p.eval_batch_size].to(device)
             text = tokenizer(test.captions[start : start + p.eval_batch_size])
@@ -180,7 +176,7 @@ class CaptioningEvaluator(ports.Evaluator):
             nll += torch.nn.functional.cross_entropy(logits[real], targets, reduction="sum").item()
             correct += int((logits[real].argmax(-1) == targets).sum())
             count += int(real.sum())
-            generated += [decode(g) for g in decoder.generate(image, p.max_len, p.beams, **extra)]
+            generated += [tokenizer.decode(g) for g in decoder.generate(image, p.max_len, p.beams, p.length_penalty)]
         metrics = {"token_accuracy": correct / count if count else float("nan"),
                    "perplexity": math.exp(nll / count) if count else float("nan")}
         return metrics, generated

@@ -11,8 +11,9 @@ from torch import nn
 
 from vlpgraph import ports
 from vlpgraph.errors import TrialFailed, UserError
-from vlpgraph.evaluation import (AttentivePool, FrozenTokens, first_hit_ranks, frozen_image_tokens, minibatches,
+from vlpgraph.evaluation import (FrozenTokens, first_hit_ranks, frozen_image_tokens, minibatches,
                                  recall_at, seeded, split_labels)
+from vlpgraph.layers.pooling import AttentivePool
 from vlpgraph.registry import In, Params, register
 
 
@@ -130,7 +131,7 @@ def build(params: LinearProbeParams, inputs: dict, ctx: ports.BuildContext) -> L
     train and test splits (items with ``label`` -1 are left out; data needs capability ``labels``). The
     feature is its CLS token (``pool: cls``), the mean of its patch tokens (``mean``; CLS and any other
     prefix token excluded), or a learned single-query attention pool over the patch tokens
-    (``attentive``, ``pool_heads`` heads, ``evaluation.AttentivePool``), trained with the classifier.
+    (``attentive``, ``pool_heads`` heads, ``layers.pooling.AttentivePool``), trained with the classifier.
     Then an affine-free BatchNorm (``batchnorm``, as MAE's probe) and a linear classifier, trained with
     cross-entropy for exactly ``steps`` AdamW steps of ``batch_size`` items (cosine decay from ``lr``),
     from the evaluator's own seed (trial seed, node). The head never sees the encoder, so the encoder's

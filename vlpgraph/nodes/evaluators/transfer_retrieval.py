@@ -13,10 +13,11 @@ from transformers import BertConfig, BertModel
 
 from vlpgraph import ports
 from vlpgraph.errors import UserError
-from vlpgraph.evaluation import (AttentivePool, first_hit_ranks, frozen_image_tokens, minibatches, recall_at,
+from vlpgraph.evaluation import (first_hit_ranks, frozen_image_tokens, minibatches, recall_at,
                                  recall_ks_degenerate, recall_ks_refusal, recall_ks_too_large, seeded,
                                  tokenizer_for)
 from vlpgraph.layers.attention import transformers_attention_name
+from vlpgraph.layers.pooling import AttentivePool
 from vlpgraph.registry import In, Params, register, size_of
 
 
@@ -190,7 +191,7 @@ def build(params: TransferRetrievalParams, inputs: dict, ctx: ports.BuildContext
     text side never sees the trained model's text tower. The encoder runs once per evaluation over
     every train and test item (eval mode, no_grad; its weights stay bit-identical). Image side: a
     learned single-query attention pool over the patch tokens (prefix excluded; ``pool_heads`` heads,
-    ``evaluation.AttentivePool``) and a linear map to ``embed_dim``. Text side: a small BERT
+    ``layers.pooling.AttentivePool``) and a linear map to ``embed_dim``. Text side: a small BERT
     (transformers ``BertModel``: ``width``/``depth``/``heads``, from scratch; the same family as
     encoder.text, and a well-kept implementation rather than a hand-written one; attention through
     vlpgraph.layers.attention) on the model's tokenizer, or a WordPiece trained on the data's captions
