@@ -23,9 +23,9 @@ from vlpgraph.cli import main
 from vlpgraph.store import Store
 
 APP = str(ROOT / "app" / "main.py")
-PAGES = ["runs", "ablations", "efficiency", "heatmaps", "graph"]
+PAGES = ["runs", "ablations", "efficiency", "heatmaps", "samples", "graph"]
 TITLES = {"runs": "Runs", "ablations": "Ablations", "efficiency": "Data efficiency", "heatmaps": "Patch heatmaps",
-          "graph": "Graph"}
+          "samples": "Samples", "graph": "Graph"}
 
 
 def open_app(store, monkeypatch, page: str = "runs", graph: str | None = None) -> AppTest:

@@ -370,3 +370,16 @@ def test_tiny_graph_runs_both_evaluators_and_stores_their_metrics(tmp_path):
     assert {("transfer", f"{d}_r{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)} | {("transfer", "rsum")} <= got
     headline = {r["evaluator"]: r["metric"] for r in rows if r.get("headline")}
     assert headline["probe"] == "top1" and headline["transfer"] == "rsum"
+
+
+def test_max_train_samples_caps_what_the_heads_train_on(tmp_path):
+    """Items past the cap are never read (NaN tokens change nothing) and the cap changes the result."""
+    data, tower = label_data(120, 60, "patch", seed=4)
+    probe_capped = probe(data, tower, tmp_path, steps=40, batch_size=16, max_train_samples=60)
+    pairs, ptower = caption_data(200, encode=True)
+    transfer_capped = transfer(pairs, ptower, tmp_path, steps=20, max_train_samples=100)
+    assert probe_capped != probe(data, tower, tmp_path, steps=40, batch_size=16)
+    tower.table[60:120] = float("nan")  # the training items past the cap (keys 60..119)
+    ptower.table[100:200] = float("nan")
+    assert probe(data, tower, tmp_path, steps=40, batch_size=16, max_train_samples=60) == probe_capped
+    assert transfer(pairs, ptower, tmp_path, steps=20, max_train_samples=100) == transfer_capped

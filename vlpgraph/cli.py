@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_report)
 
     sp = sub.add_parser("app", help="the analysis app in the browser (Streamlit): runs, ablations, "
-                                    "data efficiency, patch heatmaps, graphs")
+                                    "data efficiency, patch heatmaps, samples, graphs")
     store_arg(sp)
     sp.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
     sp.add_argument("--host", default="127.0.0.1",

@@ -30,6 +30,9 @@ class LinearProbeParams(Params):
     lr: float = Field(1e-2, gt=0, description="peak AdamW learning rate (cosine decay to 0 over `steps`)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (MAE's linear probe uses none)")
     feature_batch_size: int = Field(256, ge=1, description="images per forward pass of the frozen encoder")
+    max_train_samples: int | None = Field(
+        None, ge=2, description="train on the labelled items among the first N training samples only (None: all). "
+        "The frozen tokens are held in memory (N x tokens x width x 4 bytes): cap N for large data")
 
 
 class ProbeHead(nn.Module):
@@ -65,9 +68,9 @@ class LinearProbe(ports.Evaluator):
         self.data = data
         self.encoder = encoder
 
-    def _features(self, split, device) -> FrozenTokens:
-        """The frozen tokens of ``split``'s labelled items (label >= 0)."""
-        labels = split_labels(split)
+    def _features(self, split, device, limit: int | None = None) -> FrozenTokens:
+        """The frozen tokens of ``split``'s labelled items (label >= 0), among its first ``limit`` items."""
+        labels = split_labels(split)[:limit]
         idx = torch.nonzero(labels >= 0).flatten().tolist()
         return frozen_image_tokens(self.encoder, self.data, split, idx, device=device,
                                    batch_size=self.params.feature_batch_size)
@@ -75,7 +78,7 @@ class LinearProbe(ports.Evaluator):
     def evaluate(self, model: ports.Model, ctx: ports.BuildContext) -> ports.EvalResult:
         p, who = self.params, f"node '{ctx.node}' (evaluator.linear_probe)"
         device = model.device
-        train = self._features(self.data.train, device)
+        train = self._features(self.data.train, device, p.max_train_samples)
         test = self._features(self.data.test, device)
         names = list(getattr(self.data, "class_names", None) or [])
         seen = train.labels.unique()

@@ -38,6 +38,9 @@ class TransferRetrievalParams(Params):
                                     "CLIP's init; its inverse is capped at 100)")
     ks: list[int] = Field([1, 5, 10], min_length=1, description="the k of each recall@k")
     feature_batch_size: int = Field(256, ge=1, description="images per forward pass of the frozen encoder")
+    max_train_samples: int | None = Field(
+        None, ge=2, description="train the heads on the first N training pairs only (None: all). The split's "
+        "frozen tokens are held in memory (N x tokens x width x 4 bytes): cap N for large data")
 
     @field_validator("ks")
     @classmethod
@@ -114,7 +117,8 @@ class TransferRetrieval(ports.Evaluator):
         p = self.params
         device = model.device
         prefix = int(self.encoder.num_prefix_tokens)
-        train = frozen_image_tokens(self.encoder, self.data, self.data.train, device=device,
+        n_train = len(self.data.train) if p.max_train_samples is None else min(len(self.data.train), p.max_train_samples)
+        train = frozen_image_tokens(self.encoder, self.data, self.data.train, range(n_train), device=device,
                                     batch_size=p.feature_batch_size)
         test = frozen_image_tokens(self.encoder, self.data, self.data.test, device=device,
                                    batch_size=p.feature_batch_size)
