@@ -9,14 +9,16 @@ from vlpgraph.cli import main
 from vlpgraph.registry import Params, register
 
 EXPECTED = {"dataset.shapes", "dataset.captions", "encoder.vit", "encoder.text", "objective.itc",
-            "trainer", "evaluator.retrieval", "evaluator.zeroshot"}
+            "trainer", "evaluator.retrieval", "evaluator.zeroshot",
+            "objective.mae", "decoder.caption", "objective.caption", "evaluator.linear_probe",
+            "evaluator.transfer_retrieval", "evaluator.captioning", "evaluator.reconstruction"}
 
 
 def test_builtin_kinds_are_registered():
     assert EXPECTED <= set(registry.kinds())
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(registry.kinds()))
 def test_every_kind_and_param_is_documented(name):
     kind = registry.get(name)
     assert kind.summary, f"{name} has no doc"
@@ -56,3 +58,9 @@ def test_nodes_kind_shows_params(capsys):
 def test_nodes_unknown_kind(capsys):
     assert main(["nodes", "encoder.vitt"]) == 2
     assert "unknown kind 'encoder.vitt' (did you mean 'encoder.vit'?)" in capsys.readouterr().err
+
+
+def test_every_role_has_a_colour_on_the_graph_page():
+    from vlpgraph.plots import ROLE_COLOURS
+
+    assert set(registry.ROLES) <= set(ROLE_COLOURS)  # a role without a colour is not drawn at all

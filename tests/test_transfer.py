@@ -373,13 +373,15 @@ def test_tiny_graph_runs_both_evaluators_and_stores_their_metrics(tmp_path):
 
 
 def test_max_train_samples_caps_what_the_heads_train_on(tmp_path):
-    """Items past the cap are never read (NaN tokens change nothing) and the cap changes the result."""
+    """Items past the cap are never read: poisoning them (NaN tokens) changes nothing with the cap, and
+    breaks the result without it."""
     data, tower = label_data(120, 60, "patch", seed=4)
     probe_capped = probe(data, tower, tmp_path, steps=40, batch_size=16, max_train_samples=60)
     pairs, ptower = caption_data(200, encode=True)
     transfer_capped = transfer(pairs, ptower, tmp_path, steps=20, max_train_samples=100)
-    assert probe_capped != probe(data, tower, tmp_path, steps=40, batch_size=16)
     tower.table[60:120] = float("nan")  # the training items past the cap (keys 60..119)
     ptower.table[100:200] = float("nan")
     assert probe(data, tower, tmp_path, steps=40, batch_size=16, max_train_samples=60) == probe_capped
     assert transfer(pairs, ptower, tmp_path, steps=20, max_train_samples=100) == transfer_capped
+    assert probe(data, tower, tmp_path, steps=40, batch_size=16) != probe_capped
+    assert transfer(pairs, ptower, tmp_path, steps=20) != transfer_capped

@@ -19,8 +19,8 @@ from PIL import Image
 from vlpgraph.analysis import ema, pointing
 
 PALETTE = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52"]
-ROLE_COLOURS = {  # node role -> colour on the graph page
-    "dataset": "#4C78A8", "encoder": "#F58518", "head": "#B279A2", "mixer": "#E45756",
+ROLE_COLOURS = {  # node role -> colour on the graph page (every registry.ROLES entry: a role without one is not drawn)
+    "dataset": "#4C78A8", "encoder": "#F58518", "decoder": "#EECA3B", "head": "#B279A2", "mixer": "#E45756",
     "objective": "#54A24B", "trainer": "#333333", "evaluator": "#72B7B2",
 }
 _LAYOUT = dict(template="plotly_white", margin=dict(l=50, r=20, t=50, b=45), legend=dict(orientation="h", y=-0.2))
