@@ -243,6 +243,10 @@ def test_soi_context_does_not_see_what_follows(lm):
     with torch.no_grad():
         h2 = lm(x2, s2.attention_mask)
     assert torch.allclose(h2[0, : h0.shape[1]], h0[0], atol=1e-5)
+    s1 = build_sequences([["a star"]], [[("text", 0)]], idoc[:0], iidx[:0], tok, n, 128)
+    with torch.no_grad():
+        h1 = lm(lm.embed(s1.input_ids), s1.attention_mask)
+    assert torch.allclose(h2[1, : h1.shape[1]], h1[0], atol=1e-5)  # the padded row too
 
 
 def test_lm_attention_goes_through_attend(tmp_path, monkeypatch):
@@ -292,3 +296,16 @@ def test_lm_pretrained_roundtrip(tmp_path, lm):
     bad.write_text(tokmod.train_wordpiece(FakeData().train_captions(), 100).to_str())
     with pytest.raises(Exception, match="lacks the special tokens"):
         build_lm(tmp_path / "b", tokenizer=str(bad), **TINY_LM)
+
+
+def test_lm_matches_transformers_own_attention(lm):
+    ids = torch.tensor([[2, 10, 11, 12, 13], [2, 14, 15, 0, 0]])
+    mask = (ids != 0).long()
+    ours = lm(lm.embed(ids), mask)
+    try:
+        lm.model.set_attn_implementation("eager")
+        theirs = lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        lm.attention_backend = lm.attention_backend  # back to the routed implementation
+    real = mask.bool()
+    assert (ours[real] - theirs[real]).abs().max() <= 1e-5

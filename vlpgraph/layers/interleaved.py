@@ -19,7 +19,7 @@ IGNORE = -100  # label of a position whose next token is not predicted (torch's 
 
 @dataclass
 class Sequences:
-    """A batch of documents as token sequences.
+    """A batch of documents as token sequences (CPU tensors; move them to the model's device).
 
     ``input_ids``, ``attention_mask``, ``labels``: Long[B, L] (L = the longest sequence of the batch, at
     most ``max_len``; right-padded with the tokenizer's ``pad_id``, mask 0 there). ``kept``: Bool[sum M],
@@ -66,6 +66,8 @@ def build_sequences(
     ``*ForCausalLM``, which shifts again). ``labels[b, t]`` is -100 where that target is an ``<img>``
     placeholder, an ``<eoi>`` or padding, and at the last position of each sequence (nothing follows);
     so the loss covers next-token prediction of text tokens, ``<soi>`` and ``[SEP]``.
+
+    Raises ValueError when ``max_len < n_visual + 3`` (no image could ever fit).
     """
     if max_len < n_visual + 3:
         raise ValueError(f"max_len ({max_len}) cannot hold even one image block after [CLS] "

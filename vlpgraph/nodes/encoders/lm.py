@@ -64,8 +64,9 @@ def fingerprint(p: LMParams, base_dir) -> dict | None:
 
 
 def facts(p: LMParams, base_dir) -> dict:
-    """The model's width, known from its params."""
-    return {"width": p.width}
+    """The model's width and longest sequence, known from its params (an objective can check that an image
+    block, ``n_visual + 2`` tokens after [CLS], fits in ``max_len``)."""
+    return {"width": p.width, "max_len": p.max_len}
 
 
 class LlamaLM(LanguageModel):
