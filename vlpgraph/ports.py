@@ -251,6 +251,32 @@ class CaptionDecoder(nn.Module):
         raise NotImplementedError
 
 
+# --- issue 10 (LCL), engineer B: the language model over interleaved sequences
+
+
+class LanguageModel(nn.Module):
+    """A causal decoder-only language model that reads input embeddings (encoder.lm).
+
+    ``embed(input_ids [B, L]) -> [B, L, C]`` (its token embeddings; image placeholders are then replaced
+    by visual tokens with vlpgraph.layers.interleaved.place_visual). ``forward(inputs_embeds [B, L, C],
+    attention_mask [B, L]) -> hidden [B, L, C]``: causal (position t sees positions <= t) and padding
+    masked, final norm applied. ``logits(hidden) -> [B, L, V]`` over the tokenizer's vocabulary.
+    ``width`` = C; ``max_len``: the longest sequence it takes. ``tokenizer``: a Tokenizer with ``soi_id``,
+    ``img_id``, ``eoi_id`` (the image block ``<soi> <img>×n <eoi>``) and ``pieces(texts)`` (ids without
+    specials); ``cls_id`` begins a document, ``sep_id`` ends one.
+    """
+
+    width: int
+    max_len: int
+    tokenizer: Tokenizer
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class PatchScorer(nn.Module):
     """``patch_scores(fwd, images_key="images") -> Tensor [B, S, S]``: how relevant each patch of image
     i is to caption i (higher = more relevant). ``grid_size`` = (S, S). Implementations memoise in fwd."""
