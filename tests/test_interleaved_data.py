@@ -333,3 +333,67 @@ def test_mmc4_held_out_split_fingerprint_and_facts(tmp_path):
     with pytest.raises(UserError, match=r"bad.jsonl:1: matched_text_index 3 is outside text_list \(0..0\)"):
         inter_mod.read_documents(bad, tmp_path)
     assert len(data.train_captions()) == 12
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+class _DocObjective(ports.Objective):
+    """Checks every batch is the contract's document batch; a loss from the images so training steps."""
+
+    def __init__(self, vision):
+        super().__init__()
+        self.vision_ref = (vision,)
+        self.seen = 0
+
+    def forward(self, fwd, batch):
+        assert "captions" not in batch and "input_ids" not in batch
+        assert len(batch["doc_texts"]) == len(batch["sample_ids"]) == int(batch["image_doc"].max()) + 1
+        assert batch["images"].shape[0] == batch["image_doc"].shape[0] == batch["image_index"].shape[0]
+        self.seen += 1
+        return {"doc": fwd.image_tokens(self.vision_ref[0]).pow(2).mean()}
+
+
+def test_a_trainer_steps_over_document_batches(tmp_path, monkeypatch, capsys):
+    built = []
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+    registry.register("objective.test_documents", params=_NeedsParams, output=ports.Objective, inputs={
+        "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
+        "vision": In(ports.VisionTower)})(lambda p, i, c: built.append(_DocObjective(i["vision"])) or built[-1])
+    path = tmp_path / "g.yaml"
+    path.write_text(GRAPH.format(extra=", pairing: interleaved, image_size: 32")
+                    .replace("objective.test_needs_interleaved", "objective.test_documents")
+                    .replace("epochs: 1, batch_size: 4", "epochs: 1, batch_size: 4, max_steps: 3, warmup_steps: 1"))
+    assert main(["run", str(path), "--store", str(tmp_path / "store")]) == 0, capsys.readouterr().err
+    assert built and built[0].seen == 3
+
+
+def test_frozen_transfer_evaluators_judge_a_model_trained_on_documents(tmp_path, monkeypatch, capsys):
+    # the frozen-transfer heads train on the training images paired with their sentences (train_pairs)
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+    registry.register("objective.test_documents", params=_NeedsParams, output=ports.Objective, inputs={
+        "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
+        "vision": In(ports.VisionTower)})(lambda p, i, c: _DocObjective(i["vision"]))
+    path = tmp_path / "g.yaml"
+    path.write_text(GRAPH.format(extra=", pairing: interleaved, image_size: 32")
+                    .replace("objective.test_needs_interleaved", "objective.test_documents")
+                    .replace("epochs: 1, batch_size: 4", "epochs: 1, batch_size: 4, max_steps: 2, warmup_steps: 1")
+                    + """  probe:
+    kind: evaluator.linear_probe
+    inputs: {model: train, data: shapes, encoder: vision}
+    params: {steps: 3}
+  transfer:
+    kind: evaluator.transfer_retrieval
+    inputs: {model: train, data: shapes, encoder: vision}
+    params: {steps: 3}
+  captioning:
+    kind: evaluator.captioning
+    inputs: {model: train, data: shapes, encoder: vision}
+    params: {decoder_mode: fresh, steps: 3}
+""")
+    from vlpgraph.store import Store
+
+    assert main(["run", str(path), "--store", str(tmp_path / "store")]) == 0, capsys.readouterr().err
+    store = Store(tmp_path / "store")
+    evaluators = {r["evaluator"] for r in store.evals([store.runs()[0]["run_id"]])}
+    assert {"probe", "transfer", "captioning"} <= evaluators

@@ -32,7 +32,8 @@ LABELS = "labels"
 #   split: a shapes scene index, a dataset.interleaved image number).
 # ``collate`` of documents: see :func:`collate_documents`. ``train_captions()`` returns every sentence
 # of the training documents. ``train_pairs``: the training images as paired items (each image with its
-# own sentence, items as PairedData's), for frozen-transfer heads that train on image + caption pairs.
+# own sentence, items as PairedData's); ``PairedData.paired_train()`` returns it (else ``train``): the
+# frozen-transfer evaluators train their heads on it.
 INTERLEAVED = "interleaved"
 
 
@@ -79,6 +80,12 @@ class PairedData:
 
     def collate(self, items: list[dict]) -> dict:
         return default_collate(items)
+
+    def paired_train(self) -> torch.utils.data.Dataset:
+        """The training images as paired items (image + caption): ``train``, or for interleaved data
+        (whose ``train`` holds documents) its ``train_pairs``. Frozen-transfer heads train on these."""
+        pairs = getattr(self, "train_pairs", None)
+        return self.train if pairs is None else pairs
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] normalised -> [0,1]."""
