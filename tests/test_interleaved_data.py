@@ -202,11 +202,18 @@ class _NeedsParams(Params):
     pass
 
 
+def throwaway_registry(monkeypatch) -> None:
+    """Register test kinds into a copy of the registry, dropped after the test (the built-in kinds are
+    loaded first, so they are not loaded into the copy and lost with it)."""
+    registry.load_builtin_kinds()
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+
+
 @pytest.fixture
 def needs_interleaved_kind(monkeypatch):
     """A throwaway objective kind whose data input needs the interleaved capability."""
     name = "objective.test_needs_interleaved"
-    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+    throwaway_registry(monkeypatch)
     registry.register(name, params=_NeedsParams, output=ports.Objective, inputs={
         "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
         "vision": In(ports.VisionTower)})(lambda p, i, c: None)
@@ -356,7 +363,7 @@ class _DocObjective(ports.Objective):
 
 def test_a_trainer_steps_over_document_batches(tmp_path, monkeypatch, capsys):
     built = []
-    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+    throwaway_registry(monkeypatch)
     registry.register("objective.test_documents", params=_NeedsParams, output=ports.Objective, inputs={
         "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
         "vision": In(ports.VisionTower)})(lambda p, i, c: built.append(_DocObjective(i["vision"])) or built[-1])
@@ -370,7 +377,7 @@ def test_a_trainer_steps_over_document_batches(tmp_path, monkeypatch, capsys):
 
 def test_frozen_transfer_evaluators_judge_a_model_trained_on_documents(tmp_path, monkeypatch, capsys):
     # the frozen-transfer heads train on the training images paired with their sentences (train_pairs)
-    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+    throwaway_registry(monkeypatch)
     registry.register("objective.test_documents", params=_NeedsParams, output=ports.Objective, inputs={
         "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
         "vision": In(ports.VisionTower)})(lambda p, i, c: _DocObjective(i["vision"]))
