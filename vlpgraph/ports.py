@@ -23,6 +23,18 @@ CLASSES = "classes"  # zero-shot class labels on (some) test images
 # every item of both splits carries ``label`` (int class index, -1 where the item has none), each split
 # lists them as ``labels`` (one per item), and the data has ``class_names`` (index -> name)
 LABELS = "labels"
+# --- issue 10 (LCL), engineer A: interleaved documents -------------------------------------------
+# The *train* items are documents (text with images in it); the *test* split stays paired (image +
+# caption items as above), so evaluators keep working. A document item is a dict:
+#   ``images`` Float[M, 3, H, W] (M >= 1, in document order), ``texts`` list[str] (its sentences),
+#   ``layout`` list of ("text", k) / ("image", j) in reading order (every text and image once),
+#   ``sample_id`` int (the document's index), ``image_ids`` list[int] (an id per image, unique in the
+#   split: a shapes scene index, a dataset.interleaved image number).
+# ``collate`` of documents: see :func:`collate_documents`. ``train_captions()`` returns every sentence
+# of the training documents. ``train_pairs``: the training images as paired items (each image with its
+# own sentence, items as PairedData's); ``PairedData.paired_train()`` returns it (else ``train``): the
+# frozen-transfer evaluators train their heads on it.
+INTERLEAVED = "interleaved"
 
 
 @dataclass
@@ -69,6 +81,12 @@ class PairedData:
     def collate(self, items: list[dict]) -> dict:
         return default_collate(items)
 
+    def paired_train(self) -> torch.utils.data.Dataset:
+        """The training images as paired items (image + caption): ``train``, or for interleaved data
+        (whose ``train`` holds documents) its ``train_pairs``. Frozen-transfer heads train on these."""
+        pairs = getattr(self, "train_pairs", None)
+        return self.train if pairs is None else pairs
+
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,H,W] normalised -> [0,1]."""
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
@@ -95,6 +113,31 @@ def default_collate(items: list[dict]) -> dict:
     if "sample_id" in batch:
         batch["sample_ids"] = batch.pop("sample_id")
     return batch
+
+
+def collate_documents(items: list[dict]) -> dict:
+    """Document items (capability ``interleaved``) -> a batch of B documents:
+
+    - ``images`` Float[sum M, 3, H, W]: every document's images, document by document, in order
+    - ``image_doc`` Long[sum M]: the batch row (document) each image belongs to
+    - ``image_index`` Long[sum M]: the image's index j within its document (``("image", j)`` in its layout)
+    - ``image_ids`` Long[sum M]: each image's id in the split (see the INTERLEAVED note above)
+    - ``doc_texts`` list[list[str]], ``doc_layout`` list[list[tuple[str, int]]]
+    - ``sample_ids`` Long[B]
+
+    No ``captions`` key, so the trainer does not tokenise: an interleaved objective builds its own
+    sequences from ``doc_texts`` / ``doc_layout``.
+    """
+    counts = [len(it["images"]) for it in items]
+    return {
+        "images": torch.cat([it["images"] for it in items]),
+        "image_doc": torch.repeat_interleave(torch.arange(len(items)), torch.tensor(counts)),
+        "image_index": torch.cat([torch.arange(m) for m in counts]),
+        "image_ids": torch.tensor([i for it in items for i in it["image_ids"]], dtype=torch.long),
+        "doc_texts": [list(it["texts"]) for it in items],
+        "doc_layout": [[tuple(e) for e in it["layout"]] for it in items],
+        "sample_ids": torch.tensor([int(it["sample_id"]) for it in items], dtype=torch.long),
+    }
 
 
 # ------------------------------------------------------------------------------------------- towers

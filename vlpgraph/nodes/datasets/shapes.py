@@ -8,6 +8,10 @@ disjoint test split and single-object test images for zero-shot probes.
 Sample ``i`` of a split is a pure function of ``(data_seed, split, i)`` (plus the generation params
 that change what an image may contain, such as ``image_size``). The splits are generated once into
 ``<cache_root>/shapes/<hash>/`` and reused by every ``train_fraction`` of a sweep.
+
+With ``pairing: interleaved`` the training items are documents (capability ``interleaved``): runs of
+1..``max_images`` consecutive training scenes, each image before or after its own sentence. They are
+built on the fly from the same cached scenes, so both pairings train on exactly the same images.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from vlpgraph.ports import BOXES, CLASSES, LABELS, PAIRED, BuildContext, PairedData, ZeroShotSet
+from vlpgraph.ports import (
+    BOXES, CLASSES, INTERLEAVED, LABELS, PAIRED, BuildContext, PairedData, ZeroShotSet, collate_documents,
+    default_collate,
+)
 from vlpgraph.registry import Params, register
 
 # Bump when the generator's output changes: it is part of the cache key.
@@ -60,6 +68,26 @@ _PREFIXES = (
 _MAX_WORDS = 20  # optional prefix/suffix are dropped past this (text towers use max_len ~24)
 _RADIUS = ((0.10, 0.14), (0.17, 0.22))  # radius / image_size for small and large objects
 _NOISE_TILES = 64
+# The random stream of document boundaries, placements and fillers (scenes use the split ids 0 and 1).
+DOC_STREAM = 2
+# Filler sentences of interleaved documents: they describe nothing in any image (no colour, shape,
+# size, count or position word), like the chatter between a web page's pictures.
+FILLERS = (
+    "here is another picture from the set",
+    "we made these for a class project",
+    "thanks for looking at our collection",
+    "more pictures follow below",
+    "this took a while to make",
+    "what do you think of this",
+    "it is part of a bigger series",
+    "we will add more of these soon",
+    "some of them are quite old",
+    "let us know which is your favourite",
+    "the whole set is on our page",
+    "these were drawn by a program",
+)
+# Params that only change how the cached scenes are grouped into documents (not in the cache key).
+DOCUMENT_PARAMS = ("pairing", "max_images", "image_first_p", "filler_sentences")
 
 
 class ShapesParams(Params):
@@ -80,6 +108,22 @@ class ShapesParams(Params):
     data_seed: int = Field(0, ge=0, description="seed of the generated data (independent of the trial seed)")
     zeroshot_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="share of test images with exactly one object (zero-shot material)"
+    )
+    pairing: Literal["paired", "interleaved"] = Field(
+        "paired", description="training items: image-caption pairs, or interleaved documents of 1..max_images "
+        "scenes with their sentences (capability 'interleaved'; the same images either way, the test split "
+        "stays paired)",
+    )
+    max_images: int = Field(6, ge=1, le=64, description="interleaved: most images per document (1..max_images, "
+                            "uniformly; LCL: up to 6)")
+    image_first_p: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="interleaved: probability that an image stands before its sentence rather than after it (LCL: 0.5)",
+    )
+    filler_sentences: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="interleaved: probability, per image, of one filler sentence that describes nothing, at a "
+        "random place in the document",
     )
 
     @field_validator("image_size")
@@ -490,7 +534,9 @@ def generate_split(p: ShapesParams, split: str, n: int, out: dict | None = None,
 
 
 def cache_key(p: ShapesParams) -> str:
-    gen = p.model_dump(exclude={"train_fraction"})
+    """The generated arrays' folder: every param that changes a scene (not train_fraction, nor how the
+    scenes are grouped into documents, so both pairings share one folder)."""
+    gen = p.model_dump(exclude={"train_fraction", *DOCUMENT_PARAMS})
     gen["generator_version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(gen, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -533,7 +579,7 @@ def materialise(p: ShapesParams, cache_root: Path, log=print) -> Path:
     for split, n in (("train", p.train_size), ("test", p.test_size)):
         _write_split(d, split, p, n)
     dt = time.perf_counter() - t0
-    meta = {"params": p.model_dump(exclude={"train_fraction"}), "generator_version": GENERATOR_VERSION,
+    meta = {"params": p.model_dump(exclude={"train_fraction", *DOCUMENT_PARAMS}), "generator_version": GENERATOR_VERSION,
             "seconds": round(dt, 3)}
     tmp = d / f".meta.{os.getpid()}.json"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -599,23 +645,99 @@ class ShapesSplit(torch.utils.data.Dataset):
         return [self._item(int(i), im) for i, im in zip(idx, imgs)]
 
 
+# --------------------------------------------------------------------------------------- documents
+
+
+def document_bounds(p: ShapesParams, n_scenes: int) -> np.ndarray:
+    """Document d holds training scenes ``bounds[d] .. bounds[d+1]-1``: consecutive runs of 1..max_images
+    scenes (uniform sizes from one stream of (data_seed, DOC_STREAM)), the last one cut at ``n_scenes``.
+    The runs do not depend on ``n_scenes``, so a smaller train_fraction keeps a prefix of the documents
+    (its last one possibly shorter) and every scene is in exactly one document."""
+    u = np.random.default_rng([p.data_seed, DOC_STREAM]).random(n_scenes)
+    sizes = 1 + np.minimum((u * p.max_images).astype(np.int64), p.max_images - 1)
+    ends = np.cumsum(sizes)
+    n_docs = int(np.searchsorted(ends, n_scenes)) + 1  # the first document reaching n_scenes is the last
+    return np.concatenate([[0], np.minimum(ends[:n_docs], n_scenes)])
+
+
+def document_layout(p: ShapesParams, d: int, m: int) -> tuple[list[tuple[str, int]], list[str]]:
+    """The reading order of document ``d`` with ``m`` scenes, and its filler sentences.
+
+    Texts 0..m-1 are the scenes' sentences (text j belongs to image j); fillers are texts m, m+1, ...
+    Image j stands right before its sentence with probability ``image_first_p``, else right after it
+    (LCL's rule); each image brings a filler with probability ``filler_sentences``, placed before one
+    of the m (image, sentence) units or at the end. A pure function of (data_seed, d, m) and the params;
+    the draws for image j do not depend on m (a document cut short keeps its first images' layout).
+    """
+    k = p.max_images
+    u = np.random.default_rng([p.data_seed, DOC_STREAM, d]).random(4 * k)
+    units = [[("image", j), ("text", j)] if u[j] < p.image_first_p else [("text", j), ("image", j)] for j in range(m)]
+    # (place, image it came with, sentence): place i = before unit i, m = at the end
+    drawn = sorted(
+        (min(int(u[2 * k + j] * (m + 1)), m), j, FILLERS[min(int(u[3 * k + j] * len(FILLERS)), len(FILLERS) - 1)])
+        for j in range(m) if u[k + j] < p.filler_sentences
+    )
+    layout: list[tuple[str, int]] = []
+    for i in range(m + 1):  # fillers are numbered m, m+1, ... in reading order
+        layout += [("text", m + n) for n, f in enumerate(drawn) if f[0] == i]
+        layout += units[i] if i < m else []
+    return layout, [f[2] for f in drawn]
+
+
+class ShapesDocuments(torch.utils.data.Dataset):
+    """The training scenes grouped into interleaved documents (items: see ``ports.INTERLEAVED``).
+
+    ``scenes``: the paired split the documents are made of (``image_ids`` index it); ``bounds``: see
+    :func:`document_bounds`."""
+
+    def __init__(self, scenes: "ShapesSplit", p: ShapesParams):
+        self.scenes = scenes
+        self.params = p
+        self.bounds = document_bounds(p, len(scenes))
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def document(self, d: int) -> tuple[list[int], list[str], list[tuple[str, int]]]:
+        """(scene ids, texts, layout) of document ``d``, without pixels."""
+        if not 0 <= d < len(self):
+            raise IndexError(f"document {d} out of range 0..{len(self) - 1}")
+        ids = list(range(int(self.bounds[d]), int(self.bounds[d + 1])))
+        layout, fillers = document_layout(self.params, d, len(ids))
+        return ids, [self.scenes.captions[i] for i in ids] + fillers, layout
+
+    def __getitem__(self, d: int) -> dict:
+        d = int(d)
+        ids, texts, layout = self.document(d)
+        images = torch.stack([it["image"] for it in self.scenes.__getitems__(ids)])
+        return {"images": images, "texts": texts, "layout": layout, "sample_id": d, "image_ids": ids}
+
+    def sentences(self) -> list[str]:
+        """Every sentence of every document (the scenes' captions and the fillers), in order."""
+        return [t for d in range(len(self)) for t in self.document(d)[1]]
+
+
 class ShapesData(PairedData):
     """The shapes benchmark: ``train`` (a nested prefix of the train split), ``test``, ``zeroshot``;
     ``class_names`` (24, label = colour * 4 + shape) name the ``label`` of single-object images in both
-    splits (capability ``labels``)."""
+    splits (capability ``labels``).
+
+    With ``pairing: interleaved``, ``train`` holds documents (capability ``interleaved``) and
+    ``train_pairs`` the same training scenes as paired items; ``test`` and ``zeroshot`` are unchanged."""
 
     colours = COLOURS
     shapes = SHAPES
     class_names = CLASS_NAMES
 
     def __init__(self, folder: Path, p: ShapesParams):
-        n_train = facts(p, folder)["train_size"]
+        n_train = facts(p, folder)["train_images"]
         self.params = p
         self.folder = folder
         self.image_size = p.image_size
         self.mean, self.std = MEAN, STD
-        self.capabilities = frozenset({PAIRED, BOXES, CLASSES, LABELS})
-        self.train = ShapesSplit(folder, "train", n_train, MEAN, STD)
+        self.capabilities = _provides(p)
+        self.train_pairs = ShapesSplit(folder, "train", n_train, MEAN, STD)
+        self.train = ShapesDocuments(self.train_pairs, p) if p.pairing == "interleaved" else self.train_pairs
         self.test = ShapesSplit(folder, "test", None, MEAN, STD)
         single = np.nonzero(self.test.labels >= 0)[0]
         self.zeroshot = ZeroShotSet(
@@ -626,17 +748,31 @@ class ShapesData(PairedData):
         )
 
     def train_captions(self) -> list[str]:
+        if isinstance(self.train, ShapesDocuments):
+            return self.train.sentences()
         return list(self.train.captions)
+
+    def collate(self, items: list[dict]) -> dict:
+        """Documents -> :func:`ports.collate_documents`; paired items (test, train_pairs) as before."""
+        return collate_documents(items) if items and "layout" in items[0] else default_collate(items)
+
+
+def _provides(p: ShapesParams) -> frozenset[str]:
+    """Interleaved data drops ``paired`` (its training items are not pairs); boxes, classes and labels
+    stay: they describe the test split and ``train_pairs``."""
+    first = INTERLEAVED if p.pairing == "interleaved" else PAIRED
+    return frozenset({first, BOXES, CLASSES, LABELS})
 
 
 def facts(p: ShapesParams, base_dir: Path) -> dict:
-    """Exact split sizes and image size: pure functions of the params (nothing is read from disk)."""
-    return {"train_size": max(1, math.ceil(round(p.train_fraction * p.train_size, 6))),
-            "test_size": p.test_size, "image_size": p.image_size}
+    """Exact split sizes and image size: pure functions of the params (nothing is read from disk).
+    ``train_images``: training images; ``train_size``: training items (documents when interleaved)."""
+    n_images = max(1, math.ceil(round(p.train_fraction * p.train_size, 6)))
+    n_items = len(document_bounds(p, n_images)) - 1 if p.pairing == "interleaved" else n_images
+    return {"train_size": n_items, "train_images": n_images, "test_size": p.test_size, "image_size": p.image_size}
 
 
-@register("dataset.shapes", params=ShapesParams, output=PairedData, provides=frozenset({PAIRED, BOXES, CLASSES, LABELS}),
-          facts=facts)
+@register("dataset.shapes", params=ShapesParams, output=PairedData, provides=_provides, facts=facts)
 def build(params: ShapesParams, inputs: dict, ctx: BuildContext) -> PairedData:
     """Procedural benchmark: coloured shapes on textured backgrounds, captions, boxes, zero-shot classes.
 
@@ -653,6 +789,19 @@ def build(params: ShapesParams, inputs: dict, ctx: BuildContext) -> PairedData:
     (24 classes like "red circle", prompt "a {}"). ``train_fraction`` takes the first
     ceil(f * train_size) training samples, so fractions are nested and sample ids stable. Both splits
     are generated once into <cache>/shapes/<hash>/ and shared by every train_fraction.
+
+    ``pairing: interleaved`` (capability ``interleaved`` instead of ``paired``): training items are
+    documents, consecutive runs of 1..max_images (uniform) of the same training scenes, each image
+    standing before its own sentence with probability image_first_p (0.5, LCL's rule) and after it
+    otherwise, so the context before an image sometimes describes it and sometimes not; with
+    filler_sentences, each image brings a sentence that describes nothing with that probability. Caption
+    noise applies per sentence (a sentence is its scene's caption). ``train_size`` counts images in both
+    pairings, so paired and interleaved runs see the same images; the documents' count follows
+    (about train_size / ((max_images + 1) / 2)). Items: ``images`` [M,3,S,S], ``texts``, ``layout``,
+    ``sample_id``, ``image_ids`` (scene indices); ``train_pairs`` holds the scenes as paired items; the
+    test split and zero-shot set are the paired ones. ``max_images: 1`` is paired data as LCL trains on
+    it (one image, first or last at p = 0.5). Deviation from LCL: a document's scenes are independent
+    (nothing links one image or sentence to the next, unlike a web page).
     """
     folder = materialise(params, ctx.cache_root, log=ctx.log)
     return ShapesData(folder, params)

@@ -134,8 +134,9 @@ class CaptioningEvaluator(ports.Evaluator):
         """A small decoder trained on the frozen encoder's tokens of the train split (the encoder is only read:
         its tokens are computed once, without gradients, and it is not in the optimiser)."""
         p, data = self.params, self.data
-        m = len(data.train) if p.max_train_samples is None else min(len(data.train), p.max_train_samples)
-        feats = frozen_image_tokens(self.encoder, data, data.train, range(m), device=model.device,
+        pairs = data.paired_train()
+        m = len(pairs) if p.max_train_samples is None else min(len(pairs), p.max_train_samples)
+        feats = frozen_image_tokens(self.encoder, data, pairs, range(m), device=model.device,
                                     batch_size=p.eval_batch_size)
         tokenizer = tokenizer_for(model, data, ctx)
         decoder = CaptionTransformer(tokenizer, int(self.encoder.width), width=p.width, heads=p.heads,

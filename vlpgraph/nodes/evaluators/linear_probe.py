@@ -78,7 +78,7 @@ class LinearProbe(ports.Evaluator):
     def evaluate(self, model: ports.Model, ctx: ports.BuildContext) -> ports.EvalResult:
         p, who = self.params, f"node '{ctx.node}' (evaluator.linear_probe)"
         device = model.device
-        train = self._features(self.data.train, device, p.max_train_samples)
+        train = self._features(self.data.paired_train(), device, p.max_train_samples)
         test = self._features(self.data.test, device)
         names = list(getattr(self.data, "class_names", None) or [])
         seen = train.labels.unique()

@@ -117,8 +117,9 @@ class TransferRetrieval(ports.Evaluator):
         p = self.params
         device = model.device
         prefix = int(self.encoder.num_prefix_tokens)
-        n_train = len(self.data.train) if p.max_train_samples is None else min(len(self.data.train), p.max_train_samples)
-        train = frozen_image_tokens(self.encoder, self.data, self.data.train, range(n_train), device=device,
+        pairs = self.data.paired_train()
+        n_train = len(pairs) if p.max_train_samples is None else min(len(pairs), p.max_train_samples)
+        train = frozen_image_tokens(self.encoder, self.data, pairs, range(n_train), device=device,
                                     batch_size=p.feature_batch_size)
         test = frozen_image_tokens(self.encoder, self.data, self.data.test, device=device,
                                    batch_size=p.feature_batch_size)

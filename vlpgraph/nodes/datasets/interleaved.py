@@ -1,0 +1,382 @@
+"""``dataset.interleaved``: real interleaved image-text documents from an MMC4-style JSONL file.
+
+One document per line: ``{"text_list": [sentence, ...], "image_info": [{"image_name": path,
+"matched_text_index": k}, ...]}`` (other keys are ignored, as MMC4's ``url``, ``similarity_matrix`` ...).
+Image paths are relative to ``images`` (default: the annotations' folder). Each image stands right
+before or right after its matched sentence with probability ``image_first_p`` / 1 - ``image_first_p``
+(LCL's rule), drawn from (``data_seed``, the document's line), so a document reads the same in every
+trial and every ``train_fraction``.
+
+Training items are documents (capability ``interleaved``; see ``ports.INTERLEAVED``). The test split is
+paired: every readable image of ``test_annotations`` (same format) with its matched sentence, or of the
+last ``test_size`` documents when that is unset. ``train_pairs`` holds the training images paired the
+same way (for frozen-transfer heads).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import Field
+from torchvision.transforms import v2
+
+from vlpgraph.checkpoints import resolve_path, sha256_of
+from vlpgraph.errors import UserError
+from vlpgraph.imagefiles import bad_images, to_rgb
+from vlpgraph.ports import INTERLEAVED, BuildContext, PairedData, collate_documents, default_collate
+from vlpgraph.registry import Params, register
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, as dataset.captions
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class InterleavedParams(Params):
+    annotations: str = Field(
+        description="MMC4-style .jsonl, one document per line with 'text_list' and 'image_info' "
+        "(a relative path is relative to the graph file's folder)"
+    )
+    images: str = Field("", description="root folder of the image names (default: the annotations' folder; "
+                        "a relative path is relative to the graph file's folder)")
+    test_annotations: str | None = Field(
+        None, description="MMC4-style .jsonl of the test documents, flattened into pairs (each image with its "
+        "matched sentence); default: hold out the last test_size documents"
+    )
+    test_size: int = Field(20, ge=1, description="documents held out for test when test_annotations is unset")
+    max_images: int = Field(6, ge=1, le=64, description="most images per document: the first ones in reading "
+                            "order are kept (LCL: 6)")
+    image_first_p: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="probability that an image stands right before its matched sentence rather than after it (LCL: 0.5)",
+    )
+    data_seed: int = Field(0, ge=0, description="seed of the before/after draws (independent of the trial seed)")
+    image_size: int = Field(224, ge=16, le=4096, description="side of the square images fed to the model")
+    random_resized_crop_scale: tuple[float, float] = Field(
+        (0.5, 1.0), description="area range of the training random-resized crop"
+    )
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip in training")
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0,
+        description="largest share of missing/unreadable images skipped (with a warning) before erroring",
+    )
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="use the first ceil(f * N) training documents")
+
+    def problems(self) -> list[tuple[str, str]]:
+        lo, hi = self.random_resized_crop_scale
+        if not 0 < lo <= hi <= 1:
+            return [("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])")]
+        return []
+
+
+@dataclass
+class Document:
+    """One line of the file: ``texts`` (whitespace-normalised sentences), ``images`` [(path, matched
+    sentence index)] in the file's order, ``line`` (1-based, for messages and the placement draws)."""
+
+    texts: list[str]
+    images: list[tuple[Path, int]]
+    line: int
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def read_documents(path: Path, images_root: Path) -> list[Document]:
+    """The documents of an MMC4-style JSONL file; a malformed line is a ``UserError`` naming it."""
+    if not path.is_file():
+        raise UserError(f"{path}: annotations file not found")
+    if path.suffix.lower() != ".jsonl":
+        raise UserError(f"{path}: unsupported format '{path.suffix}' (expected an MMC4-style .jsonl)")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})") from None
+    docs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        texts, info = (obj.get("text_list"), obj.get("image_info")) if isinstance(obj, dict) else (None, None)
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not isinstance(info, list):
+            raise UserError(f"{path}:{n}: expected an object with 'text_list' (a list of strings) and 'image_info' (a list)")
+        images = []
+        for im in info:
+            name = im.get("image_name") if isinstance(im, dict) else None
+            k = im.get("matched_text_index") if isinstance(im, dict) else None
+            if not isinstance(name, str) or not name.strip() or not isinstance(k, int) or isinstance(k, bool):
+                raise UserError(f"{path}:{n}: every 'image_info' entry needs 'image_name' (a path) and "
+                                "'matched_text_index' (an integer)")
+            if not 0 <= k < len(texts):
+                raise UserError(f"{path}:{n}: matched_text_index {k} is outside text_list (0..{len(texts) - 1})")
+            img = Path(name)
+            images.append((img if img.is_absolute() else images_root / img, k))
+        docs.append(Document([" ".join(t.split()) for t in texts], images, n))
+    if not docs:
+        raise UserError(f"{path}: no documents")
+    return docs
+
+
+def drop_bad(docs: list[Document], ann: Path, max_bad_fraction: float, log) -> list[Document]:
+    """Documents without their missing/unreadable images (counted and judged by
+    :func:`vlpgraph.imagefiles.bad_images`, as dataset.captions does); a document left with no image is
+    dropped, and counted in a warning."""
+    bad = bad_images((img for d in docs for img, _ in d.images), ann, max_bad_fraction, log)
+    kept = []
+    for d in docs:
+        images = [(img, k) for img, k in d.images if img not in bad]
+        if images:
+            kept.append(Document(d.texts, images, d.line))
+    if len(kept) < len(docs):
+        lines = [d.line for d in docs if not [1 for img, _ in d.images if img not in bad]]
+        shown = ", ".join(f"line {n}" for n in lines[:5]) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
+        log(f"warning: {ann}: dropped {len(lines)} of {len(docs)} documents left without a readable image: {shown}")
+    if not kept:
+        raise UserError(f"{ann}: no document has a readable image")
+    return kept
+
+
+@dataclass
+class Arranged:
+    """A document in reading order: ``paths`` of its images, ``texts``, ``layout`` (``ports.INTERLEAVED``)
+    and ``matched`` (image j's matched sentence, "" when that sentence is empty)."""
+
+    paths: list[Path]
+    texts: list[str]
+    layout: list[tuple[str, int]]
+    matched: list[str]
+
+
+def arrange(doc: Document, data_seed: int, image_first_p: float, max_images: int) -> Arranged:
+    """A document's reading order, as ``ports.INTERLEAVED`` describes.
+
+    Image i of the file's ``image_info`` stands right before its matched sentence when draw i of
+    (data_seed, the document's line) is below ``image_first_p``, else right after it; several images of
+    one sentence keep the file's order on each side. Only the first ``max_images`` images in reading
+    order are kept; empty sentences are left out (an image matched to one keeps its place).
+    """
+    u = np.random.default_rng([data_seed, doc.line]).random(len(doc.images))
+    before: dict[int, list[int]] = {}
+    after: dict[int, list[int]] = {}
+    for i, (_, k) in enumerate(doc.images):
+        (before if u[i] < image_first_p else after).setdefault(k, []).append(i)
+    order: list[tuple[str, int]] = []  # ("text", sentence) / ("image", index into doc.images)
+    for k in range(len(doc.texts)):
+        order += [("image", i) for i in before.get(k, [])] + [("text", k)] + [("image", i) for i in after.get(k, [])]
+    out = Arranged([], [], [], [])
+    for what, i in order:
+        if what == "image":
+            if len(out.paths) < max_images:
+                out.layout.append(("image", len(out.paths)))
+                out.paths.append(doc.images[i][0])
+                out.matched.append(doc.texts[doc.images[i][1]])
+        elif doc.texts[i]:
+            out.layout.append(("text", len(out.texts)))
+            out.texts.append(doc.texts[i])
+    return out
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+
+def _load(path: Path, transform) -> torch.Tensor:
+    with Image.open(path) as im:
+        return transform(to_rgb(im)).as_subclass(torch.Tensor)
+
+
+class Documents(torch.utils.data.Dataset):
+    """Document items (``ports.INTERLEAVED``); ``image_ids`` number the split's images in document order."""
+
+    def __init__(self, docs: list[Document], p: InterleavedParams, transform):
+        self.transform = transform
+        self.docs = [arrange(d, p.data_seed, p.image_first_p, p.max_images) for d in docs]
+        self.first_id = np.concatenate([[0], np.cumsum([len(d.paths) for d in self.docs])]).astype(int).tolist()
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, d: int) -> dict:
+        d = int(d)
+        doc = self.docs[d]
+        return {
+            "images": torch.stack([_load(p, self.transform) for p in doc.paths]),
+            "texts": list(doc.texts),
+            "layout": list(doc.layout),
+            "sample_id": d,
+            "image_ids": list(range(self.first_id[d], self.first_id[d] + len(doc.paths))),
+        }
+
+
+class Pairs(torch.utils.data.Dataset):
+    """Paired items (``image``, ``caption``, ``sample_id``): each image of the documents with the sentence
+    it is matched to (images beyond ``max_images`` and empty sentences left out)."""
+
+    def __init__(self, docs: list[Document], p: InterleavedParams, transform):
+        self.transform = transform
+        self.records: list[tuple[Path, str]] = []
+        for d in docs:
+            a = arrange(d, p.data_seed, p.image_first_p, p.max_images)  # the same images the documents keep
+            self.records += [(img, s) for img, s in zip(a.paths, a.matched) if s]
+        self.captions = [c for _, c in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        img, caption = self.records[int(i)]
+        return {"image": _load(img, self.transform), "caption": caption, "sample_id": int(i)}
+
+
+class InterleavedData(PairedData):
+    """``train``: documents; ``train_pairs`` and ``test``: image + matched sentence pairs."""
+
+    def __init__(self, train: Documents, train_pairs: Pairs, test: Pairs, p: InterleavedParams):
+        self.train, self.train_pairs, self.test = train, train_pairs, test
+        self.params = p
+        self.capabilities = frozenset({INTERLEAVED})
+        self.zeroshot = None
+        self.image_size = p.image_size
+        self.mean, self.std = MEAN, STD
+
+    def train_captions(self) -> list[str]:
+        return [t for d in self.train.docs for t in d.texts]
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_documents(items) if items and "layout" in items[0] else default_collate(items)
+
+
+def transforms(p: InterleavedParams) -> tuple[v2.Transform, v2.Transform]:
+    """(train, test) transforms, as dataset.captions's without boxes."""
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    train = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(p.image_size, scale=tuple(p.random_resized_crop_scale),
+                                                           antialias=True), v2.RandomHorizontalFlip(p.hflip), *tail])
+    test = v2.Compose([v2.ToImage(), v2.Resize(p.image_size, antialias=True), v2.CenterCrop(p.image_size), *tail])
+    return train, test
+
+
+# ------------------------------------------------------------------------ identity and static facts
+
+
+def resolve_paths(p: InterleavedParams, base_dir: Path) -> tuple[Path, Path, Path | None]:
+    """(annotations, images root, test annotations or None), relative to ``base_dir``."""
+    ann = resolve_path(p.annotations, base_dir)
+    root = resolve_path(p.images, base_dir) if p.images else ann.parent
+    test = resolve_path(p.test_annotations, base_dir) if p.test_annotations else None
+    return ann, root, test
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_cached(path: str, size: int, mtime_ns: int, root: str) -> dict:
+    out: dict = {"sha256": sha256_of(path)}
+    try:
+        docs = read_documents(Path(path), Path(root))
+    except UserError:
+        return out  # build reports it, with the reason
+    out["documents"] = len(docs)
+    out["images"] = list(dict.fromkeys(img for d in docs for img, _ in d.images))
+    return out
+
+
+def scan(ann: Path, root: Path) -> dict:
+    """``sha256`` of the file and, when it parses, ``documents`` and ``images_sha256`` (a hash of the
+    sorted (name, size, mtime) of the images it names; nothing is decoded), as dataset.captions's
+    scan. ``{}`` for a missing file. The parse is memoised on the file's size and mtime."""
+    try:
+        st = ann.stat()
+    except OSError:
+        return {}
+    if not ann.is_file():
+        return {}
+    out = dict(_parse_cached(str(ann), st.st_size, st.st_mtime_ns, str(root)))
+    named = out.pop("images", None)
+    if named is not None:
+        stats = []
+        for img in named:
+            try:
+                name = str(img.relative_to(root))
+            except ValueError:
+                name = str(img)
+            try:
+                ist = img.stat()
+                stats.append((name, ist.st_size, ist.st_mtime_ns))
+            except OSError:
+                stats.append((name, -1, -1))
+        out["images_sha256"] = hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
+        out["n_images"] = len(named)
+    return out
+
+
+def fingerprint(p: InterleavedParams, base_dir: Path) -> dict:
+    """Part of the node's hash: the annotations' content hash, document count and a fingerprint of the
+    images they name (and the same with ``test_`` for test_annotations); ``"missing"`` for an absent file."""
+    ann, root, test = resolve_paths(p, base_dir)
+    out = {}
+    for prefix, path in (("", ann), ("test_", test)):
+        if path is None:
+            continue
+        info = scan(path, root)
+        out[f"{prefix}annotations"] = info.get("sha256", "missing")
+        for key in ("documents", "images_sha256", "n_images"):
+            if key in info:
+                out[prefix + key] = info[key]
+    return out
+
+
+def facts(p: InterleavedParams, base_dir: Path) -> dict:
+    """Upper bounds of the training documents (documents whose images are all unreadable are dropped at
+    build, hence ``at_most``); only image_size when the file does not parse."""
+    out: dict = {"image_size": p.image_size}
+    ann, root, test = resolve_paths(p, base_dir)
+    n = scan(ann, root).get("documents")
+    if n is None:
+        return out
+    n_train = n if test is not None else max(0, n - p.test_size)
+    out["train_size"] = max(0, math.ceil(round(p.train_fraction * n_train, 6)))
+    out["at_most"] = True
+    return out
+
+
+@register("dataset.interleaved", params=InterleavedParams, output=PairedData, provides=frozenset({INTERLEAVED}),
+          fingerprint=fingerprint, facts=facts)
+def build(params: InterleavedParams, inputs: dict, ctx: BuildContext) -> PairedData:
+    """Interleaved image-text documents from an MMC4-style .jsonl (capability ``interleaved``).
+
+    One document per line: ``text_list`` (sentences) and ``image_info`` (``image_name`` relative to
+    ``images``, ``matched_text_index`` into text_list). Each image stands right before its matched
+    sentence with probability ``image_first_p`` (0.5, LCL's rule) and right after it otherwise, drawn from
+    (``data_seed``, the line), so the context before an image sometimes describes it and sometimes not;
+    the first ``max_images`` images in reading order are kept. Missing or unreadable images are skipped
+    and counted as in dataset.captions (same ``max_bad_fraction``, same error past it); a document left
+    without an image is dropped, with a warning that counts them. Training items: ``images`` [M,3,S,S]
+    (random-resized crop and flip), ``texts``, ``layout``, ``sample_id``, ``image_ids``. The test split is
+    paired and clean of placement: each image of ``test_annotations`` (MMC4-style .jsonl too) with its
+    matched sentence, or of the last ``test_size`` documents when unset; items ``image`` (resized,
+    center-cropped), ``caption``, ``sample_id``. ``train_pairs``: the training images paired the same way.
+    ``train_fraction`` keeps the first ceil(f * N) training documents. The node's identity covers the
+    files' content and the named images' sizes and mtimes. Deviation from LCL/MMC4: no filtering by the
+    image-text similarity scores; the image is placed by its matched sentence only.
+    """
+    p = params
+    ann, root, test_ann = resolve_paths(p, ctx.base_dir)
+    docs = drop_bad(read_documents(ann, root), ann, p.max_bad_fraction, ctx.log)
+    if test_ann is not None:
+        train_docs, test_docs = docs, drop_bad(read_documents(test_ann, root), test_ann, p.max_bad_fraction, ctx.log)
+    else:
+        if len(docs) <= p.test_size:
+            raise UserError(f"{ann}: only {len(docs)} usable documents: test_size={p.test_size} leaves none for training")
+        train_docs, test_docs = docs[: -p.test_size], docs[-p.test_size :]
+    train_docs = train_docs[: max(1, math.ceil(round(p.train_fraction * len(train_docs), 6)))]
+    train_tf, test_tf = transforms(p)
+    test = Pairs(test_docs, p, test_tf)
+    if not len(test):
+        raise UserError(f"{test_ann or ann}: the test documents have no image with a non-empty matched sentence")
+    return InterleavedData(Documents(train_docs, p, train_tf), Pairs(train_docs, p, train_tf), test, p)
