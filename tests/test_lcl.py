@@ -139,8 +139,8 @@ def place_visual(embeds, visual, image_row, image_start):
     return embeds.index_put((rows, cols), visual.to(embeds.dtype))
 
 
-def install_interleaved() -> types.ModuleType:
-    """B's module when it is there, else the stand-in above, registered under its name."""
+def real_or_standin() -> types.ModuleType:
+    """B's module when it is there, else a module holding the stand-in above (not registered)."""
     try:
         import vlpgraph.layers.interleaved as real
 
@@ -148,13 +148,18 @@ def install_interleaved() -> types.ModuleType:
     except ImportError:
         mod = types.ModuleType("vlpgraph.layers.interleaved")
         mod.Sequences, mod.build_sequences, mod.place_visual = Sequences, build_sequences, place_visual
-        sys.modules["vlpgraph.layers.interleaved"] = mod
         return mod
+
+
+def install_interleaved() -> None:
+    """For a process of its own (tests/_lcl_dist_job.py): the module objective.lcl imports, for good."""
+    sys.modules["vlpgraph.layers.interleaved"] = real_or_standin()
 
 
 @pytest.fixture(autouse=True)
 def interleaved(monkeypatch):
-    mod = sys.modules.get("vlpgraph.layers.interleaved") or install_interleaved()
+    """The module objective.lcl imports, for the length of one test (the stand-in leaves with it)."""
+    mod = real_or_standin()
     monkeypatch.setitem(sys.modules, "vlpgraph.layers.interleaved", mod)
     return mod
 
@@ -418,3 +423,25 @@ def named_grads(obj, vision, pool, lm) -> dict[str, torch.Tensor]:
     modules = {"obj": obj, "vision": vision, "pool": pool, "lm": lm}
     return {f"{m}.{n}": p.grad.clone() for m, module in modules.items()
             for n, p in module.named_parameters() if p.grad is not None}
+
+
+def test_truncated_images_leave_the_step_and_errors_are_clear():
+    from vlpgraph.errors import TrialFailed, UserError
+
+    obj, *_ = make_lcl(max_len=14)  # [CLS] + one block of 4 visual tokens (6) + a few words
+    batch = make_batch()
+    step = obj.step(ports.Forward(batch))
+    kept = step.seq.kept
+    assert 0 < int(kept.sum()) < len(kept)  # some blocks did not fit whole
+    assert step.z.shape[0] == step.image_row.shape[0] == step.has_context.shape[0] == int(kept.sum())
+    assert all(torch.isfinite(v) for v in terms(obj, batch).values())
+    big = FakeVision()
+    big.grid_size = (3, 3)  # 9 visual tokens per image: a block needs 9 + 4 tokens
+    pool = pool_mod.AttentivePooler(WIDTH, heads=2)
+    ctx = ports.BuildContext(node="lcl", node_hash="h", seed=0, cache_root=None)
+    with pytest.raises(UserError, match="cannot hold one image block"):
+        lcl_mod.build(lcl_mod.LCLParams(max_len=12), {"vision": big, "pool": pool, "lm": FakeLM(FakeTokenizer(WORDS))}, ctx)
+    lcl_mod.build(lcl_mod.LCLParams(max_len=13), {"vision": big, "pool": pool, "lm": FakeLM(FakeTokenizer(WORDS))}, ctx)
+    with pytest.raises(TrialFailed, match="no documents"):
+        paired = {"images": batch["images"], "captions": ["a red circle"] * 5}
+        terms(obj, paired)

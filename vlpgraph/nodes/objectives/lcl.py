@@ -7,6 +7,7 @@ a contrastive term between each image's latent z and the model's state at the ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vlpgraph import ports
-from vlpgraph.errors import UserError
+from vlpgraph.errors import TrialFailed, UserError
 from vlpgraph.layers.distributed import gather_rows_with_grad
 from vlpgraph.registry import In, Params, register
 
@@ -33,8 +34,9 @@ class LCLParams(Params):
                               "scripts: 0.1; 0: off, not computed: generation-only, Flamingo-style)")
     embed_dim: int = Field(128, ge=1, description="D: size of the contrastive space (Linear projections of z "
                            "and of the <soi> context feature to D)")
-    max_len: int = Field(256, ge=8, description="longest sequence in tokens, image blocks (<soi> <img>×n "
-                         "<eoi>) included; truncation drops whole image blocks (the sequence builder's rule)")
+    max_len: int | None = Field(None, ge=8, description="longest sequence in tokens, image blocks (<soi> "
+                                "<img>×n <eoi>) included; truncation drops whole image blocks (the sequence "
+                                "builder's rule). None: the language model's tokenizer's max_len")
     temperature: float = Field(0.07, gt=0, description="initial temperature τ of the contrastive term "
                                "(logits = cosine / τ; CLIP's init 1/τ = 1/0.07)")
     temperature_min: float = Field(0.01, gt=0, description="τ is clamped to at least this (CLIP clamps its "
@@ -81,7 +83,7 @@ class LCL(ports.Objective):
         self._refs = (vision, pool, lm)
         self.weight = 1.0  # the terms carry their own weights (gen_weight, con_weight)
         self.gen_weight, self.con_weight = params.gen_weight, params.con_weight
-        self.max_len = params.max_len
+        self.max_len = int(params.max_len or lm.tokenizer.max_len)
         self.exclude_bos_only = params.exclude_bos_only
         self.temperature_min, self.temperature_max = params.temperature_min, params.temperature_max
         self.visual_proj = nn.Linear(pool.width, lm.width)  # visual tokens -> the LM's input width
@@ -122,6 +124,9 @@ class LCL(ports.Objective):
 
         vision, pool, lm = self._refs
         batch = fwd.batch
+        if "doc_texts" not in batch:
+            raise TrialFailed("objective.lcl: the batch holds no documents (doc_texts); train it on data with "
+                              f"capability '{INTERLEAVED}' (its train items are documents)")
         tokens = fwd.image_tokens(vision)  # [sum M, prefix + P, Cv], shared with other objectives
         z, visual = pool(tokens[:, int(getattr(vision, "num_prefix_tokens", 1)):])  # CLS dropped, as LCL
         seq = build_sequences(batch["doc_texts"], batch["doc_layout"], batch["image_doc"], batch["image_index"],
@@ -221,7 +226,7 @@ def build(params: LCLParams, inputs: dict, ctx: ports.BuildContext) -> LCL:
     Deviations from LCL's official code (METHODS.md): the rule "``<soi>`` at position 0 has no context"
     is applied, by default, to the first position after [CLS], because the sequences here start with
     [CLS] (`exclude_bos_only`); τ itself is the learned parameter, clamped as in objective.itc
-    (CLIP and LCL learn log(1/τ), clamped at 1/τ = 100: `temperature_min` 0.01 matches that bound);
+    (CLIP learns log(1/τ), init 1/0.07, clamped at 1/τ = 100: `temperature_min` 0.01 is that bound);
     the contrastive rows are the whole global batch on every rank instead of each rank's own rows
     against the global columns (the same gradient after the average; the logged loss is the global one);
     the projections' sizes (`embed_dim`) and the visual projection are this repository's choice.
@@ -234,4 +239,9 @@ def build(params: LCLParams, inputs: dict, ctx: ports.BuildContext) -> LCL:
         if not hasattr(lm.tokenizer, attr):
             raise UserError(f"node '{ctx.node}' (objective.lcl): the language model's tokenizer has no {attr} "
                             "(image-block special tokens <soi> <img> <eoi>)")
-    return LCL(vision, pool, lm, params).to(ctx.device)
+    obj = LCL(vision, pool, lm, params)
+    n_visual = math.prod(getattr(vision, "grid_size", (0,)))  # one visual token per patch
+    if obj.max_len < n_visual + 4:  # [CLS] <soi> <img>×n <eoi> [SEP]
+        raise UserError(f"node '{ctx.node}' (objective.lcl): max_len {obj.max_len} cannot hold one image block "
+                        f"([CLS] <soi> {n_visual}×<img> <eoi> [SEP] = {n_visual + 4} tokens)")
+    return obj.to(ctx.device)
