@@ -337,18 +337,19 @@ def test_generation_is_cross_entropy_on_the_labels():
     assert terms(obj, batch)["lcl_gen"].item() == pytest.approx(ref.item(), rel=1e-5)
 
 
-def test_gen_only_and_con_only_are_weights_of_the_same_node(monkeypatch):
+def test_gen_only_and_con_only_are_weights_of_the_same_node():
     batch = make_batch()
     full = terms(make_lcl(gen_weight=1.0, con_weight=0.1)[0], batch)
     gen_only_obj = make_lcl(con_weight=0.0)[0]
     con_only_obj = make_lcl(gen_weight=0.0, con_weight=0.5)[0]
     assert type(gen_only_obj) is type(con_only_obj) is lcl_mod.LCL
     # a term of weight 0 is not computed at all
-    monkeypatch.setattr(lcl_mod.LCL, "contrastive_loss", lambda self, step: pytest.fail("computed at weight 0"))
-    gen_only = terms(gen_only_obj, batch)
-    monkeypatch.undo()
-    monkeypatch.setattr(lcl_mod.LCL, "generation_loss", lambda self, step: pytest.fail("computed at weight 0"))
-    con_only = terms(con_only_obj, batch)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lcl_mod.LCL, "contrastive_loss", lambda self, step: pytest.fail("computed at weight 0"))
+        gen_only = terms(gen_only_obj, batch)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lcl_mod.LCL, "generation_loss", lambda self, step: pytest.fail("computed at weight 0"))
+        con_only = terms(con_only_obj, batch)
     assert set(gen_only) == {"lcl_gen"} and set(con_only) == {"lcl_con"} and set(full) == {"lcl_gen", "lcl_con"}
     assert gen_only["lcl_gen"].item() == pytest.approx(full["lcl_gen"].item(), rel=1e-6)
     assert con_only["lcl_con"].item() == pytest.approx(5 * full["lcl_con"].item(), rel=1e-5)
