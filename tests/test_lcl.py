@@ -443,6 +443,8 @@ def test_truncated_images_leave_the_step_and_errors_are_clear():
     with pytest.raises(UserError, match="cannot hold one image block"):
         lcl_mod.build(lcl_mod.LCLParams(max_len=12), {"vision": big, "pool": pool, "lm": FakeLM(FakeTokenizer(WORDS))}, ctx)
     lcl_mod.build(lcl_mod.LCLParams(max_len=13), {"vision": big, "pool": pool, "lm": FakeLM(FakeTokenizer(WORDS))}, ctx)
+    with pytest.raises(ValueError, match="both 0"):
+        lcl_mod.LCLParams(gen_weight=0, con_weight=0)
     with pytest.raises(TrialFailed, match="no documents"):
         paired = {"images": batch["images"], "captions": ["a red circle"] * 5}
         terms(obj, paired)

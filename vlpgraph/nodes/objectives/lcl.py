@@ -57,6 +57,12 @@ class LCLParams(Params):
                              f"[{self.temperature_min}, {self.temperature_max}]")
         return self
 
+    @model_validator(mode="after")
+    def _some_term(self) -> "LCLParams":
+        if self.gen_weight == 0 and self.con_weight == 0:
+            raise ValueError("gen_weight and con_weight are both 0: the objective would train nothing")
+        return self
+
 
 @dataclass
 class LCLStep:
