@@ -226,6 +226,21 @@ class Forward:
         return self.memo(("text", id(tower), ids_key, mask_key), lambda: tower(b[ids_key], b[mask_key]))
 
 
+# --- issue 10 (LCL), engineer C: the attentive-pool head
+
+
+class ImagePooler(nn.Module):
+    """LCL's attentive pooler over a vision tower's patch tokens (head.attentive_pool).
+
+    ``forward(patches [M, P, Cv]) -> (z [M, Cv], visual_tokens [M, P, Cv])``: ``z`` is one learned query
+    cross-attending over the P patches (the image latent); ``visual_tokens`` are the same block's value
+    and output projections applied to each patch on its own (no mixing across patches), the tokens a
+    language model reads in place of the image. ``width`` = Cv (the tower's width).
+    """
+
+    width: int
+
+
 # ------------------------------------------------------------------------------ objectives, model
 
 

@@ -8,6 +8,7 @@
 - :mod:`.patches`: patch labels from boxes, grounding metrics, PNG encoding
 - :mod:`.mixing`: what every image mixer shares (draws, ramps, window sums, soft targets)
 - :mod:`.tokenizer`: the WordPiece tokenizer behind ``ports.Tokenizer``
+- :mod:`.distributed`: cross-rank gathers with gradient for losses over the global batch (``torchrun``)
 
 A block used by one node kind only stays in that node's module; node modules never import each other,
 so what two of them share lives here (or, for evaluators, in :mod:`vlpgraph.evaluation`).

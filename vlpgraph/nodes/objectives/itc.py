@@ -1,13 +1,13 @@
 """objective.itc: image-text contrastive loss (CLIP / ALBEF ITC) and the shared image-text embedding.
 
-Also home of :func:`contrastive_loss`, the symmetric InfoNCE that mixers reuse with soft targets, and
-:func:`gather_with_grad`, the cross-rank feature gather it uses under ``torchrun``.
+Also home of :func:`contrastive_loss`, the symmetric InfoNCE that mixers reuse with soft targets; the
+cross-rank feature gather it uses under ``torchrun`` (:func:`gather_with_grad`) is in
+:mod:`vlpgraph.layers.distributed`.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Literal
 
 import torch
@@ -17,34 +17,10 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vlpgraph import ports
+from vlpgraph.layers.distributed import gather_with_grad, world
 from vlpgraph.registry import In, Params, register
 
 # ------------------------------------------------------------------------------------ the loss
-
-
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group, or (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
-    """[B, D] on every rank -> [world*B, D], rank r's rows at ``r*B``; gradient reaches every rank's rows.
-
-    Returns ``features`` unchanged when not distributed. Every rank must pass the same B (the trainer's
-    loader drops the last incomplete batch).
-    """
-    _, size = world()
-    if size == 1:
-        return features
-    from torch.distributed.nn.functional import all_gather  # autograd-aware, unlike dist.all_gather
-
-    # torch 2.14 marks this public function deprecated in favour of a private module
-    # (torch.distributed._functional_collectives); keep the public one and silence the notice.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(features), dim=0)
 
 
 def contrastive_loss(
