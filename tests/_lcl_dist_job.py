@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.test_lcl import RANK_DOCS, install_interleaved, make_batch, make_lcl, named_grads
+from tests.test_lcl import RANK_DOCS, make_batch, make_lcl, named_grads
 from vlpgraph import ports
 
 
@@ -19,7 +19,6 @@ def main(folder: Path) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
-        install_interleaved()
         rank = dist.get_rank()
         obj, vision, pool, lm = make_lcl(gen_weight=0.0, con_weight=1.0)  # same seed: same weights everywhere
         batch = make_batch(RANK_DOCS[rank], seed=rank)

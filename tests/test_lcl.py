@@ -1,15 +1,12 @@
-"""head.attentive_pool and objective.lcl (issue 10, items 3-4), on small fakes that follow the contract
-(/work/wt/issue10_contract.md): a fake LanguageModel (embedding + GRU + final norm), a fake tokenizer with
-soi_id / img_id / eoi_id, and — until engineer B's vlpgraph/layers/interleaved.py is merged — a stand-in of
-its build_sequences / place_visual (STAND-IN below: delete it when B's module is merged)."""
+"""head.attentive_pool and objective.lcl on small fakes that follow the ports: a fake LanguageModel
+(embedding + GRU + final norm) and a word-level fake tokenizer with soi_id / img_id / eoi_id and
+``pieces``; sequences come from the real builder, vlpgraph.layers.interleaved."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpgraph import ports, registry
+from vlpgraph.layers import interleaved as seqs
+from vlpgraph.layers.interleaved import Sequences
 from vlpgraph.nodes.heads import attentive_pool as pool_mod
 from vlpgraph.nodes.objectives import lcl as lcl_mod
 
@@ -45,11 +44,15 @@ class FakeTokenizer(ports.Tokenizer):
         ids = torch.tensor([r + [self.pad_id] * (n - len(r)) for r in rows])
         return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long()}
 
+    def pieces(self, texts):
+        """Each text's ids without [CLS]/[SEP] (what the sequence builder asks of an LM's tokenizer)."""
+        return [[self.vocab.get(w, 7) for w in t.lower().split()] for t in texts]
+
     def decode(self, ids):
         return " ".join(self.inverse[int(i)] for i in ids)
 
 
-class FakeLM(getattr(ports, "LanguageModel", nn.Module)):
+class FakeLM(ports.LanguageModel):
     """A causal LM by the contract: embed(ids), forward(inputs_embeds, mask) -> final-normed hidden, logits."""
 
     def __init__(self, tokenizer: FakeTokenizer, width: int = LM_WIDTH):
@@ -84,84 +87,10 @@ class FakeVision(ports.VisionTower):
         return torch.cat([self.cls.expand(images.shape[0], -1, -1), self.proj(patches)], dim=1)
 
 
-# ------------------------------------- STAND-IN for engineer B's layers/interleaved.py (delete on merge)
-
-
-@dataclass
-class Sequences:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    kept: torch.Tensor
-    image_row: torch.Tensor
-    image_start: torch.Tensor
-    soi_pos: torch.Tensor
-
-
-def build_sequences(doc_texts, doc_layout, image_doc, image_index, tokenizer, n_visual, max_len):
-    """The contract's builder: [CLS] text… <soi> <img>×n <eoi> … [SEP]; a block that would not fit whole
-    is dropped with everything after it; labels[t] = ids[t+1] (-100 where that is <img>, <eoi> or padding)."""
-    rows, kept = [], torch.zeros(len(image_doc), dtype=torch.bool)
-    image_row, image_start, soi_pos = [], [], []
-    for b, (texts, layout) in enumerate(zip(doc_texts, doc_layout)):
-        ids = [tokenizer.cls_id]
-        for what, k in layout:
-            if what == "text":
-                words = tokenizer([texts[k]])["input_ids"][0][1:-1].tolist()
-                room = max_len - 1 - len(ids)
-                ids += words[:room]
-                if len(words) > room:
-                    break
-            else:
-                if len(ids) + n_visual + 2 + 1 > max_len:
-                    break
-                g = int(((image_doc == b) & (image_index == k)).nonzero()[0, 0])
-                kept[g] = True
-                image_row.append(b), soi_pos.append(len(ids)), image_start.append(len(ids) + 1)
-                ids += [tokenizer.soi_id] + [tokenizer.img_id] * n_visual + [tokenizer.eoi_id]
-        rows.append(ids + [tokenizer.sep_id])
-    n = max(map(len, rows))
-    input_ids = torch.tensor([r + [tokenizer.pad_id] * (n - len(r)) for r in rows])
-    mask = (input_ids != tokenizer.pad_id).long()
-    target = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], tokenizer.pad_id)], dim=1)
-    ignore = (target == tokenizer.img_id) | (target == tokenizer.eoi_id) | (target == tokenizer.pad_id)
-    # the kept images in the order of the batch's images (doc by doc, document order)
-    order = sorted(range(len(image_row)), key=lambda i: (image_row[i], image_start[i]))
-    pick = lambda xs: torch.tensor([xs[i] for i in order], dtype=torch.long)  # noqa: E731
-    return Sequences(input_ids, mask, target.masked_fill(ignore, -100), kept, pick(image_row),
-                     pick(image_start), pick(soi_pos))
-
-
-def place_visual(embeds, visual, image_row, image_start):
-    n = visual.shape[1]
-    rows = image_row[:, None].expand(-1, n)
-    cols = image_start[:, None] + torch.arange(n, device=embeds.device)
-    return embeds.index_put((rows, cols), visual.to(embeds.dtype))
-
-
-def real_or_standin() -> types.ModuleType:
-    """B's module when it is there, else a module holding the stand-in above (not registered)."""
-    try:
-        import vlpgraph.layers.interleaved as real
-
-        return real
-    except ImportError:
-        mod = types.ModuleType("vlpgraph.layers.interleaved")
-        mod.Sequences, mod.build_sequences, mod.place_visual = Sequences, build_sequences, place_visual
-        return mod
-
-
-def install_interleaved() -> None:
-    """For a process of its own (tests/_lcl_dist_job.py): the module objective.lcl imports, for good."""
-    sys.modules["vlpgraph.layers.interleaved"] = real_or_standin()
-
-
-@pytest.fixture(autouse=True)
-def interleaved(monkeypatch):
-    """The module objective.lcl imports, for the length of one test (the stand-in leaves with it)."""
-    mod = real_or_standin()
-    monkeypatch.setitem(sys.modules, "vlpgraph.layers.interleaved", mod)
-    return mod
+@pytest.fixture
+def interleaved():
+    """The sequence-builder module objective.lcl calls through (tests patch its functions)."""
+    return seqs
 
 
 # ------------------------------------------------------------------------------------------ helpers

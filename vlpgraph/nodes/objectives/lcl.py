@@ -17,14 +17,10 @@ from torch import nn
 
 from vlpgraph import ports
 from vlpgraph.errors import TrialFailed, UserError
+from vlpgraph.layers import interleaved as sequences
 from vlpgraph.layers.distributed import gather_rows_with_grad
 from vlpgraph.registry import In, Params, register
 
-# Engineer B's port (issue 10); until it is merged, any module is accepted here. After the merge this
-# resolves to ports.LanguageModel by itself (the lead may then write ports.LanguageModel directly).
-LanguageModel = getattr(ports, "LanguageModel", nn.Module)
-# engineer A's capability constant (ports.INTERLEAVED once merged)
-INTERLEAVED = getattr(ports, "INTERLEAVED", "interleaved")
 
 
 class LCLParams(Params):
@@ -125,24 +121,21 @@ class LCL(ports.Objective):
         return fwd.memo(("objective.lcl", id(self)), lambda: self._step(fwd))
 
     def _step(self, fwd: ports.Forward) -> LCLStep:
-        # engineer B's module, imported here so that this one imports without it (it is merged with it)
-        from vlpgraph.layers.interleaved import build_sequences, place_visual
-
         vision, pool, lm = self._refs
         batch = fwd.batch
         if "doc_texts" not in batch:
             raise TrialFailed("objective.lcl: the batch holds no documents (doc_texts); train it on data with "
-                              f"capability '{INTERLEAVED}' (its train items are documents)")
+                              f"capability '{ports.INTERLEAVED}' (its train items are documents)")
         tokens = fwd.image_tokens(vision)  # [sum M, prefix + P, Cv], shared with other objectives
         z, visual = pool(tokens[:, int(getattr(vision, "num_prefix_tokens", 1)):])  # CLS dropped, as LCL
-        seq = build_sequences(batch["doc_texts"], batch["doc_layout"], batch["image_doc"], batch["image_index"],
+        seq = sequences.build_sequences(batch["doc_texts"], batch["doc_layout"], batch["image_doc"], batch["image_index"],
                               lm.tokenizer, visual.shape[1], self.max_len)
         device = tokens.device
         input_ids, kept = seq.input_ids.to(device), seq.kept.to(device)
         image_row, soi_pos = seq.image_row.to(device), seq.soi_pos.to(device)
         embeds = lm.embed(input_ids)  # [B, L, C_lm]
         visual = self.visual_proj(visual[kept]).to(embeds.dtype)  # [K, n, C_lm]
-        embeds = place_visual(embeds, visual, image_row, seq.image_start.to(device))
+        embeds = sequences.place_visual(embeds, visual, image_row, seq.image_start.to(device))
         hidden = lm(embeds, seq.attention_mask.to(device))
         # an image with nothing before its <soi> has no context to compress into (LCL leaves it out);
         # after a [CLS] (BOS) first, a <soi> at position 1 has nothing but that [CLS] before it
@@ -196,11 +189,11 @@ class LCL(ports.Objective):
     params=LCLParams,
     output=LCL,
     inputs={
-        "data": In(ports.PairedData, optional=True, needs=frozenset({INTERLEAVED}),
+        "data": In(ports.PairedData, optional=True, needs=frozenset({ports.INTERLEAVED}),
                    doc="the interleaved training data (optional; wired, validation checks it has documents)"),
         "vision": In(ports.VisionTower, doc="the vision tower it trains; its patch tokens (CLS dropped) go to the pooler"),
         "pool": In(ports.ImagePooler, doc="the attentive pooler (head.attentive_pool): the latent z and the visual tokens"),
-        "lm": In(LanguageModel, doc="the causal language model over the documents (encoder.lm)"),
+        "lm": In(ports.LanguageModel, doc="the causal language model over the documents (encoder.lm)"),
     },
 )
 def build(params: LCLParams, inputs: dict, ctx: ports.BuildContext) -> LCL:
