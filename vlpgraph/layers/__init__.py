@@ -8,6 +8,7 @@
 - :mod:`.patches`: patch labels from boxes, grounding metrics, PNG encoding
 - :mod:`.mixing`: what every image mixer shares (draws, ramps, window sums, soft targets)
 - :mod:`.tokenizer`: the WordPiece tokenizer behind ``ports.Tokenizer``
+- :mod:`.interleaved`: interleaved documents -> LM sequences with `<soi> <img>×n <eoi>` blocks, and placing visual tokens
 - :mod:`.distributed`: cross-rank gathers with gradient for losses over the global batch (``torchrun``)
 
 A block used by one node kind only stays in that node's module; node modules never import each other,
