@@ -40,6 +40,25 @@ def read_state_dict(path: str, kind: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def load_matching(module: torch.nn.Module, sd: dict[str, torch.Tensor], *, kind: str, path: str, what: str,
+                  decided_by: str, log) -> None:
+    """Load a pretrained state dict ``sd`` (prefixes already stripped) into ``module``: every weight of the
+    module must be there with its shape, else a UserError says which (``what``: "this ViT"; ``decided_by``:
+    the params that set the shapes, e.g. "width/depth/heads"); entries the module does not have are
+    ignored with a note. Shared by the towers that load local checkpoints (encoder.vit, .text, .lm)."""
+    own = module.state_dict()
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise UserError(f"{kind}: {path} does not fit these params ({decided_by}?): {bad[0]}")
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise UserError(f"{kind}: {path} lacks {len(missing)} weights of {what}, e.g. {missing[0]!r}")
+    unexpected = [k for k in sd if k not in own]
+    module.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+    if unexpected:
+        log(f"{kind}: ignored {len(unexpected)} checkpoint entries not in {what} (e.g. {unexpected[0]!r})")
+
+
 def resolve_path(path: str, base_dir: Path | str | None) -> Path:
     """``path`` with ``~`` expanded; a relative one is taken relative to ``base_dir`` (the graph file's
     folder), not to the working directory. ``base_dir`` None: the working directory."""

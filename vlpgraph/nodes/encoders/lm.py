@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from vlpgraph.checkpoints import files_fingerprint, read_state_dict, resolve_path
+from vlpgraph.checkpoints import files_fingerprint, load_matching, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.layers.attention import resolve_backend, transformers_attention_name
 from vlpgraph.layers.tokenizer import IMAGE_TOKENS, WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
@@ -140,14 +140,8 @@ def _load_pretrained(lm: LlamaLM, path: str, log) -> None:
             f"encoder.lm: {path} has a vocabulary of {sd[word].shape[0]} but the tokenizer has "
             f"{own[word].shape[0]} (pass the checkpoint's tokenizer.json as 'tokenizer')"
         )
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise UserError(f"encoder.lm: {path} does not fit these params (width/depth/heads/mlp_ratio?): {bad[0]}")
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise UserError(f"encoder.lm: {path} lacks {len(missing)} weights of this model, e.g. {missing[0]!r}")
-    unexpected = [k for k in sd if k not in own]
-    lm.model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
+    load_matching(lm.model, sd, kind="encoder.lm", path=path, what="the model", decided_by="width/depth/heads/mlp_ratio",
+                  log=log)
     if lm.lm_head is not None:
         if head is None or head.shape != lm.lm_head.weight.shape:
             raise UserError(f"encoder.lm: {path} has no lm_head.weight of shape {tuple(lm.lm_head.weight.shape)} "
@@ -155,8 +149,6 @@ def _load_pretrained(lm: LlamaLM, path: str, log) -> None:
         lm.lm_head.weight.data.copy_(head)
     elif head is not None:
         log("encoder.lm: ignored the checkpoint's lm_head.weight (tie_embeddings: the output is the embeddings)")
-    if unexpected:
-        log(f"encoder.lm: ignored {len(unexpected)} checkpoint entries not in the model (e.g. {unexpected[0]!r})")
 
 
 @register(

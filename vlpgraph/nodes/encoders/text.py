@@ -9,12 +9,12 @@ import torch
 from pydantic import Field
 from transformers import BertConfig, BertModel
 
-from vlpgraph.layers.attention import resolve_backend, transformers_attention_name
-from vlpgraph.checkpoints import files_fingerprint, read_state_dict, resolve_path
+from vlpgraph.checkpoints import files_fingerprint, load_matching, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
+from vlpgraph.layers.attention import resolve_backend, transformers_attention_name
+from vlpgraph.layers.tokenizer import WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
 from vlpgraph.ports import BuildContext, PairedData, TextTower
 from vlpgraph.registry import In, Params, register
-from vlpgraph.layers.tokenizer import WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
 
 Backend = Literal["auto", "sdpa", "math", "xformers"]
 
@@ -124,16 +124,8 @@ def _load_pretrained(bert: BertModel, path: str, log) -> None:
             f"encoder.text: {path} has a vocabulary of {sd[word].shape[0]} but the tokenizer has "
             f"{own[word].shape[0]} (pass the checkpoint's tokenizer.json as 'tokenizer')"
         )
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise UserError(f"encoder.text: {path} does not fit these params (width/depth/heads/max_len?): {bad[0]}")
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise UserError(f"encoder.text: {path} lacks {len(missing)} weights of this BERT, e.g. {missing[0]!r}")
-    unexpected = [k for k in sd if k not in own]
-    bert.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
-    if unexpected:
-        log(f"encoder.text: ignored {len(unexpected)} checkpoint entries not in the encoder (e.g. {unexpected[0]!r})")
+    load_matching(bert, sd, kind="encoder.text", path=path, what="the BERT", decided_by="width/depth/heads/max_len",
+                  log=log)
 
 
 @register(

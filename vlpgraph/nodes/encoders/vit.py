@@ -8,9 +8,9 @@ import torch
 from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
-from vlpgraph.layers.attention import RoutedAttention, resolve_backend, route_timm_attention
-from vlpgraph.checkpoints import files_fingerprint, read_state_dict, resolve_path
+from vlpgraph.checkpoints import files_fingerprint, load_matching, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
+from vlpgraph.layers.attention import RoutedAttention, resolve_backend, route_timm_attention
 from vlpgraph.ports import BuildContext, PairedData, VisionTower
 from vlpgraph.registry import In, Params, register
 
@@ -155,16 +155,7 @@ def _load_pretrained(vit: VisionTransformer, path: str, log) -> None:
             pe, new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=vit.num_prefix_tokens
         )
         log(f"encoder.vit: resampled pos_embed {tuple(pe.shape)} -> {tuple(sd['pos_embed'].shape)}")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and v.shape != own[k].shape]
-    if bad:
-        raise UserError(f"encoder.vit: {path} does not fit these params (width/depth/patch_size?): {bad[0]}")
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise UserError(f"encoder.vit: {path} lacks {len(missing)} weights of this ViT, e.g. {missing[0]!r}")
-    unexpected = [k for k in sd if k not in own]
-    vit.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
-    if unexpected:
-        log(f"encoder.vit: ignored {len(unexpected)} checkpoint entries not in the ViT (e.g. {unexpected[0]!r})")
+    load_matching(vit, sd, kind="encoder.vit", path=path, what="the ViT", decided_by="width/depth/patch_size", log=log)
 
 
 # ------------------------------------------------------------------------------------------ build

@@ -12,8 +12,8 @@ import torch
 from pydantic import Field
 
 from vlpgraph import ports
-from vlpgraph.layers import mixing
 from vlpgraph.errors import TrialFailed
+from vlpgraph.layers import mixing
 from vlpgraph.registry import In, Params, register
 
 
