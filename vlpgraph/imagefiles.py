@@ -6,6 +6,8 @@ images the same way (param ``max_bad_fraction``) and fail with the same message 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -79,3 +81,20 @@ def bad_images(images: Iterable[Path], ann: Path, max_bad_fraction: float, log) 
         )
     log(f"warning: {ann}: skipped {len(problems)} of {n_images} images: {names}{more}")
     return problems
+
+
+def stats_fingerprint(images: Iterable[Path], root: Path) -> str:
+    """sha256 of each named image's (path relative to ``root``, size, mtime): part of a data node's hash,
+    so an image replaced under the same name makes a new trial. A missing file counts as (-1, -1)."""
+    stats = []
+    for img in images:
+        try:
+            name = str(img.relative_to(root))
+        except ValueError:
+            name = str(img)
+        try:
+            ist = img.stat()
+            stats.append((name, ist.st_size, ist.st_mtime_ns))
+        except OSError:
+            stats.append((name, -1, -1))
+    return hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()

@@ -210,3 +210,19 @@ class WordPieceTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"WordPieceTokenizer(vocab_size={self.vocab_size}, max_len={self.max_len}, hash={self.content_hash[:8]})"
+
+
+def node_wordpiece(tokenizer_file: str | None, data, vocab_size: int, ctx, who: str,
+                   extra_specials: Sequence[str] = ()) -> HFTokenizer:
+    """The WordPiece a node with a tokenizer uses (encoder.text, encoder.lm, decoder.caption): the local
+    ``tokenizer_file`` (relative to the graph file's folder) when given, else one trained on ``data``'s
+    training captions and cached by content hash. ``who``: "node 'x' (kind)" for the error without data."""
+    from vlpgraph.checkpoints import resolve_path
+
+    if tokenizer_file:
+        return load_tokenizer_file(resolve_path(tokenizer_file, ctx.base_dir))
+    if data is None:
+        raise UserError(f"{who}: needs a data input to train its tokenizer on")
+    hf_tok, _ = cached_wordpiece(list(data.train_captions()), vocab_size, ctx.cache_root, ctx.log,
+                                 extra_specials=extra_specials)
+    return hf_tok

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import functools
 from collections import Counter
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from torchvision.transforms import v2
 
 from vlpgraph.checkpoints import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import bad_images, to_rgb
+from vlpgraph.imagefiles import bad_images, stats_fingerprint, to_rgb
 from vlpgraph.ports import BOXES, LABELS, PAIRED, BuildContext, PairedData
 from vlpgraph.registry import Params, register
 
@@ -456,18 +455,7 @@ def scan(ann: Path, root: Path, boxes: bool, images: bool = True) -> dict:
     out = dict(_parse_cached(str(ann), st.st_size, st.st_mtime_ns, str(root), boxes))
     named = out.pop("images", None)
     if images and named is not None:  # stat the images every time: one may be replaced while the manifest stays
-        stats = []
-        for img in named:
-            try:
-                name = str(img.relative_to(root))
-            except ValueError:
-                name = str(img)
-            try:
-                ist = img.stat()
-                stats.append((name, ist.st_size, ist.st_mtime_ns))
-            except OSError:
-                stats.append((name, -1, -1))
-        out["images_sha256"] = hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
+        out["images_sha256"] = stats_fingerprint(named, root)
     return out
 
 

@@ -16,7 +16,6 @@ same way (for frozen-transfer heads).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from torchvision.transforms import v2
 
 from vlpgraph.checkpoints import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import bad_images, to_rgb
+from vlpgraph.imagefiles import bad_images, stats_fingerprint, to_rgb
 from vlpgraph.ports import INTERLEAVED, BuildContext, PairedData, collate_documents, default_collate
 from vlpgraph.registry import Params, register
 
@@ -299,18 +298,7 @@ def scan(ann: Path, root: Path) -> dict:
     out = dict(_parse_cached(str(ann), st.st_size, st.st_mtime_ns, str(root)))
     named = out.pop("images", None)
     if named is not None:
-        stats = []
-        for img in named:
-            try:
-                name = str(img.relative_to(root))
-            except ValueError:
-                name = str(img)
-            try:
-                ist = img.stat()
-                stats.append((name, ist.st_size, ist.st_mtime_ns))
-            except OSError:
-                stats.append((name, -1, -1))
-        out["images_sha256"] = hashlib.sha256(json.dumps(sorted(stats)).encode()).hexdigest()
+        out["images_sha256"] = stats_fingerprint(named, root)
         out["n_images"] = len(named)
     return out
 

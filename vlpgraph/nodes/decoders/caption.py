@@ -8,11 +8,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vlpgraph.checkpoints import files_fingerprint, resolve_path
+from vlpgraph.checkpoints import files_fingerprint
 from vlpgraph.errors import UserError
 from vlpgraph.layers.attention import resolve_backend
 from vlpgraph.layers.decoder import CaptionTransformer
-from vlpgraph.layers.tokenizer import WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
+from vlpgraph.layers.tokenizer import WordPieceTokenizer, node_wordpiece
 from vlpgraph.ports import BuildContext, PairedData, VisionTower
 from vlpgraph.registry import In, Params, register
 
@@ -90,10 +90,8 @@ def build(params: CaptionDecoderParams, inputs: dict, ctx: BuildContext) -> Capt
             resolve_backend("xformers", ctx.device, torch.bfloat16)
         except UserError as e:
             raise UserError(f"node '{ctx.node}' (decoder.caption): {e}")
-    if params.tokenizer:
-        hf_tok = load_tokenizer_file(resolve_path(params.tokenizer, ctx.base_dir))
-    else:
-        hf_tok, _ = cached_wordpiece(list(inputs["data"].train_captions()), params.vocab_size, ctx.cache_root, ctx.log)
+    hf_tok = node_wordpiece(params.tokenizer, inputs.get("data"), params.vocab_size, ctx,
+                            f"node '{ctx.node}' (decoder.caption)")
     tokenizer = WordPieceTokenizer(hf_tok, params.max_len)
     decoder = CaptionTransformer(
         tokenizer, int(inputs["vision"].width), width=params.width, heads=params.heads, uni_depth=params.uni_depth,

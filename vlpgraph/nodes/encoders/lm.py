@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaModel
 from vlpgraph.checkpoints import files_fingerprint, load_matching, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.layers.attention import resolve_backend, transformers_attention_name
-from vlpgraph.layers.tokenizer import IMAGE_TOKENS, WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
+from vlpgraph.layers.tokenizer import IMAGE_TOKENS, WordPieceTokenizer, node_wordpiece
 from vlpgraph.ports import BuildContext, LanguageModel, PairedData
 from vlpgraph.registry import In, Params, register
 
@@ -181,14 +181,8 @@ def build(params: LMParams, inputs: dict, ctx: BuildContext) -> LlamaLM:
             resolve_backend("xformers", ctx.device, torch.bfloat16)
         except UserError as e:
             raise UserError(f"node '{ctx.node}' (encoder.lm): {e}")
-    if params.tokenizer:
-        hf_tok = load_tokenizer_file(resolve_path(params.tokenizer, ctx.base_dir))
-    else:
-        data = inputs.get("data")
-        if data is None:
-            raise UserError(f"node '{ctx.node}' (encoder.lm): needs a data input to train its tokenizer on")
-        hf_tok, _ = cached_wordpiece(list(data.train_captions()), params.vocab_size, ctx.cache_root, ctx.log,
-                                     extra_specials=IMAGE_TOKENS)
+    hf_tok = node_wordpiece(params.tokenizer, inputs.get("data"), params.vocab_size, ctx,
+                            f"node '{ctx.node}' (encoder.lm)", extra_specials=IMAGE_TOKENS)
     try:
         tokenizer = WordPieceTokenizer(hf_tok, params.max_len, extra_specials=IMAGE_TOKENS)
     except UserError as e:

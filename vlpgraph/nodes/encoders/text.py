@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel
 from vlpgraph.checkpoints import files_fingerprint, load_matching, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.layers.attention import resolve_backend, transformers_attention_name
-from vlpgraph.layers.tokenizer import WordPieceTokenizer, cached_wordpiece, load_tokenizer_file
+from vlpgraph.layers.tokenizer import WordPieceTokenizer, node_wordpiece
 from vlpgraph.ports import BuildContext, PairedData, TextTower
 from vlpgraph.registry import In, Params, register
 
@@ -155,13 +155,8 @@ def build(params: TextParams, inputs: dict, ctx: BuildContext) -> BertTower:
             resolve_backend("xformers", ctx.device, torch.bfloat16)
         except UserError as e:
             raise UserError(f"node '{ctx.node}' (encoder.text): {e}")
-    if params.tokenizer:
-        hf_tok = load_tokenizer_file(resolve_path(params.tokenizer, ctx.base_dir))
-    else:
-        data = inputs.get("data")
-        if data is None:
-            raise UserError(f"node '{ctx.node}' (encoder.text): needs a data input to train its tokenizer on")
-        hf_tok, _ = cached_wordpiece(list(data.train_captions()), params.vocab_size, ctx.cache_root, ctx.log)
+    hf_tok = node_wordpiece(params.tokenizer, inputs.get("data"), params.vocab_size, ctx,
+                            f"node '{ctx.node}' (encoder.text)")
     tokenizer = WordPieceTokenizer(hf_tok, params.max_len)
     tower = build_bert(params, tokenizer)
     if params.pretrained:
