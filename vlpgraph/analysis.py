@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -583,6 +583,33 @@ def sample_labels(table: pd.DataFrame, width: int = 60) -> dict[int, str]:
         words = words if len(words) <= width else words[: width - 1] + "…"
         out[int(sid)] = " · ".join(bit for bit in (f"#{int(sid)}", ", ".join(dict.fromkeys(group["kind"])), words) if bit)
     return out
+
+
+def document_parts(info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A stored document (evaluator.documents' ``info``) in reading order, for the Samples page: a text part
+    ``{"text": str}`` per sentence and an image part ``{"image": j, "label": str}`` per image, the label
+    saying where the image's ``<soi>`` stands in the sequence and what the contrastive term made of it
+    (kept or cut by truncation; left out for lack of context; its own context's retrieval rank)."""
+    images = {int(e["image"]): e for e in info.get("images", [])}
+    pool = info.get("context_pool")
+    parts: list[dict[str, Any]] = []
+    for kind, k in info.get("layout", []):
+        if kind == "text":
+            parts.append({"text": info["texts"][int(k)]})
+            continue
+        e = images.get(int(k), {})
+        if not e.get("kept", False):
+            label = "cut by truncation: the language model never saw this image"
+        else:
+            label = f"<soi> at token {e['soi']}"
+            if not e.get("context", False):
+                label += " · no context before it: left out of the contrastive term"
+            elif e.get("context_rank") is not None:
+                label += f" · its context ranks it {e['context_rank']} of {pool}"
+            if e.get("after_image_loss") is not None:
+                label += f" · loss of the text after it {e['after_image_loss']:.2f}"
+        parts.append({"image": int(k), "label": label})
+    return parts
 
 
 def sample_detail(store: Store, run_id: str, step: int, sample_id: int) -> list[dict[str, Any]]:

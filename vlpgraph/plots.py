@@ -158,6 +158,17 @@ def upscale_png(png: bytes, size: int = 192) -> bytes:
     return out.getvalue()
 
 
+def png_tiles(png: bytes, tile: int) -> list[bytes]:
+    """A row of square ``tile``-pixel images side by side (evaluator.documents' strip) -> one PNG each."""
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    out = []
+    for x in range(0, img.width - tile + 1, tile):
+        buf = io.BytesIO()
+        img.crop((x, 0, x + tile, min(tile, img.height))).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
 def heatmap_figure(sample: Mapping[str, Any], opacity: float = 0.5, title: str = "", show_boxes: bool = True,
                    size: int = 360) -> go.Figure:
     """The image with its patch scores laid over it (opacity), the ground-truth boxes (green) and

@@ -68,6 +68,9 @@ class PairedData:
 
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
+    # interleaved data (capability ``interleaved``): held-out documents, items as ``train``'s
+    # (evaluator.documents scores a document objective on them); None for other data
+    test_documents: torch.utils.data.Dataset | None = None
     capabilities: frozenset[str] = frozenset({PAIRED})
     zeroshot: ZeroShotSet | None = None
     image_size: int = 32
@@ -288,6 +291,43 @@ class MaskedImageModel(Objective):
         raise NotImplementedError
 
     def reconstruct(self, fwd: Forward) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class DocumentScores:
+    """A document objective's scores of one batch of interleaved documents (no gradient needed).
+
+    ``input_ids`` / ``labels`` [B, L]: the built sequences and the token each position predicts (-100:
+    not predicted); ``token_loss`` [B, L]: that prediction's cross-entropy (0 where the label is -100);
+    ``image_row`` / ``soi_pos`` [K]: row and ``<soi>`` position of each image kept after truncation (in
+    document order), ``kept`` Bool[sum M]: which of the batch's images were kept; ``has_context`` Bool[K]:
+    which kept images enter the contrastive term; ``image_features`` / ``context_features`` [K, D]: each
+    kept image's feature and its ``<soi>`` context feature in the contrastive space (L2-normalised; a
+    cosine of the two is the contrastive logit before the temperature)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    token_loss: torch.Tensor
+    image_row: torch.Tensor
+    soi_pos: torch.Tensor
+    kept: torch.Tensor
+    has_context: torch.Tensor
+    image_features: torch.Tensor
+    context_features: torch.Tensor
+
+
+class DocumentModel(Objective):
+    """An objective over interleaved documents (objective.lcl). ``score_documents(fwd) -> DocumentScores``
+    for a batch of documents (as the data's collate makes them); ``tokenizer``: the language model's
+    (with ``soi_id``, ``img_id``, ``eoi_id``); ``generates`` / ``contrasts``: whether its generation /
+    contrastive terms are on (weights above 0), i.e. which of its scores were trained."""
+
+    tokenizer: "Tokenizer"
+    generates: bool = True
+    contrasts: bool = True
+
+    def score_documents(self, fwd: Forward) -> DocumentScores:
         raise NotImplementedError
 
 

@@ -1,7 +1,8 @@
 """Samples: what evaluators stored to look at (the store's ``samples`` table) for a run and a test sample —
-the image, the masked view and the MAE reconstruction; generated vs reference captions; a second run side
-by side on the same sample. A kind this page does not know is shown generically (images, text, reference,
-info)."""
+the image, the masked view and the MAE reconstruction; generated vs reference captions; held-out
+interleaved documents as the language model read them (images inline, ``<soi>`` positions marked); a
+second run side by side on the same sample. A kind this page does not know is shown generically
+(images, text, reference, info)."""
 
 import streamlit as st
 
@@ -21,9 +22,29 @@ DEFAULT_LABELS = {"image": "image", "masked_image": "masked_image", "output_imag
                   "references": "reference"}
 
 
+def show_document(row: dict) -> None:
+    """A held-out document (evaluator.documents): its sentences and images in reading order, each image
+    with where its <soi> stands and what the contrastive term made of it."""
+    info = row["info"]
+    tiles = plots.png_tiles(row["image"], int(info["tile"])) if row.get("image") is not None else []
+    head = f"**{common.plain(row['evaluator'])}** · document · {info.get('tokens', '?')} tokens"
+    st.markdown(head + (" · truncated" if info.get("truncated") else ""))
+    for part in analysis.document_parts(info):
+        if "text" in part:
+            st.markdown(common.plain(part["text"]))
+            continue
+        left, right = st.columns([1, 5], vertical_alignment="center")
+        if part["image"] < len(tiles):
+            left.image(plots.upscale_png(tiles[part["image"]], 96), output_format="PNG")
+        right.markdown(f":blue-background[image {part['image'] + 1}] {common.plain(part['label'])}")
+
+
 def show_row(row: dict) -> None:
     """One (evaluator, kind) row of a sample: its images in a row, its text beside its reference(s),
     then its info (scalars on a line, anything nested as JSON)."""
+    if row["kind"] == "document":
+        show_document(row)
+        return
     labels = {**DEFAULT_LABELS, **LABELS.get(row["kind"], {})}
     st.markdown(f"**{common.plain(row['evaluator'])}** · {common.plain(row['kind'])}")
     images = [(labels[c], row[c]) for c in IMAGES if row.get(c) is not None]
@@ -53,8 +74,9 @@ base = common.base_filters()
 runs = common.q("sample_runs", base)
 if runs.empty:
     st.info(f"No run of {common.graph_label()} stored samples. Evaluators write them: `evaluator.reconstruction` "
-            "(the image, its masked view and the MAE reconstruction) and `evaluator.captioning` (generated captions "
-            "beside their references), e.g.\n\n```\nvlpgraph run graphs/mug.yaml\n```", icon=":material/info:")
+            "(the image, its masked view and the MAE reconstruction), `evaluator.captioning` (generated captions "
+            "beside their references) and `evaluator.documents` (held-out interleaved documents), e.g.\n\n"
+            "```\nvlpgraph run graphs/mug.yaml\nvlpgraph run graphs/lcl.yaml\n```", icon=":material/info:")
     st.stop()
 
 labels = analysis.run_labels(runs)
@@ -75,6 +97,13 @@ other = c4.selectbox("side by side with", [NONE] + others, key="sm_other",
                      format_func=lambda r: r if r == NONE else labels.get(r, r))
 
 table = common.q("sample_table", run_id, int(step))
+# held-out documents are numbered apart from the test samples: one or the other is shown at a time
+documents = table["kind"] == "document"
+show_documents = bool(documents.all())
+if documents.any() and not documents.all():
+    show_documents = st.radio("show", ["test samples", "held-out documents"], horizontal=True,
+                              key="sm_what") == "held-out documents"
+table = table[documents == show_documents]
 ids = sorted(set(table["sample_id"].astype(int)))
 other_step = None
 if other != NONE:
@@ -82,6 +111,7 @@ if other != NONE:
     other_steps = common.q("sample_steps", other)
     other_step = step if step in other_steps else other_steps[0]
     other_table = common.q("sample_table", other, int(other_step))
+    other_table = other_table[(other_table["kind"] == "document") == show_documents]
     both = [i for i in ids if i in set(other_table["sample_id"].astype(int))]
     if both:
         ids = both
@@ -96,7 +126,8 @@ panels = [(run_id, step)] + ([(other, other_step)] if other != NONE else [])
 for panel, (rid, at_step) in zip(st.columns(len(panels)), panels):
     with panel:
         st.caption(f"{labels.get(rid, rid)} · step {at_step}")
-        rows = common.q("sample_detail", rid, int(at_step), int(sample_id))
+        rows = [r for r in common.q("sample_detail", rid, int(at_step), int(sample_id))
+                if (r["kind"] == "document") == show_documents]
         if not rows:
             st.warning(f"This run did not store sample #{sample_id} at step {at_step}.")
         for row in rows:

@@ -236,10 +236,13 @@ class Pairs(torch.utils.data.Dataset):
 
 
 class InterleavedData(PairedData):
-    """``train``: documents; ``train_pairs`` and ``test``: image + matched sentence pairs."""
+    """``train``: documents; ``train_pairs`` and ``test``: image + matched sentence pairs;
+    ``test_documents``: the test documents as documents (evaluator.documents)."""
 
-    def __init__(self, train: Documents, train_pairs: Pairs, test: Pairs, p: InterleavedParams):
+    def __init__(self, train: Documents, train_pairs: Pairs, test: Pairs, p: InterleavedParams,
+                 test_documents: Documents | None = None):
         self.train, self.train_pairs, self.test = train, train_pairs, test
+        self.test_documents = test_documents
         self.params = p
         self.capabilities = frozenset({INTERLEAVED})
         self.zeroshot = None
@@ -367,4 +370,5 @@ def build(params: InterleavedParams, inputs: dict, ctx: BuildContext) -> PairedD
     test = Pairs(test_docs, p, test_tf)
     if not len(test):
         raise UserError(f"{test_ann or ann}: the test documents have no image with a non-empty matched sentence")
-    return InterleavedData(Documents(train_docs, p, train_tf), Pairs(train_docs, p, train_tf), test, p)
+    return InterleavedData(Documents(train_docs, p, train_tf), Pairs(train_docs, p, train_tf), test, p,
+                           test_documents=Documents(test_docs, p, test_tf))

@@ -70,6 +70,7 @@ _RADIUS = ((0.10, 0.14), (0.17, 0.22))  # radius / image_size for small and larg
 _NOISE_TILES = 64
 # The random stream of document boundaries, placements and fillers (scenes use the split ids 0 and 1).
 DOC_STREAM = 2
+TEST_DOC_STREAM = 3  # the held-out documents' sizes and layouts (evaluator.documents): not the training ones
 # Filler sentences of interleaved documents: they describe nothing in any image (no colour, shape,
 # size, count or position word), like the chatter between a web page's pictures.
 FILLERS = (
@@ -648,19 +649,19 @@ class ShapesSplit(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------- documents
 
 
-def document_bounds(p: ShapesParams, n_scenes: int) -> np.ndarray:
+def document_bounds(p: ShapesParams, n_scenes: int, stream: int = DOC_STREAM) -> np.ndarray:
     """Document d holds training scenes ``bounds[d] .. bounds[d+1]-1``: consecutive runs of 1..max_images
     scenes (uniform sizes from one stream of (data_seed, DOC_STREAM)), the last one cut at ``n_scenes``.
     The runs do not depend on ``n_scenes``, so a smaller train_fraction keeps a prefix of the documents
     (its last one possibly shorter) and every scene is in exactly one document."""
-    u = np.random.default_rng([p.data_seed, DOC_STREAM]).random(n_scenes)
+    u = np.random.default_rng([p.data_seed, stream]).random(n_scenes)
     sizes = 1 + np.minimum((u * p.max_images).astype(np.int64), p.max_images - 1)
     ends = np.cumsum(sizes)
     n_docs = int(np.searchsorted(ends, n_scenes)) + 1  # the first document reaching n_scenes is the last
     return np.concatenate([[0], np.minimum(ends[:n_docs], n_scenes)])
 
 
-def document_layout(p: ShapesParams, d: int, m: int) -> tuple[list[tuple[str, int]], list[str]]:
+def document_layout(p: ShapesParams, d: int, m: int, stream: int = DOC_STREAM) -> tuple[list[tuple[str, int]], list[str]]:
     """The reading order of document ``d`` with ``m`` scenes, and its filler sentences.
 
     Texts 0..m-1 are the scenes' sentences (text j belongs to image j); fillers are texts m, m+1, ...
@@ -670,7 +671,7 @@ def document_layout(p: ShapesParams, d: int, m: int) -> tuple[list[tuple[str, in
     the draws for image j do not depend on m (a document cut short keeps its first images' layout).
     """
     k = p.max_images
-    u = np.random.default_rng([p.data_seed, DOC_STREAM, d]).random(4 * k)
+    u = np.random.default_rng([p.data_seed, stream, d]).random(4 * k)
     units = [[("image", j), ("text", j)] if u[j] < p.image_first_p else [("text", j), ("image", j)] for j in range(m)]
     # (place, image it came with, sentence): place i = before unit i, m = at the end
     drawn = sorted(
@@ -688,12 +689,14 @@ class ShapesDocuments(torch.utils.data.Dataset):
     """The training scenes grouped into interleaved documents (items: see ``ports.INTERLEAVED``).
 
     ``scenes``: the paired split the documents are made of (``image_ids`` index it); ``bounds``: see
-    :func:`document_bounds`."""
+    :func:`document_bounds`; ``stream``: the random stream of the sizes and layouts (DOC_STREAM for
+    training, TEST_DOC_STREAM for the held-out documents of the test scenes)."""
 
-    def __init__(self, scenes: "ShapesSplit", p: ShapesParams):
+    def __init__(self, scenes: "ShapesSplit", p: ShapesParams, stream: int = DOC_STREAM):
         self.scenes = scenes
         self.params = p
-        self.bounds = document_bounds(p, len(scenes))
+        self.stream = stream
+        self.bounds = document_bounds(p, len(scenes), stream)
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -703,7 +706,7 @@ class ShapesDocuments(torch.utils.data.Dataset):
         if not 0 <= d < len(self):
             raise IndexError(f"document {d} out of range 0..{len(self) - 1}")
         ids = list(range(int(self.bounds[d]), int(self.bounds[d + 1])))
-        layout, fillers = document_layout(self.params, d, len(ids))
+        layout, fillers = document_layout(self.params, d, len(ids), self.stream)
         return ids, [self.scenes.captions[i] for i in ids] + fillers, layout
 
     def __getitem__(self, d: int) -> dict:
@@ -723,7 +726,8 @@ class ShapesData(PairedData):
     splits (capability ``labels``).
 
     With ``pairing: interleaved``, ``train`` holds documents (capability ``interleaved``) and
-    ``train_pairs`` the same training scenes as paired items; ``test`` and ``zeroshot`` are unchanged."""
+    ``train_pairs`` the same training scenes as paired items; ``test`` and ``zeroshot`` are unchanged;
+    ``test_documents`` groups the test scenes into held-out documents the same way (own random stream)."""
 
     colours = COLOURS
     shapes = SHAPES
@@ -739,6 +743,9 @@ class ShapesData(PairedData):
         self.train_pairs = ShapesSplit(folder, "train", n_train, MEAN, STD)
         self.train = ShapesDocuments(self.train_pairs, p) if p.pairing == "interleaved" else self.train_pairs
         self.test = ShapesSplit(folder, "test", None, MEAN, STD)
+        # held-out documents of the (clean) test scenes, for evaluator.documents; evaluators that read
+        # pairs keep using ``test``
+        self.test_documents = ShapesDocuments(self.test, p, TEST_DOC_STREAM) if p.pairing == "interleaved" else None
         single = np.nonzero(self.test.labels >= 0)[0]
         self.zeroshot = ZeroShotSet(
             indices=single.tolist(),
@@ -799,7 +806,8 @@ def build(params: ShapesParams, inputs: dict, ctx: BuildContext) -> PairedData:
     pairings, so paired and interleaved runs see the same images; the documents' count follows
     (about train_size / ((max_images + 1) / 2)). Items: ``images`` [M,3,S,S], ``texts``, ``layout``,
     ``sample_id``, ``image_ids`` (scene indices); ``train_pairs`` holds the scenes as paired items; the
-    test split and zero-shot set are the paired ones. ``max_images: 1`` is paired data as LCL trains on
+    test split and zero-shot set are the paired ones (``test_documents``: the test scenes grouped the same
+    way, for evaluator.documents). ``max_images: 1`` is paired data as LCL trains on
     it (one image, first or last at p = 0.5). Deviation from LCL: a document's scenes are independent
     (nothing links one image or sentence to the next, unlike a web page).
     """

@@ -76,7 +76,7 @@ class LCLStep:
     has_context: torch.Tensor
 
 
-class LCL(ports.Objective):
+class LCL(ports.DocumentModel):
     """LCL's generation + contrastive objective over interleaved documents; see :func:`build`."""
 
     def __init__(self, vision: ports.VisionTower, pool: ports.ImagePooler, lm: nn.Module, params: LCLParams):
@@ -108,6 +108,18 @@ class LCL(ports.Objective):
     @property
     def lm(self) -> nn.Module:
         return self._refs[2]
+
+    @property
+    def tokenizer(self) -> ports.Tokenizer:
+        return self.lm.tokenizer
+
+    @property
+    def generates(self) -> bool:
+        return self.gen_weight > 0
+
+    @property
+    def contrasts(self) -> bool:
+        return self.con_weight > 0
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -168,6 +180,22 @@ class LCL(ports.Objective):
         logits = (all_image @ all_context.T).float() / tau  # [K_global, K_global]
         labels = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+    def score_documents(self, fwd: ports.Forward) -> ports.DocumentScores:
+        """The step's pass, scored per token and per image (for evaluator.documents); both scores are
+        computed whatever the weights (``generates`` / ``contrasts`` say which were trained)."""
+        step = self.step(fwd)
+        logits = self.lm.logits(step.hidden).float()
+        labels = step.labels
+        token_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                     reduction="none").view_as(labels)
+        context = step.hidden[step.image_row, step.soi_pos]
+        image = F.normalize(self.image_proj(step.z), dim=-1)
+        context = F.normalize(self.context_proj(context), dim=-1)
+        return ports.DocumentScores(
+            input_ids=step.seq.input_ids, labels=labels, token_loss=token_loss, image_row=step.image_row,
+            soi_pos=step.soi_pos, kept=step.seq.kept, has_context=step.has_context,
+            image_features=image.float(), context_features=context.float())
 
     def forward(self, fwd: ports.Forward, batch: dict, group: str | None = None) -> dict[str, torch.Tensor]:
         """Named terms 'lcl_gen' (× gen_weight) and 'lcl_con' (× con_weight); a term of weight 0 is neither
