@@ -188,6 +188,7 @@ class LCL(ports.Objective):
     "objective.lcl",
     params=LCLParams,
     output=LCL,
+    requires=frozenset({ports.INTERLEAVED}),
     inputs={
         "data": In(ports.PairedData, optional=True, needs=frozenset({ports.INTERLEAVED}),
                    doc="the interleaved training data (optional; wired, validation checks it has documents)"),
