@@ -4,6 +4,7 @@ corpus of disjoint scenes, the concept gallery, scene graphs) and dataset.unpair
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,8 @@ def test_every_gallery_region_is_its_boxs_object_from_the_image_corpus(tmp_path)
     batched = g.region_images(some)  # one resampling call: the same pixels as region() one by one
     assert batched.shape == (len(some), 3, 32, 32) and len(some) >= 4
     assert torch.allclose(batched, torch.stack([g.region(r)[0] for r in some]), atol=1e-4)
+    # DataLoader workers may get the data (its collate) pickled
+    assert torch.equal(pickle.loads(pickle.dumps(data)).gallery.region(5)[0], g.region(5)[0])
     small = shapes(tmp_path, pairing="unpaired", region_size=16).gallery
     assert small.region(0)[0].shape == (3, 16, 16)
 
@@ -242,6 +245,7 @@ def test_dataset_unpaired_skips_and_counts_a_missing_and_a_corrupt_image(tmp_pat
     rgb = image * torch.tensor(data.std).view(3, 1, 1) + torch.tensor(data.mean).view(3, 1, 1)
     assert image.shape == (3, 16, 16) and torch.allclose(rgb, torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1), atol=0.02)
     assert g.region(g.regions("dog")[0])[2] == 1
+    assert torch.equal(pickle.loads(pickle.dumps(data)).gallery.region(0)[0], g.region(0)[0])
     # the paired test split; no training pairs for frozen-transfer heads
     assert [data.test[i]["caption"] for i in range(len(data.test))] == ["a test caption", "another"]
     with pytest.raises(UserError, match="no image-caption pairs for training"):

@@ -22,9 +22,11 @@ own boxes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import operator
 import os
 import time
 from dataclasses import dataclass
@@ -744,8 +746,8 @@ def shapes_gallery(images: ShapesSplit, region_size: int) -> BoxGallery:
     corpus's own pixels and boxes."""
     scene, obj = np.nonzero(np.arange(MAX_OBJECTS)[None, :] < images.counts[:, None])
     concept = images.colour[scene, obj].astype(np.int64) * len(SHAPES) + images.shape[scene, obj]
-    return BoxGallery(CLASS_NAMES, concept, scene, images.boxes[scene, obj], lambda i: images.images[i],
-                      MEAN, STD, region_size)
+    load = functools.partial(operator.getitem, images.images)  # image i's pixels (picklable, for loader workers)
+    return BoxGallery(CLASS_NAMES, concept, scene, images.boxes[scene, obj], load, MEAN, STD, region_size)
 
 
 # --------------------------------------------------------------------------------------- documents

@@ -17,9 +17,9 @@ the named images' sizes and mtimes, as dataset.captions's.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -225,13 +225,27 @@ def build_gallery(p: UnpairedParams, instances: Path, root: Path, corpus: list[P
     if not kept:
         raise UserError(f"{instances}: no box lies on a readable image of the image corpus")
 
-    @functools.lru_cache(maxsize=32)
-    def load(i: int) -> np.ndarray:
-        with Image.open(corpus[i]) as im:
-            return np.asarray(to_rgb(im))
-
     return BoxGallery(names, [c for _, c, _ in kept], [i for i, _, _ in kept], np.array([b for _, _, b in kept]),
-                      load, MEAN, STD, p.region_size or p.image_size)
+                      CorpusImages(corpus), MEAN, STD, p.region_size or p.image_size)
+
+
+class CorpusImages:
+    """``load(image_id) -> uint8 [H, W, 3]``: the corpus image, decoded in full (a gallery's boxes are in
+    original pixels); the last ``keep`` decoded images are kept, as a gallery often cuts several regions of
+    one image. A plain object, so a data object holding it pickles (DataLoader workers)."""
+
+    def __init__(self, paths: list[Path], keep: int = 32):
+        self.paths, self.keep = paths, keep
+        self._recent: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __call__(self, i: int) -> np.ndarray:
+        if i not in self._recent:
+            with Image.open(self.paths[i]) as im:
+                self._recent[i] = np.asarray(to_rgb(im))
+            while len(self._recent) > self.keep:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end(i)
+        return self._recent[i]
 
 
 # ------------------------------------------------------------------------ identity and static facts
