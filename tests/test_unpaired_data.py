@@ -61,6 +61,8 @@ def test_unpaired_batches_and_equal_data_with_a_paired_run(tmp_path):
     paired = shapes(tmp_path, train_fraction=0.5)
     assert unpaired.folder == paired.folder  # one cached folder for every pairing
     assert len(unpaired.train) == len(paired.train) == 60
+    facts = shapes_mod.facts(unpaired.params, tmp_path)  # what validation knows: one item per image
+    assert facts["train_size"] == facts["train_images"] == 60
     assert np.array_equal(unpaired.train_pairs.images, paired.train.images)  # the very same images
     full = shapes(tmp_path, pairing="unpaired")
     assert unpaired.train.text_ids == full.train.text_ids[:60]  # nested fractions keep a prefix of both corpora
