@@ -164,6 +164,7 @@ def bind(graph_name: str, nodes_raw: dict[str, dict], problems: Problems, base_d
         found = ", ".join(trainers) or "none"
         problems.add(("nodes",), f"a graph needs exactly one trainer node (found: {found})")
     _check_facts(bound, base_dir, problems)  # also when something else is wrong: every problem at once
+    _check_requires(bound, problems)
     if problems.added > n_before:
         return None
     graph = Graph(graph_name, bound, dag, list(nx.lexicographical_topological_sort(dag)), base_dir)
@@ -191,6 +192,48 @@ def _check_facts(bound: dict[str, BoundNode], base_dir: Path, problems: Problems
             param, msg = problem if isinstance(problem, tuple) else ("", problem)
             path = ("nodes", name, "params", param) if param else ("nodes", name)
             problems.add(path, msg, node=name, kind=node.kind.name)
+
+
+# Why a kind requires a capability of the trainer's data (NodeKind.requires), for the message.
+_WHY = {
+    "paired": "it treats each image and caption of a batch as a pair",
+    "interleaved": "it trains on interleaved documents",
+}
+
+
+def _check_requires(bound: dict[str, BoundNode], problems: Problems) -> None:
+    """Each trainer's objectives, and every node they use (a mixer, another objective), against what the
+    trainer's data provides: a node whose kind ``requires`` a capability the data lacks is a problem at
+    its ``kind`` line, e.g. objective.itc on unpaired or interleaved data. Every such node is reported,
+    in file order; nodes or inputs that are not valid are left out (their problem is reported already)."""
+    for trainer in bound.values():
+        if trainer.kind.role != "trainer":
+            continue
+        sources = [s for s in trainer.input_names("data") if s in bound]
+        if not sources:
+            continue
+        data = bound[sources[0]]
+        provided = data.kind.provides(data.params)
+        used: set[str] = set()
+        todo = trainer.input_names("objectives")
+        while todo:
+            name = todo.pop()
+            if name in used or name not in bound:
+                continue
+            used.add(name)
+            todo += [s for port in bound[name].inputs for s in bound[name].input_names(port)]
+        for name, node in bound.items():
+            if name not in used:
+                continue
+            wired = {port: [bound[s].kind.name for s in node.input_names(port) if s in bound] for port in node.inputs}
+            missing = sorted(node.kind.requires(node.params, wired) - provided)
+            if not missing:
+                continue
+            why = "; ".join(_WHY[c] for c in missing if c in _WHY)
+            problems.add(("nodes", name, "kind"),
+                         f"needs {' and '.join(missing)} data{f' ({why})' if why else ''}, but the trainer's data "
+                         f"'{data.name}' ({data.kind.name}) provides {', '.join(sorted(provided)) or 'nothing'}",
+                         node=name, kind=node.kind.name)
 
 
 def canonical(value: Any) -> str:

@@ -498,3 +498,89 @@ class BuildContext:
         d = self.cache_root / self.node_hash
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+
+# --- issue 11, engineer A's Scene (provisional copy, lead dedupes) ------------------------------
+# dataset.shapes implements ``scene(i)`` with these on this branch; engineer A's block defines them.
+SCENES = "scenes"  # the test split (and train_pairs) carry a scene graph per item: ``split.scene(i) -> Scene``
+
+
+@dataclass
+class SceneObject:
+    """One object of a scene: ``colour``/``shape`` names (as captions write them), ``size`` ("small" |
+    "large"), ``box`` (x0, y0, x1, y1) in pixels of the item's image."""
+
+    colour: str
+    shape: str
+    size: str
+    box: tuple[float, float, float, float]
+
+
+@dataclass
+class Scene:
+    """The scene graph of one image: its objects."""
+
+    objects: list[SceneObject]
+
+
+# --- issue 11, engineer B: unpaired corpora and the concept gallery (VLMixer) ---------------------
+# The *train* items come from two corpora drawn from DIFFERENT scenes (no pair information reaches
+# training): ``image`` Float[3, H, W] (normalised as the data's images), ``image_id`` int (its image in
+# the image corpus), ``caption`` str (a sentence of the text corpus), ``text_id`` int (that sentence's
+# id), ``sample_id`` int (the item's index). An item's image and sentence are unrelated, and the two
+# corpora are disjoint sets of scenes. ``collate`` -> :func:`collate_unpaired`. The *test* split stays
+# paired (every evaluator keeps working); ``train_pairs`` / ``paired_train()``: the image corpus as paired
+# items (each image with its own caption; for frozen-transfer heads, which may see pairs).
+# ``train_captions()``: the text corpus's sentences. Unpaired data does not provide ``paired``; kinds that
+# treat a batch's images and captions as pairs declare ``requires={PAIRED}`` and validation refuses them.
+UNPAIRED = "unpaired"
+# ``data.gallery``: a :class:`Gallery` of image regions per visual concept, cut from the image corpus's
+# own object boxes (never from the text corpus's scenes).
+GALLERY = "gallery"
+
+
+class Gallery:
+    """Visual concepts -> image regions (VLMixer's patch gallery).
+
+    ``concepts``: the concept phrases that have at least one region, as the sentences write them (shapes:
+    colour + shape, e.g. "red circle"; COCO: a category name, e.g. "traffic light"). Regions are numbered
+    0..``len(self) - 1``. ``regions(concept) -> list[int]`` (empty for an unknown concept);
+    ``region(rid) -> (image Float[3, region_size, region_size] normalised as the data's images, concept,
+    source image_id, box (x0, y0, x1, y1) in pixels of the source image)``; ``sample(concept, generator)``
+    -> one of its regions, uniformly (draws only from ``generator``); ``region_images(rids)`` ->
+    Float[K, 3, region_size, region_size]. ``region_size``: the side of a region's image (by default the
+    data's image_size, so the vision tower embeds a region as it embeds an image).
+    """
+
+    concepts: list[str]
+    region_size: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def regions(self, concept: str) -> list[int]:
+        raise NotImplementedError
+
+    def region(self, rid: int) -> tuple[torch.Tensor, str, int, tuple[float, float, float, float]]:
+        raise NotImplementedError
+
+    def sample(self, concept: str, generator: torch.Generator) -> int:
+        rids = self.regions(concept)
+        if not rids:
+            raise KeyError(f"the gallery has no region of {concept!r}")
+        return rids[int(torch.randint(len(rids), (1,), generator=generator))]
+
+    def region_images(self, rids: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.region(int(r))[0] for r in rids])
+
+
+def collate_unpaired(items: list[dict]) -> dict:
+    """Unpaired items -> ``images`` Float[B, 3, H, W], ``captions`` list[str] (tokenised by the trainer
+    like paired captions), ``image_ids`` / ``text_ids`` / ``sample_ids`` Long[B]."""
+    return {
+        "images": torch.stack([it["image"] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "image_ids": torch.tensor([int(it["image_id"]) for it in items], dtype=torch.long),
+        "text_ids": torch.tensor([int(it["text_id"]) for it in items], dtype=torch.long),
+        "sample_ids": torch.tensor([int(it["sample_id"]) for it in items], dtype=torch.long),
+    }

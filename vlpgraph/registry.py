@@ -110,6 +110,11 @@ class NodeKind:
     # check(params, inputs) -> problems that need the inputs' facts; inputs: {port: [facts of each
     # upstream node, with its name under "node"]}. A problem is a message, or (param, message).
     check: Callable[[Params, dict[str, list[Facts]]], list[str | tuple[str, str]]] = lambda p, inputs: []
+    # Capabilities the TRAINER's data must provide when this node is one of the trainer's objectives or
+    # something they use (a mixer, another objective), as a function of the validated params and of the
+    # kinds wired to each input ({port: [kind name, ...]}): e.g. objective.itc treats each image and caption
+    # of a batch as a pair, so it requires "paired" (unpaired or interleaved data would train it on junk).
+    requires: Callable[[Params, dict[str, list[str]]], frozenset[str]] = lambda p, inputs: frozenset()
     doc: str = ""
 
     @property
@@ -134,18 +139,22 @@ def register(
     fingerprint: Callable[[Params, Path], dict[str, Any]] | None = None,
     facts: Callable[[Params, Path], Facts] | None = None,
     check: Callable[[Params, dict[str, list[Facts]]], list] | None = None,
+    requires: frozenset[str] | Callable[[Params, dict[str, list[str]]], frozenset[str]] = frozenset(),
 ):
     """Decorator registering ``build`` as node kind ``name`` (``role.what``, or just ``trainer``).
 
     Optional hooks, all run at validation (see :class:`NodeKind`): ``fingerprint`` (what the node
-    reads from disk, part of its hash), ``facts`` (what a data kind knows before building) and
-    ``check`` (problems found against the inputs' facts)."""
+    reads from disk, part of its hash), ``facts`` (what a data kind knows before building),
+    ``check`` (problems found against the inputs' facts) and ``requires`` (capabilities the trainer's
+    data must provide for an objective or mixer it trains with; a set, or a function of the params and
+    the wired inputs' kinds)."""
     role = name.split(".")[0]
     if role not in ROLES:
         raise ValueError(f"kind {name!r}: role {role!r} is not one of {ROLES}")
     if not issubclass(params, Params):
         raise TypeError(f"kind {name!r}: params must subclass vlpgraph.registry.Params")
     provides_fn = provides if callable(provides) else (lambda p, _c=frozenset(provides): _c)
+    requires_fn = requires if callable(requires) else (lambda p, inputs, _c=frozenset(requires): _c)
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _KINDS:
@@ -157,6 +166,7 @@ def register(
             output=output,
             inputs=dict(inputs or {}),
             provides=provides_fn,
+            requires=requires_fn,
             fingerprint=fingerprint,
             **({"facts": facts} if facts else {}),
             **({"check": check} if check else {}),

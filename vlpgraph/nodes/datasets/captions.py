@@ -19,12 +19,9 @@ images make a new trial rather than a stale "already completed".
 
 from __future__ import annotations
 
-import csv
 import functools
-from collections import Counter
-import json
 import math
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,9 +30,11 @@ from pydantic import Field
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+# The reader is shared with dataset.unpaired's test split (vlpgraph/annotations.py); its names stay importable here.
+from vlpgraph.annotations import Record, _fail, drop_bad_images, drop_empty_captions, read_annotations  # noqa: F401
 from vlpgraph.checkpoints import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import bad_images, stats_fingerprint, to_rgb
+from vlpgraph.imagefiles import stats_fingerprint, to_rgb
 from vlpgraph.ports import BOXES, LABELS, PAIRED, BuildContext, PairedData
 from vlpgraph.registry import Params, register
 
@@ -77,208 +76,6 @@ class CaptionsParams(Params):
         if not 0 < lo <= hi <= 1:
             return [("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])")]
         return []
-
-
-@dataclass
-class Record:
-    image: Path
-    caption: str
-    boxes: list[list[float]] | None
-    where: str = ""  # where in the annotations file, for messages ("line 4", "annotation 3")
-    label: str | None = None  # the label column's class name (None: no label)
-
-
-# ------------------------------------------------------------------------------------------ reading
-
-
-def _fail(path: Path, what: str) -> UserError:
-    return UserError(f"{path}: {what}")
-
-
-def _parse_boxes(value, path: Path, where: str) -> list[list[float]]:
-    if isinstance(value, str):
-        value = value.strip()
-        if not value:
-            return []
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise _fail(path, f"{where}: 'boxes' is not a JSON list ({e.msg})") from None
-    ok = isinstance(value, list) and all(
-        isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in value
-    )
-    if not ok:
-        raise _fail(path, f"{where}: 'boxes' must be a list of [x0, y0, x1, y1] (got {str(value)[:60]})")
-    return [[float(v) for v in b] for b in value]
-
-
-def _check_columns(path: Path, columns: list[str], want_boxes: bool) -> None:
-    listed = ", ".join(columns) if columns else "none"
-    for col in ("image", "caption") + (("boxes",) if want_boxes else ()):
-        if col not in columns:
-            hint = " (set boxes: false, or add a boxes column)" if col == "boxes" else ""
-            raise _fail(path, f"no '{col}' column (columns: {listed}){hint}")
-
-
-def _rows_coco(path: Path, data, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-        data.get("annotations"), list
-    ):
-        raise _fail(path, "not a COCO-captions file (expected an object with 'images' and 'annotations' lists)")
-    files: dict = {}
-    image_boxes: dict = {}
-    image_labels: dict = {}
-    for im in data["images"]:
-        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            raise _fail(path, "every entry of 'images' needs 'id' and 'file_name'")
-        files[im["id"]] = im["file_name"]
-        if "boxes" in im:
-            image_boxes[im["id"]] = im["boxes"]
-        if label_column and label_column in im:
-            image_labels[im["id"]] = im[label_column]
-    anns = data["annotations"]
-    if not anns:
-        return []
-    columns = sorted(k for a in anns[:1] if isinstance(a, dict) for k in a)
-    if "image_id" in columns:  # the image column of a COCO file
-        columns = sorted(set(columns) | {"image"})
-    if want_boxes and image_boxes:
-        columns.append("boxes")
-    _check_columns(path, columns, want_boxes)
-    rows = []
-    for n, a in enumerate(anns):
-        where = f"annotation {n}"
-        if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
-            raise _fail(path, f"{where}: needs 'image_id' and 'caption'")
-        if a["image_id"] not in files:
-            raise _fail(path, f"{where}: image_id {a['image_id']!r} is not in 'images'")
-        boxes = a.get("boxes", image_boxes.get(a["image_id"])) if want_boxes else None
-        if want_boxes and boxes is None:
-            raise _fail(path, f"{where}: no 'boxes' (on the annotation or its image)")
-        label = a.get(label_column, image_labels.get(a["image_id"])) if label_column else None
-        rows.append((files[a["image_id"]], a["caption"], boxes, where, label))
-    return rows
-
-
-def _rows_jsonl(path: Path, text: str, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
-    rows = []
-    checked = False
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{n}: expected a JSON object per line")
-        if not checked:
-            _check_columns(path, list(obj), want_boxes)
-            checked = True
-        for col in ("image", "caption") + (("boxes",) if want_boxes else ()):
-            if col not in obj:
-                raise UserError(f"{path}:{n}: no '{col}'")
-        label = obj.get(label_column) if label_column else None
-        rows.append((obj["image"], obj["caption"], obj.get("boxes") if want_boxes else None, f"line {n}", label))
-    return rows
-
-
-def _rows_csv(path: Path, text: str, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
-    try:
-        reader = csv.DictReader(text.splitlines())
-        columns = list(reader.fieldnames or [])
-        _check_columns(path, columns, want_boxes)
-        return [
-            (r["image"], r["caption"], r.get("boxes") if want_boxes else None, f"line {reader.line_num}",
-             r.get(label_column) if label_column else None)
-            for r in reader
-        ]
-    except csv.Error as e:
-        raise _fail(path, f"not a readable CSV ({e})") from None
-
-
-def _parse_label(value, path: Path, where: str, column: str) -> str | None:
-    """A class name from the label column: strings (stripped) and integers (as their decimal text);
-    None for an absent, null or empty value; anything else is an error."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, str):
-        return value.strip()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    raise _fail(path, f"{where}: '{column}' must be a class name (a string or an integer), got {str(value)[:60]}")
-
-
-def read_annotations(path: Path, images_root: Path, want_boxes: bool, label_column: str | None = None) -> list[Record]:
-    """Records of an annotations file; raises ``UserError`` (one line, naming the file) when it is bad.
-    Captions are whitespace-normalised; empty ones are kept here (see :func:`drop_empty_captions`).
-    With ``label_column`` each record's ``label`` is that column's class name (None where empty)."""
-    if path.is_dir():
-        raise _fail(path, "is a directory, expected an annotations file (.json, .jsonl or .csv)")
-    if not path.is_file():
-        raise _fail(path, "annotations file not found")
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".jsonl", ".csv"):
-        raise _fail(path, f"unsupported annotations format '{suffix}' (expected .json, .jsonl or .csv)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise _fail(path, f"cannot read ({e})") from None
-    if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise _fail(path, f"not valid JSON (line {e.lineno}: {e.msg})") from None
-        rows = _rows_coco(path, data, want_boxes, label_column)
-    elif suffix == ".jsonl":
-        rows = _rows_jsonl(path, text, want_boxes, label_column)
-    else:
-        rows = _rows_csv(path, text, want_boxes, label_column)
-    records = []
-    paths: dict[str, Path] = {}  # one Path per image (COCO has ~5 captions an image; Path() is slow)
-    for image, caption, boxes, where, label in rows:
-        if not isinstance(image, str) or not image.strip():
-            raise _fail(path, f"{where}: 'image' must be a non-empty path")
-        if not isinstance(caption, str):
-            raise _fail(path, f"{where}: 'caption' must be a string")
-        if image not in paths:
-            img = Path(image)
-            paths[image] = img if img.is_absolute() else images_root / img
-        records.append(
-            Record(
-                image=paths[image],
-                caption=" ".join(caption.split()),
-                boxes=_parse_boxes(boxes, path, where) if want_boxes else None,
-                where=where,
-                label=_parse_label(label, path, where, label_column) if label_column else None,
-            )
-        )
-    if not records:
-        raise _fail(path, "no samples")
-    return records
-
-
-def drop_bad_images(records: list[Record], ann: Path, max_bad_fraction: float, log) -> list[Record]:
-    """Records whose image exists and opens; more than ``max_bad_fraction`` bad images is an error
-    (:func:`vlpgraph.imagefiles.bad_images`)."""
-    bad = bad_images((r.image for r in records), ann, max_bad_fraction, log)
-    return [r for r in records if r.image not in bad] if bad else records
-
-
-def drop_empty_captions(records: list[Record], ann: Path, max_bad_fraction: float, log) -> list[Record]:
-    """Records with a non-empty caption; more than ``max_bad_fraction`` empty ones is an error (an
-    empty caption is a bad sample, like an unreadable image: counted, named, skipped)."""
-    empty = [r for r in records if not r.caption]
-    if not empty:
-        return records
-    where = ", ".join(r.where for r in empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-    if len(empty) > max_bad_fraction * len(records):
-        raise UserError(
-            f"{ann}: {len(empty)} of {len(records)} captions are empty, more than "
-            f"max_bad_fraction={max_bad_fraction}: {where}"
-        )
-    log(f"warning: {ann}: skipped {len(empty)} of {len(records)} samples whose caption is empty: {where}")
-    return [r for r in records if r.caption]
 
 
 def hold_out_by_image(records: list[Record], test_size: int, path: Path) -> tuple[list[Record], list[Record]]:

@@ -12,13 +12,21 @@ that change what an image may contain, such as ``image_size``). The splits are g
 With ``pairing: interleaved`` the training items are documents (capability ``interleaved``): runs of
 1..``max_images`` consecutive training scenes, each image before or after its own sentence. They are
 built on the fly from the same cached scenes, so both pairings train on exactly the same images.
+
+With ``pairing: unpaired`` (capabilities ``unpaired`` and ``gallery``) the training items come from two
+disjoint sets of scenes: the image corpus is training scenes 0..n-1 (the very images a paired run of the
+same params trains on) and the text corpus is the captions of training scenes N..N+n-1 (N = train_size,
+n = ceil(train_fraction * N)), which are never drawn. The gallery cuts regions from the image corpus's
+own boxes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import operator
 import os
 import time
 from dataclasses import dataclass
@@ -27,11 +35,13 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
+from vlpgraph import ports
+from vlpgraph.gallery import BoxGallery
 from vlpgraph.ports import (
-    BOXES, CLASSES, INTERLEAVED, LABELS, PAIRED, BuildContext, PairedData, ZeroShotSet, collate_documents,
-    default_collate,
+    BOXES, CLASSES, GALLERY, INTERLEAVED, LABELS, PAIRED, SCENES, UNPAIRED, BuildContext, PairedData, ZeroShotSet,
+    collate_documents, collate_unpaired, default_collate,
 )
 from vlpgraph.registry import Params, register
 
@@ -89,6 +99,11 @@ FILLERS = (
 )
 # Params that only change how the cached scenes are grouped into documents (not in the cache key).
 DOCUMENT_PARAMS = ("pairing", "max_images", "image_first_p", "filler_sentences")
+# Params added after results were stored, left out of the params' dump (hence of the node hash and the
+# cache key) while unset (None), so every graph that does not set them keeps its trials' ids.
+LATE_PARAMS = ("region_size",)
+# The text corpus of ``pairing: unpaired`` (captions of the scenes after the image corpus), cached here.
+TEXT_CORPUS = "unpaired_text.json"
 
 
 class ShapesParams(Params):
@@ -110,10 +125,11 @@ class ShapesParams(Params):
     zeroshot_fraction: float = Field(
         0.3, ge=0.0, le=1.0, description="share of test images with exactly one object (zero-shot material)"
     )
-    pairing: Literal["paired", "interleaved"] = Field(
-        "paired", description="training items: image-caption pairs, or interleaved documents of 1..max_images "
-        "scenes with their sentences (capability 'interleaved'; the same images either way, the test split "
-        "stays paired)",
+    pairing: Literal["paired", "interleaved", "unpaired"] = Field(
+        "paired", description="training items: image-caption pairs; interleaved documents of 1..max_images "
+        "scenes with their sentences (capability 'interleaved'); or unpaired: an image corpus and a text corpus "
+        "of different scenes, plus a concept gallery (capabilities 'unpaired', 'gallery'). The same training "
+        "images in every pairing; the test split stays paired",
     )
     max_images: int = Field(6, ge=1, le=64, description="interleaved: most images per document (1..max_images, "
                             "uniformly; LCL: up to 6)")
@@ -126,6 +142,10 @@ class ShapesParams(Params):
         description="interleaved: probability, per image, of one filler sentence that describes nothing, at a "
         "random place in the document",
     )
+    region_size: int | None = Field(
+        None, ge=8, le=512, description="unpaired: side of a gallery region (its box crop resized to region_size "
+        "x region_size); None: image_size, so the vision tower embeds a region as it embeds an image",
+    )
 
     @field_validator("image_size")
     @classmethod
@@ -135,9 +155,22 @@ class ShapesParams(Params):
         return v
 
     def problems(self) -> list[tuple[str, str]]:
+        found = []
         if self.min_objects > self.max_objects:
-            return [("min_objects", f"min_objects ({self.min_objects}) is greater than max_objects ({self.max_objects})")]
-        return []
+            found.append(("min_objects", f"min_objects ({self.min_objects}) is greater than max_objects ({self.max_objects})"))
+        if self.pairing == "unpaired" and self.caption_noise > 0:
+            found.append(("caption_noise", f"caption_noise ({self.caption_noise}) misaligns captions with their images, "
+                                           "but pairing: unpaired has no image-caption pairs; set caption_noise: 0"))
+        return found
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unset_late_params(self, handler):
+        """The dump without the LATE_PARAMS that are None (see LATE_PARAMS)."""
+        out = handler(self)
+        for k in LATE_PARAMS:
+            if k in out and out[k] is None:
+                del out[k]
+        return out
 
 
 # ------------------------------------------------------------------------------------------ scenes
@@ -536,8 +569,8 @@ def generate_split(p: ShapesParams, split: str, n: int, out: dict | None = None,
 
 def cache_key(p: ShapesParams) -> str:
     """The generated arrays' folder: every param that changes a scene (not train_fraction, nor how the
-    scenes are grouped into documents, so both pairings share one folder)."""
-    gen = p.model_dump(exclude={"train_fraction", *DOCUMENT_PARAMS})
+    scenes are grouped into documents or corpora, so every pairing shares one folder)."""
+    gen = p.model_dump(exclude={"train_fraction", *DOCUMENT_PARAMS, *LATE_PARAMS})
     gen["generator_version"] = GENERATOR_VERSION
     return hashlib.sha256(json.dumps(gen, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -580,7 +613,7 @@ def materialise(p: ShapesParams, cache_root: Path, log=print) -> Path:
     for split, n in (("train", p.train_size), ("test", p.test_size)):
         _write_split(d, split, p, n)
     dt = time.perf_counter() - t0
-    meta = {"params": p.model_dump(exclude={"train_fraction", *DOCUMENT_PARAMS}), "generator_version": GENERATOR_VERSION,
+    meta = {"params": p.model_dump(exclude={"train_fraction", *DOCUMENT_PARAMS, *LATE_PARAMS}), "generator_version": GENERATOR_VERSION,
             "seconds": round(dt, 3)}
     tmp = d / f".meta.{os.getpid()}.json"
     tmp.write_text(json.dumps(meta, indent=1))
@@ -644,6 +677,78 @@ class ShapesSplit(torch.utils.data.Dataset):
         imgs = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float()
         imgs = imgs.mul_(self._scale).sub_(self._shift)
         return [self._item(int(i), im) for i, im in zip(idx, imgs)]
+
+    def scene(self, i: int) -> ports.Scene:
+        """The scene graph of item ``i`` (capability ``scenes``): its objects' colour, shape and size names
+        and boxes (pixels), from the public arrays."""
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range 0..{len(self) - 1}")
+        return ports.Scene(objects=[
+            ports.SceneObject(colour=COLOURS[self.colour[i, k]], shape=SHAPES[self.shape[i, k]],
+                              size=SIZES[self.size[i, k]], box=tuple(float(v) for v in self.boxes[i, k]))
+            for k in range(int(self.counts[i]))
+        ])
+
+
+# ---------------------------------------------------------------------------------------- unpaired
+
+
+def text_corpus(p: ShapesParams, folder: Path) -> list[str]:
+    """The captions of training scenes train_size .. 2 * train_size - 1 (scene i is a pure function of
+    (data_seed, "train", i), as for the cached ones; nothing is drawn), cached in ``folder/TEXT_CORPUS``.
+    The sentences of ``pairing: unpaired``: never the caption of a drawn training image (those are scenes
+    0 .. train_size - 1), and clean (unpaired data refuses caption_noise, whose replaced captions would
+    copy earlier scenes' captions)."""
+    path = folder / TEXT_CORPUS
+    if path.exists():
+        return json.loads(path.read_text())
+    N = p.train_size
+    texts = [make_scene(p.data_seed, "train", N + j, p).caption for j in range(N)]
+    tmp = folder / f".{TEXT_CORPUS}.{os.getpid()}"
+    tmp.write_text(json.dumps(texts))
+    os.replace(tmp, path)  # several processes may write it at once: each writes whole, the last one wins
+    return texts
+
+
+class ShapesUnpaired(torch.utils.data.Dataset):
+    """The unpaired training stream (items: see ``ports.UNPAIRED``).
+
+    Item k: image k of the image corpus ``images`` (``image_id`` k, a training scene index) and sentence
+    k of ``texts`` (``text_id`` = ``text_ids[k]``, the training scene the sentence describes: never an
+    image-corpus scene). ``sample_id`` k.
+    """
+
+    def __init__(self, images: ShapesSplit, texts: list[str], text_ids: list[int]):
+        if not len(images) == len(texts) == len(text_ids):
+            raise ValueError(f"{len(images)} images, {len(texts)} sentences and {len(text_ids)} text ids")
+        self.images = images
+        self.texts = texts
+        self.text_ids = text_ids
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def _item(self, k: int, image: torch.Tensor) -> dict:
+        return {"image": image, "image_id": k, "caption": self.texts[k], "text_id": int(self.text_ids[k]),
+                "sample_id": k}
+
+    def __getitem__(self, k: int) -> dict:
+        k = int(k)
+        return self._item(k, self.images[k]["image"])
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [self._item(int(k), it["image"]) for k, it in zip(indices, self.images.__getitems__(indices))]
+
+
+def shapes_gallery(images: ShapesSplit, region_size: int) -> BoxGallery:
+    """Every object of the image corpus ``images`` as a region of its concept (``CLASS_NAMES``: colour +
+    shape as captions write them, e.g. "red circle"), in (image, object) order; cut from the image
+    corpus's own pixels and boxes."""
+    scene, obj = np.nonzero(np.arange(MAX_OBJECTS)[None, :] < images.counts[:, None])
+    concept = images.colour[scene, obj].astype(np.int64) * len(SHAPES) + images.shape[scene, obj]
+    load = functools.partial(operator.getitem, images.images)  # image i's pixels (picklable, for loader workers)
+    return BoxGallery(CLASS_NAMES, concept, scene, images.boxes[scene, obj], load, MEAN, STD, region_size)
 
 
 # --------------------------------------------------------------------------------------- documents
@@ -727,7 +832,9 @@ class ShapesData(PairedData):
 
     With ``pairing: interleaved``, ``train`` holds documents (capability ``interleaved``) and
     ``train_pairs`` the same training scenes as paired items; ``test`` and ``zeroshot`` are unchanged;
-    ``test_documents`` groups the test scenes into held-out documents the same way (own random stream)."""
+    ``test_documents`` groups the test scenes into held-out documents the same way (own random stream).
+    With ``pairing: unpaired``, ``train`` is the unpaired stream (:class:`ShapesUnpaired`), ``train_pairs``
+    the image corpus as paired items and ``gallery`` its regions (:func:`shapes_gallery`)."""
 
     colours = COLOURS
     shapes = SHAPES
@@ -741,7 +848,14 @@ class ShapesData(PairedData):
         self.mean, self.std = MEAN, STD
         self.capabilities = _provides(p)
         self.train_pairs = ShapesSplit(folder, "train", n_train, MEAN, STD)
-        self.train = ShapesDocuments(self.train_pairs, p) if p.pairing == "interleaved" else self.train_pairs
+        if p.pairing == "interleaved":
+            self.train = ShapesDocuments(self.train_pairs, p)
+        elif p.pairing == "unpaired":
+            texts = text_corpus(p, folder)[:n_train]
+            self.train = ShapesUnpaired(self.train_pairs, texts, [p.train_size + j for j in range(n_train)])
+            self.gallery = shapes_gallery(self.train_pairs, p.region_size or p.image_size)
+        else:
+            self.train = self.train_pairs
         self.test = ShapesSplit(folder, "test", None, MEAN, STD)
         # held-out documents of the (clean) test scenes, for evaluator.documents; evaluators that read
         # pairs keep using ``test``
@@ -755,25 +869,35 @@ class ShapesData(PairedData):
         )
 
     def train_captions(self) -> list[str]:
+        """Every training sentence: the documents' (interleaved), the text corpus's (unpaired), else the
+        captions."""
         if isinstance(self.train, ShapesDocuments):
             return self.train.sentences()
+        if isinstance(self.train, ShapesUnpaired):
+            return list(self.train.texts)
         return list(self.train.captions)
 
     def collate(self, items: list[dict]) -> dict:
-        """Documents -> :func:`ports.collate_documents`; paired items (test, train_pairs) as before."""
-        return collate_documents(items) if items and "layout" in items[0] else default_collate(items)
+        """Documents -> :func:`ports.collate_documents`, unpaired items -> :func:`ports.collate_unpaired`;
+        paired items (test, train_pairs) as before."""
+        if items and "layout" in items[0]:
+            return collate_documents(items)
+        if items and "text_id" in items[0]:
+            return collate_unpaired(items)
+        return default_collate(items)
 
 
 def _provides(p: ShapesParams) -> frozenset[str]:
-    """Interleaved data drops ``paired`` (its training items are not pairs); boxes, classes and labels
-    stay: they describe the test split and ``train_pairs``."""
-    first = INTERLEAVED if p.pairing == "interleaved" else PAIRED
-    return frozenset({first, BOXES, CLASSES, LABELS})
+    """Interleaved and unpaired data drop ``paired`` (their training items are not pairs); boxes, classes,
+    labels and scenes stay: they describe the test split and ``train_pairs``."""
+    first = {"paired": {PAIRED}, "interleaved": {INTERLEAVED}, "unpaired": {UNPAIRED, GALLERY}}[p.pairing]
+    return frozenset({*first, BOXES, CLASSES, LABELS, SCENES})
 
 
 def facts(p: ShapesParams, base_dir: Path) -> dict:
     """Exact split sizes and image size: pure functions of the params (nothing is read from disk).
-    ``train_images``: training images; ``train_size``: training items (documents when interleaved)."""
+    ``train_images``: training images; ``train_size``: training items (documents when interleaved; one
+    per image when unpaired)."""
     n_images = max(1, math.ceil(round(p.train_fraction * p.train_size, 6)))
     n_items = len(document_bounds(p, n_images)) - 1 if p.pairing == "interleaved" else n_images
     return {"train_size": n_items, "train_images": n_images, "test_size": p.test_size, "image_size": p.image_size}
@@ -810,6 +934,22 @@ def build(params: ShapesParams, inputs: dict, ctx: BuildContext) -> PairedData:
     way, for evaluator.documents). ``max_images: 1`` is paired data as LCL trains on
     it (one image, first or last at p = 0.5). Deviation from LCL: a document's scenes are independent
     (nothing links one image or sentence to the next, unlike a web page).
+
+    ``pairing: unpaired`` (capabilities ``unpaired`` and ``gallery`` instead of ``paired``; VLMixer's
+    setting): two corpora of disjoint scenes, so no pair information reaches training. The image corpus
+    is training scenes 0..n-1 (n = ceil(train_fraction * train_size): the very images a paired run of the
+    same params trains on, so ``train_size`` still counts images); the text corpus is the n captions of
+    training scenes train_size..train_size+n-1 (generated like the others, never drawn), so an unpaired
+    run sees as many images and as many sentences as a paired run at equal data, from the same
+    distribution, but no sentence of its images. Item k: ``image`` (image corpus image k), ``image_id``
+    k, ``caption`` (sentence k), ``text_id`` train_size + k, ``sample_id`` k; batches: ``images``,
+    ``captions``, ``image_ids``, ``text_ids``, ``sample_ids``. ``gallery``: every object of the image
+    corpus as a region of its concept ("red circle": colour + shape, as captions phrase them; 24
+    concepts), the box cropped from its image, resized to region_size (default image_size) and normalised
+    like the images. ``train_pairs``: the image corpus with its own captions, for frozen-transfer heads
+    only (evaluators may see pairs); the test split and zero-shot set are the paired ones. caption_noise
+    must be 0 (there are no pairs to misalign). Every pairing also provides ``scenes``: ``split.scene(i)``
+    is item i's scene graph (objects with colour, shape, size, box).
     """
     folder = materialise(params, ctx.cache_root, log=ctx.log)
     return ShapesData(folder, params)

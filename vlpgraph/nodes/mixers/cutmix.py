@@ -82,7 +82,7 @@ class CutMix(ports.Mixer):
         return ports.MixedBatch(mixed, targets, lam, partner, gamma, {"mode": p.mode, "boxes": box_t})
 
 
-@register("mixer.cutmix", params=CutMixParams, output=CutMix)
+@register("mixer.cutmix", params=CutMixParams, output=CutMix, requires=frozenset({ports.PAIRED}))
 def build(params: CutMixParams, inputs: dict, ctx: ports.BuildContext) -> CutMix:
     """CutMix of image-caption pairs (timm conventions): paste a box of image B−1−i into image i.
 

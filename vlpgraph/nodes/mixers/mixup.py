@@ -43,7 +43,7 @@ class Mixup(ports.Mixer):
         return ports.MixedBatch(mixed, targets, lam, partner, gamma, {"mode": p.mode})
 
 
-@register("mixer.mixup", params=MixupParams, output=Mixup)
+@register("mixer.mixup", params=MixupParams, output=Mixup, requires=frozenset({ports.PAIRED}))
 def build(params: MixupParams, inputs: dict, ctx: ports.BuildContext) -> Mixup:
     """Mixup of image-caption pairs (timm conventions): blend image i with image B−1−i.
 

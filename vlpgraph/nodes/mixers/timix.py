@@ -121,6 +121,7 @@ class TiMix(ports.Mixer):
     "mixer.timix",
     params=TiMixParams,
     output=TiMix,
+    requires=frozenset({ports.PAIRED}),
     inputs={"scorer": In(ports.PatchScorer, doc="per-patch text relevance [B,S,S] of the un-mixed batch (e.g. head.tpp)")},
 )
 def build(params: TiMixParams, inputs: dict, ctx: ports.BuildContext) -> TiMix:

@@ -58,6 +58,7 @@ class CaptionObjective(ports.Objective):
     "objective.caption",
     params=CaptionParams,
     output=CaptionObjective,
+    requires=frozenset({ports.PAIRED}),
     inputs={
         "decoder": In(ports.CaptionDecoder, doc="the caption decoder it trains (decoder.caption)"),
         "vision": In(ports.VisionTower, doc="the vision tower whose tokens the decoder reads"),

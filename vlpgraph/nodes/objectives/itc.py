@@ -407,6 +407,7 @@ class ITC(ports.Objective, ports.Embedder):
     "objective.itc",
     params=ITCParams,
     output=ITC,
+    requires=frozenset({ports.PAIRED}),
     inputs={
         "vision": In(ports.VisionTower, doc="image tower; its CLS token (position 0) is projected"),
         "text": In(ports.TextTower, doc="text tower; its mean token (or CLS, text_pool) is projected"),

@@ -113,6 +113,7 @@ class ITM(ports.Objective):
     "objective.itm",
     params=ITMParams,
     output=ITM,
+    requires=frozenset({ports.PAIRED}),
     inputs={
         "fusion": In(FusionTower, doc="fusion encoder whose [CLS] output is classified"),
         "itc": In(ports.Objective, doc="an objective that defines the image-text embedding (objective.itc); "

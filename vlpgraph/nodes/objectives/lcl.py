@@ -216,6 +216,7 @@ class LCL(ports.DocumentModel):
     "objective.lcl",
     params=LCLParams,
     output=LCL,
+    requires=frozenset({ports.INTERLEAVED}),
     inputs={
         "data": In(ports.PairedData, optional=True, needs=frozenset({ports.INTERLEAVED}),
                    doc="the interleaved training data (optional; wired, validation checks it has documents)"),

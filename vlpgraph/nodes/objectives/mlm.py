@@ -131,6 +131,8 @@ class MLM(ports.Objective):
     "objective.mlm",
     params=MLMParams,
     output=MLM,
+    # paired unless a text mixer (mixer.cmc) feeds it mixed sentences, which carry their own visual tokens
+    requires=lambda p, inputs: frozenset() if inputs.get("mixer") else frozenset({ports.PAIRED}),
     inputs={"fusion": In(FusionTower, doc="fusion encoder; the masked caption is fused with the image")},
 )
 def build(params: MLMParams, inputs: dict, ctx: ports.BuildContext) -> MLM:

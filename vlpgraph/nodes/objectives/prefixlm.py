@@ -130,6 +130,7 @@ class PrefixLM(ports.Objective):
     "objective.prefixlm",
     params=PrefixLMParams,
     output=PrefixLM,
+    requires=frozenset({ports.PAIRED}),
     inputs={"fusion": In(FusionTower, doc="fusion encoder, run with a prefix-LM mask as the caption decoder")},
 )
 def build(params: PrefixLMParams, inputs: dict, ctx: ports.BuildContext) -> PrefixLM:

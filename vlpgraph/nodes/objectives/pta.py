@@ -71,6 +71,7 @@ class PTA(ports.Objective):
     "objective.pta",
     params=PTAParams,
     output=PTA,
+    requires=frozenset({ports.PAIRED}),
     inputs={
         "tpp": In(ports.PatchScorer, doc="the text-aware patch predictor to train (head.tpp: needs patch_logits)"),
         "data": In(ports.PairedData, needs=frozenset({ports.BOXES}), doc="data with object boxes and mentions"),
