@@ -401,7 +401,9 @@ def test_mlm_takes_fusion_or_mixer():
     assert "not both" in kind.check(mlm_mod.MLMParams(), {"fusion": [{}], "mixer": [{}]})[0]
     assert "not neither" in kind.check(mlm_mod.MLMParams(), {})[0]
     with pytest.raises(UserError, match="not neither"):
-        mlm_mod.build(mlm_mod.MLMParams(), {}, ctx("mlm"))
+        mlm_mod.build(mlm_mod.MLMParams(), {"fusion": None, "mixer": None}, ctx("mlm"))  # as compile passes them
+    with pytest.raises(UserError, match="not both"):
+        mlm_mod.build(mlm_mod.MLMParams(), {"fusion": object(), "mixer": mixer}, ctx("mlm"))
 
 
 def test_mixer_is_a_trainable_module_of_the_trial():
@@ -409,3 +411,48 @@ def test_mixer_is_a_trainable_module_of_the_trial():
     names = {n for n, _ in mixer.named_parameters()}
     assert names == {"proj.weight", "proj.bias", "visual_type"}  # the towers are held by reference
     assert isinstance(mixer, nn.Module)
+
+
+VLMIXER = """\
+graph: t
+seed: 0
+nodes:
+  shapes:
+    kind: dataset.shapes
+    params: {train_size: 64, test_size: 32}
+  vision:
+    kind: encoder.vit
+    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
+  text:
+    kind: encoder.text
+    inputs: {data: shapes}
+    params: {width: 32, depth: 1, heads: 2}
+  fusion:
+    kind: encoder.fusion
+    inputs: {text: text, vision: vision}
+  cmc:
+    kind: mixer.cmc
+    inputs: {data: shapes, vision: vision, text: text}
+  mlm:
+    kind: objective.mlm
+    inputs: {mixer: cmc, fusion: fusion}
+  cmcl:
+    kind: objective.cmcl
+    inputs: {text: text, mixer: cmc}
+  train:
+    kind: trainer
+    inputs: {data: shapes, objectives: [mlm, cmcl]}
+    params: {epochs: 1, batch_size: 16}
+"""
+
+
+def test_validation_of_the_wiring(tmp_path, capsys):
+    from vlpgraph.cli import main
+
+    path = tmp_path / "g.yaml"
+    path.write_text(VLMIXER)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    # paired shapes data has no gallery; an MLM wired to both a fusion encoder and a mixer is refused
+    assert "input 'data' needs data with gallery, which 'shapes' (dataset.shapes) does not provide" in err
+    assert "wire 'fusion'" in err and "not both" in err

@@ -117,7 +117,7 @@ def test_fixed_temperature_and_clamp():
     learned, _, _ = make_cmcl()
     with torch.no_grad():
         learned.temp.fill_(5.0)
-    assert float(learned.temperature) == pytest.approx(0.5)  # temperature_max
+    assert float(learned.temperature.detach()) == pytest.approx(0.5)  # temperature_max
     with pytest.raises(ValueError, match="temperature"):
         cmcl_mod.CMCLParams(temperature=0.9)
 
@@ -150,23 +150,44 @@ class UnpairedTrain(torch.utils.data.Dataset):
                 "text_id": i, "sample_id": i}
 
 
-def test_trainer_trains_the_mixer_with_mlm_and_cmcl(tmp_path):
-    from vlpgraph import train
+def vlmixer_job(tmp_path, max_steps: int):
+    """A trainer job over fake unpaired data with objective.mlm and objective.cmcl on one mixer.cmc,
+    built as compile does (modules from the upstream nodes); the same weights at every call."""
     from vlpgraph.nodes import trainer as trainer_mod
 
+    torch.manual_seed(0)
     mixer, text, vision, data = make_mixer(p=0.5)
     captions, _ = make_captions(32, seed=4)
     data.train = UnpairedTrain(captions)
     mlm = mlm_mod.build(mlm_mod.MLMParams(), {"mixer": mixer}, ctx("mlm"))
     obj = cmcl_mod.build(cmcl_mod.CMCLParams(embed_dim=8), {"text": text, "mixer": mixer}, ctx("cmcl"))
     upstream = {"data": data, "vision": vision, "text": text, "cmc": mixer, "mlm": mlm, "cmcl": obj}
-    params = trainer_mod.TrainerParams(max_steps=3, batch_size=8, warmup_steps=0, checkpoint_every=0, log_every=1)
+    params = trainer_mod.TrainerParams(max_steps=max_steps, batch_size=8, warmup_steps=0, checkpoint_every=0,
+                                       log_every=1)
     build_ctx = ports.BuildContext(node="train", node_hash="t", seed=0, cache_root=tmp_path, upstream=upstream)
-    job = trainer_mod.build(params, {"data": data, "objectives": {"mlm": mlm, "cmcl": obj}}, build_ctx)
+    return trainer_mod.build(params, {"data": data, "objectives": {"mlm": mlm, "cmcl": obj}}, build_ctx), mixer
+
+
+def test_trainer_trains_the_mixer_and_a_resumed_run_mixes_the_same(tmp_path):
+    from vlpgraph import train
+    from vlpgraph.errors import Interrupted
+
+    job, mixer = vlmixer_job(tmp_path, 4)
     assert "cmc" in job.modules  # the mixer's projection and type embedding are trained with the rest
     before = mixer.proj.weight.detach().clone(), mixer.visual_type.detach().clone()
     rows = []
-    result = train.fit(job, seed=0, checkpoints=None, hooks=train.Hooks(on_metrics=rows.extend))
-    assert result.step == 3
+    result = train.fit(job, seed=0, checkpoints=train.Checkpointer(tmp_path / "a"),
+                       hooks=train.Hooks(on_metrics=rows.extend))
+    assert result.step == 4
     assert {"mlm", "cmcl"} <= {r["name"] for r in rows}
     assert not torch.equal(mixer.proj.weight, before[0]) and not torch.equal(mixer.visual_type, before[1])
+
+    # stopped after 2 steps, resumed from the checkpoint: the same mixed sentences, the same weights
+    steps = []
+    first, _ = vlmixer_job(tmp_path, 4)
+    with pytest.raises(Interrupted):
+        train.fit(first, seed=0, checkpoints=train.Checkpointer(tmp_path / "b"),
+                  hooks=train.Hooks(on_step=lambda step, *_: steps.append(step), should_stop=lambda: len(steps) == 2))
+    resumed, again = vlmixer_job(tmp_path, 4)
+    assert train.fit(resumed, seed=0, checkpoints=train.Checkpointer(tmp_path / "b")).resumed_from == 2
+    torch.testing.assert_close(again.proj.weight, mixer.proj.weight, rtol=0, atol=1e-6)

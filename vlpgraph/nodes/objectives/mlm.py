@@ -165,13 +165,17 @@ class MLM(ports.Objective):
         return labels, text.forward_embeds(embeds, mask)
 
 
-def check(p: MLMParams, inputs: dict) -> list[str]:
-    """Exactly one of the two inputs: the fusion encoder (paired MLM) or a mixer (MLM on mixed sentences)."""
-    wired = [port for port in ("fusion", "mixer") if port in inputs]
+def _one_of(wired: list[str]) -> list[str]:
+    """The problem when ``wired`` (of "fusion", "mixer") is not exactly one input."""
     if len(wired) == 1:
         return []
     return ["wire 'fusion' (ALBEF MLM conditioned on the paired image) or 'mixer' (VLMixer MLM on mixed sentences, "
             f"through the text tower), not {'both' if wired else 'neither'}"]
+
+
+def check(p: MLMParams, inputs: dict) -> list[str]:
+    """Exactly one of the two inputs: the fusion encoder (paired MLM) or a mixer (MLM on mixed sentences)."""
+    return _one_of([port for port in ("fusion", "mixer") if port in inputs])
 
 
 @register(
@@ -209,9 +213,10 @@ def build(params: MLMParams, inputs: dict, ctx: ports.BuildContext) -> MLM:
     since unpaired data has no image paired with the sentence. With a mixer at p = 0 this is plain
     text-only BERT MLM (the "MLM only" unpaired baseline).
     """
-    fusion, mixer = inputs.get("fusion"), inputs.get("mixer")
-    if (fusion is None) == (mixer is None):
-        raise UserError(f"node '{ctx.node}' (objective.mlm): " + check(params, inputs)[0])
+    fusion, mixer = inputs.get("fusion"), inputs.get("mixer")  # a port left out is None
+    problems = _one_of([port for port in ("fusion", "mixer") if inputs.get(port) is not None])
+    if problems:
+        raise UserError(f"node '{ctx.node}' (objective.mlm): {problems[0]}")
     text = fusion.text if fusion is not None else mixer.text
     if params.tie_embeddings and word_embeddings(text) is None:
         raise UserError(
