@@ -456,3 +456,22 @@ def test_validation_of_the_wiring(tmp_path, capsys):
     # paired shapes data has no gallery; an MLM wired to both a fusion encoder and a mixer is refused
     assert "input 'data' needs data with gallery, which 'shapes' (dataset.shapes) does not provide" in err
     assert "wire 'fusion'" in err and "not both" in err
+
+
+def test_sample_rows_show_the_mixed_sentence_and_its_regions():
+    import io
+
+    from PIL import Image
+
+    mixer, text, _, data = make_mixer(p=1.0)
+    captions = ["a cyan shape", "a big red circle on the left and a blue square"]
+    batch = make_batch(text, captions, sample_ids=[40, 41])
+    out = mix(mixer, batch)
+    rows = mixer.sample_rows(out, batch)
+    assert len(rows) == 1  # the first sentence names no concept: nothing to show
+    row = rows[0]
+    (_, r1, _, _), (_, r2, _, _) = out.spans[1]
+    assert row["kind"] == "cmc" and row["sample_id"] == 41 and row["reference"] == captions[1]
+    assert row["text"] == f"a big [red circle #{r1}] on the left and a [blue square #{r2}]"
+    assert [s["concept"] for s in row["info"]["spans"]] == ["red circle", "blue square"]
+    assert Image.open(io.BytesIO(row["image"])).size == (2 * 16, 16)  # the two regions side by side

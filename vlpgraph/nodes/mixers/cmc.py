@@ -177,6 +177,44 @@ class CrossModalCutMix(ports.TextMixer):
             tokens = tokens[:, getattr(self.vision, "num_prefix_tokens", 1):]
         return self.proj(tokens) + self.visual_type
 
+    def sample_rows(self, cmc: ports.CMCBatch, batch: dict, limit: int = 4) -> list[dict]:
+        """Rows for the store's samples table (``Store.log_samples``; kind 'cmc') showing what was mixed:
+        the first ``limit`` rows of ``cmc`` that have a replaced span. ``text``: the mixed sentence, each
+        visual run written ``[concept #region]``; ``reference``: the original caption; ``image``: the
+        regions that replaced the spans, side by side (PNG); ``info``: the spans (concept, region id,
+        source image id, box, start, n_visual) and the batch's rate."""
+        from vlpgraph.layers.patches import png_bytes
+
+        tok, rows = self.text.tokenizer, []
+        specials = {tok.pad_id, tok.cls_id, tok.sep_id}
+
+        def decode(ids: torch.Tensor) -> str:
+            return tok.decode([t for t in ids.tolist() if t not in specials])
+
+        for i, spans in enumerate(cmc.spans):
+            if len(rows) == limit:
+                break
+            if not spans:
+                continue
+            words, at = [], 0
+            for concept, rid, start, n in spans:
+                words += [decode(cmc.input_ids[i, at:start]), f"[{concept} #{rid}]"]
+                at = start + n
+            words.append(decode(cmc.input_ids[i, at:int(cmc.attention_mask[i].sum())]))
+            regions = [self.gallery.region(rid) for _, rid, _, _ in spans]
+            strip = torch.cat([self.data.denormalize(r[0][None].float())[0] for r in regions], dim=2)
+            rows.append({
+                "kind": "cmc",
+                "sample_id": int(batch["sample_ids"][i]),
+                "text": " ".join(w for w in words if w),
+                "reference": batch["captions"][i],
+                "image": png_bytes(strip),
+                "info": {"rate": cmc.rate, "spans": [
+                    {"concept": concept, "region": rid, "source_image": int(r[2]), "box": [float(v) for v in r[3]],
+                     "start": start, "n_visual": n} for (concept, rid, start, n), r in zip(spans, regions)]},
+            })
+        return rows
+
     def n_visual(self) -> int:
         return 1 if self.visual_tokens == "cls" else self.vision.grid_size[0] * self.vision.grid_size[1]
 
@@ -291,6 +329,8 @@ def build(params: CMCParams, inputs: dict, ctx: ports.BuildContext) -> CrossModa
     input_ids (-1 at visual positions), is_visual, spans (concept, region id, start, n_visual) per row,
     rate = replaced / candidate spans), or None when nothing was replaced (or not training): every
     sentence is then its own view. The text tower adds position embeddings (forward_embeds).
+    `sample_rows(cmc, batch)` turns a CMCBatch into rows for the store's samples table (kind 'cmc': the
+    mixed sentence with `[concept #region]` markers, the original, the regions' picture, the spans).
     Assumptions (no official code): VLMixer's gallery holds patches of detected objects and a visual
     token per region; here a region's CLS (or patch) tokens from the model's own vision tower, trained
     through the mixed sentences; the visual type embedding stands in for VLMixer's modality embedding;
