@@ -177,14 +177,21 @@ class CrossModalCutMix(ports.TextMixer):
             tokens = tokens[:, getattr(self.vision, "num_prefix_tokens", 1):]
         return self.proj(tokens) + self.visual_type
 
-    def sample_rows(self, cmc: ports.CMCBatch, batch: dict, limit: int = 4) -> list[dict]:
-        """Rows for the store's samples table (``Store.log_samples``; kind 'cmc') showing what was mixed:
-        the first ``limit`` rows of ``cmc`` that have a replaced span. ``text``: the mixed sentence, each
-        visual run written ``[concept #region]``; ``reference``: the original caption; ``image``: the
-        regions that replaced the spans, side by side (PNG); ``info``: the spans (concept, region id,
-        source image id, box, start, n_visual) and the batch's rate."""
+    def sample_rows(self, batch: dict, limit: int = 4, cmc: ports.CMCBatch | None = None) -> list[dict]:
+        """Rows for the store's samples table (``Store.log_samples``; kind 'cmc') showing what is mixed:
+        the first ``limit`` sentences of ``batch`` (tokenised, with ``sample_ids``, ``captions`` and
+        optionally ``step``) that have a replaced span. ``cmc``: their CMCBatch, else mixed here (without
+        gradient, in any mode: for evaluators and the app). ``text``: the mixed sentence, each visual run
+        written ``[concept #region]``; ``reference``: the original caption; ``image``: the regions that
+        replaced the spans, side by side (PNG); ``info``: the spans (concept, region id, source image id,
+        box, start, n_visual) and the batch's rate."""
         from vlpgraph.layers.patches import png_bytes
 
+        if cmc is None:
+            with torch.no_grad():
+                cmc = self._mix(ports.Forward(batch), batch)
+            if cmc is None:
+                return []
         tok, rows = self.text.tokenizer, []
         specials = {tok.pad_id, tok.cls_id, tok.sep_id}
 
@@ -329,7 +336,7 @@ def build(params: CMCParams, inputs: dict, ctx: ports.BuildContext) -> CrossModa
     input_ids (-1 at visual positions), is_visual, spans (concept, region id, start, n_visual) per row,
     rate = replaced / candidate spans), or None when nothing was replaced (or not training): every
     sentence is then its own view. The text tower adds position embeddings (forward_embeds).
-    `sample_rows(cmc, batch)` turns a CMCBatch into rows for the store's samples table (kind 'cmc': the
+    `sample_rows(batch)` turns a batch's mixed sentences into rows for the store's samples table (kind 'cmc': the
     mixed sentence with `[concept #region]` markers, the original, the regions' picture, the spans).
     Assumptions (no official code): VLMixer's gallery holds patches of detected objects and a visual
     token per region; here a region's CLS (or patch) tokens from the model's own vision tower, trained
