@@ -187,6 +187,8 @@ def check_row(tok, original: list[int], row: list, spans) -> None:
             assert original[i:i + len(pieces)] == pieces, (tok.decode(original), concept)
             assert tok.decode(original[i:i + len(pieces)]) == concept
             i += len(pieces)
+            # the concept's last word ends there ("red circles" does not name "red circle")
+            assert i == len(original) or not tok.tok.id_to_token(original[i]).startswith("##")
         else:
             assert item == original[i]
             i += 1
