@@ -190,10 +190,18 @@ class VisionTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """``forward(input_ids, attention_mask) -> tokens [B, L, C]`` (position 0 is CLS)."""
+    """``forward(input_ids, attention_mask) -> tokens [B, L, C]`` (position 0 is CLS).
+
+    ``forward_embeds(inputs_embeds [B, L, C], attention_mask) -> tokens [B, L, C]`` (towers that support it,
+    encoder.text): the same forward from input embeddings instead of ids (the tower adds position
+    embeddings as for ids), so sequences can carry other tokens than words (mixer.cmc's visual tokens).
+    """
 
     width: int
     tokenizer: Tokenizer
+
+    def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no forward from input embeddings")
 
 
 def pool_caption(tokens: torch.Tensor, attention_mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
@@ -584,3 +592,46 @@ def collate_unpaired(items: list[dict]) -> dict:
         "text_ids": torch.tensor([int(it["text_id"]) for it in items], dtype=torch.long),
         "sample_ids": torch.tensor([int(it["sample_id"]) for it in items], dtype=torch.long),
     }
+
+# --- issue 11, engineer C: cross-modal CutMix (mixer.cmc) ---------------------------------------
+
+
+@dataclass
+class CMCBatch:
+    """One step's cross-modal CutMix view of the batch's sentences (mixer.cmc, VLMixer).
+
+    Row i is sentence i with each replaced concept span's word tokens removed and the visual tokens of a
+    region of that concept put in their place (every other token kept, in order), padded to the longest
+    row. ``inputs_embeds`` [B, L, C_text]: the text tower's word embeddings (before position embeddings)
+    at word positions, the projected visual tokens at visual positions, the [PAD] embedding at padding —
+    the input of ``TextTower.forward_embeds``; ``attention_mask`` Long[B, L]; ``input_ids`` Long[B, L]: the
+    kept word ids ([CLS]/[SEP]/[PAD] included), -1 at visual positions; ``is_visual`` Bool[B, L];
+    ``spans``: per row, one ``(concept, region id, start position in the mixed row, number of visual
+    tokens)`` per replaced span, in order; ``rate``: replaced spans / candidate spans in the batch (0.0
+    without candidates).
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor
+    is_visual: torch.Tensor
+    spans: list[list[tuple[str, int, int, int]]]
+    rate: float
+
+
+class TextMixer(nn.Module):
+    """Mixes the batch's sentences with image regions (mixer.cmc).
+
+    ``mix(fwd, batch, text=None, vision=None) -> CMCBatch | None``: memoised in ``fwd``, so every objective
+    of a step reads the same view. None when not training or when no span of the batch was replaced:
+    every sentence is then its own view. ``text`` / ``vision`` (default: the towers it was built with; no
+    others are accepted): the text tower must have ``forward_embeds``. It is a module: the parameters
+    that embed the visual tokens (a projection to the text width, a visual type embedding) are its own.
+    """
+
+    text: TextTower
+    vision: VisionTower
+
+    def mix(self, fwd: Forward, batch: dict, text: TextTower | None = None,
+            vision: VisionTower | None = None) -> CMCBatch | None:
+        raise NotImplementedError

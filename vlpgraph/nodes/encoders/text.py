@@ -86,6 +86,15 @@ class BertTower(TextTower):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
+    def forward_embeds(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The same forward from input embeddings [B, L, width] instead of ids (mixer.cmc's mixed sentences).
+
+        BERT's embeddings module adds the position and token-type embeddings, its LayerNorm and dropout to
+        ``inputs_embeds`` exactly as it does to the word embeddings of ids, so
+        ``forward_embeds(word_embeddings(ids), mask) == forward(ids, mask)``. L is at most ``max_len``."""
+        out = self.bert(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
 
 def build_bert(p: TextParams, tokenizer: WordPieceTokenizer) -> BertTower:
     cfg = BertConfig(
@@ -140,7 +149,9 @@ def build(params: TextParams, inputs: dict, ctx: BuildContext) -> BertTower:
     """BERT text tower (transformers) with a WordPiece tokenizer, from scratch or from local files.
 
     Produces a TextTower: ``forward(input_ids, attention_mask)`` -> last hidden states
-    [B, L, width], position 0 being [CLS]; padded positions are masked out of attention.
+    [B, L, width], position 0 being [CLS]; padded positions are masked out of attention;
+    ``forward_embeds(inputs_embeds, attention_mask)`` is the same forward from input embeddings (position
+    and token-type embeddings added by BERT's embeddings module as for ids; mixer.cmc uses it).
     ``.tokenizer`` turns captions into ``{"input_ids", "attention_mask"}`` ([CLS] first, [SEP] last,
     cut at ``max_len``, padded to the batch's longest). Without ``tokenizer`` a lowercase WordPiece
     (vocab at most ``vocab_size``) is trained on the data's training captions and cached under
