@@ -458,3 +458,28 @@ class BuildContext:
         d = self.cache_root / self.node_hash
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+
+# --- issue 11, engineer A: scene graphs (what evaluator.qa and evaluator.nlvr ask about)
+
+# The data's *test* split and its paired training items (``PairedData.paired_train()``) carry a scene
+# graph per item: ``split.scene(i) -> Scene``. dataset.shapes provides it in every pairing.
+SCENES = "scenes"
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object of a scene: ``colour`` and ``shape`` names (dataset.shapes: shapes.COLOURS / SHAPES),
+    ``size`` "small" | "large", ``box`` (x0, y0, x1, y1) in pixels of the item's image (y down)."""
+
+    colour: str
+    shape: str
+    size: str
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Scene:
+    """The objects of one image (what a question or statement about it may refer to)."""
+
+    objects: list[SceneObject]

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
+from vlpgraph import ports
 from vlpgraph.ports import (
-    BOXES, CLASSES, INTERLEAVED, LABELS, PAIRED, BuildContext, PairedData, ZeroShotSet, collate_documents,
+    BOXES, CLASSES, INTERLEAVED, LABELS, PAIRED, SCENES, BuildContext, PairedData, ZeroShotSet, collate_documents,
     default_collate,
 )
 from vlpgraph.registry import Params, register
@@ -617,6 +618,12 @@ class ShapesSplit(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.captions)
 
+    def scene(self, i: int) -> ports.Scene:
+        """The scene graph of item ``i`` (capability ``scenes``), from the public arrays."""
+        return ports.Scene([ports.SceneObject(COLOURS[self.colour[i, k]], SHAPES[self.shape[i, k]], SIZES[self.size[i, k]],
+                                              tuple(float(v) for v in self.boxes[i, k]))
+                            for k in range(int(self.counts[i]))])
+
     def _item(self, i: int, image: torch.Tensor) -> dict:
         k = int(self.counts[i])
         return {
@@ -761,7 +768,7 @@ def _provides(p: ShapesParams) -> frozenset[str]:
     """Interleaved data drops ``paired`` (its training items are not pairs); boxes, classes and labels
     stay: they describe the test split and ``train_pairs``."""
     first = INTERLEAVED if p.pairing == "interleaved" else PAIRED
-    return frozenset({first, BOXES, CLASSES, LABELS})
+    return frozenset({first, BOXES, CLASSES, LABELS, SCENES})
 
 
 def facts(p: ShapesParams, base_dir: Path) -> dict:
