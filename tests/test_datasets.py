@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from vlpgraph import registry
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BOXES, CLASSES, LABELS, PAIRED, BuildContext, default_collate
+from vlpgraph.ports import BOXES, CLASSES, LABELS, PAIRED, SCENES, BuildContext, default_collate
 
 import vlpgraph.nodes.datasets.captions as captions_mod
 import vlpgraph.nodes.datasets.shapes as shapes_mod
@@ -50,7 +50,7 @@ def noisy(tmp_path_factory):
 def test_registered_kind_and_doc():
     kind = registry.get("dataset.shapes")
     assert kind.build is shapes_mod.build
-    assert kind.provides(kind.params()) == {PAIRED, BOXES, CLASSES, LABELS}
+    assert kind.provides(kind.params()) == {PAIRED, BOXES, CLASSES, LABELS, SCENES}
     assert kind.summary and len(kind.summary) < 120
     for name, field in kind.params.model_fields.items():
         assert field.description, f"param {name} has no description"

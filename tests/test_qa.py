@@ -348,6 +348,11 @@ def test_refusals(shapes_data, tmp_path):
         qa_mod.QAParams(**p), {"model": FakeModel(), "data": data, "vision": v, "text": text, "fusion": f}, c)
     with pytest.raises(UserError, match=r"node 'qa' \(evaluator.qa\): its data has no scene graphs"):
         build(ShapesWithoutScenes(shapes_data))
+    for name in ("vqa_questions.json", "vqa_annotations.json", "vqa_train_questions.json", "vqa_train_annotations.json"):
+        shutil.copy(DATA / name, tmp_path / name)
+    files = dict(questions="vqa_questions.json", annotations="vqa_annotations.json",
+                 train_questions="vqa_train_questions.json", train_annotations="vqa_train_annotations.json")
+    assert len(build(ShapesWithoutScenes(shapes_data), **files).items()[1]) == 12  # with VQAv2 files: no scenes needed
     with pytest.raises(UserError, match="fuses other towers than the 'vision' and 'text' inputs"):
         build(v=other_vision)
     with pytest.raises(UserError, match="finetune 'fusion' needs a fusion encoder"):
