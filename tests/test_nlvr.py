@@ -9,7 +9,6 @@ import io
 import math
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from pydantic import Field
 from torch import nn
 
 from vlpgraph import ports
+from vlpgraph.errors import TrialFailed, UserError
 from vlpgraph.evaluation import frozen_image_tokens, minibatches
 from vlpgraph.registry import Params
 
@@ -296,8 +298,7 @@ def accuracy_by_type(correct: Sequence[bool], types: Sequence[str], prefix: str)
 
 
 def metric_word(text: str) -> str:
-    import re
-
+    """A type name as a metric-name word: lowercase, runs of non-word characters -> '_'."""
     return re.sub(r"\W+", "_", str(text).strip().lower()).strip("_") or "other"
 
 
@@ -527,8 +528,6 @@ def train_probe(model: ports.Model, data: ports.PairedData, vision, text, fusion
 
 def check_towers(who: str, p: ProbeParams, vision, text, fusion) -> None:
     """Refuse (UserError) towers the probe cannot read together."""
-    from vlpgraph.errors import UserError
-
     if getattr(text, "tokenizer", None) is None:
         raise UserError(f"{who}: the text tower has no tokenizer to read questions with")
     if p.finetune == "fusion" and fusion is None:
@@ -552,8 +551,6 @@ def check_fusion_param(p: ProbeParams, inputs: dict) -> list[tuple[str, str]]:
 
 def split_scenes(split: torch.utils.data.Dataset, n: int, who: str, name: str) -> list[ports.Scene]:
     """The scene graphs of items 0..n-1 of ``split`` (capability ``scenes``)."""
-    from vlpgraph.errors import TrialFailed
-
     reader = getattr(split, "scene", None)
     if reader is None:
         raise TrialFailed(f"{who}: the data's {name} split has no scene graphs (split.scene(i); capability "
