@@ -48,6 +48,8 @@ def answer_key(scene: ports.Scene, question: str) -> tuple[str, str]:
 
     if question == "how many shapes are there?":
         return "count", str(len(objs))
+    if m := re.fullmatch(r"how many (small|large) shapes are there\?", question):
+        return "count", str(sum(o.size == m[1] for o in objs))
     if m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
         return "count", str(sum(o.colour == m[1] for o in objs))
     if m := re.fullmatch(r"how many (\w+) are there\?", question):

@@ -115,11 +115,14 @@ def _question(kind: str, scene: ports.Scene, vocab: Vocab, rng: np.random.Genera
     """(question, answer) of type ``kind`` about ``scene``, or None when the type does not apply to it."""
     objs = scene.objects
     if kind == "count":
-        variant = int(rng.integers(3))
+        variant = int(rng.integers(4))
         if variant == 0 or not objs:
             return "how many shapes are there?", str(len(objs))
+        if variant == 1:  # sizes repeat within a scene more than colours or shapes: counts spread over 0..4
+            z = ("small", "large")[int(rng.integers(2))]
+            return f"how many {z} shapes are there?", str(sum(o.size == z for o in objs))
         # half the time a colour / shape that is there, else any (so 0 is a possible answer)
-        if variant == 1:
+        if variant == 2:
             c = _pick(rng, objs).colour if rng.random() < 0.5 else _pick(rng, vocab.colours)
             return f"how many {c} shapes are there?", str(count(scene, colour=c))
         s = _pick(rng, objs).shape if rng.random() < 0.5 else _pick(rng, vocab.shapes)
