@@ -23,7 +23,7 @@ CLASSES = "classes"  # zero-shot class labels on (some) test images
 # every item of both splits carries ``label`` (int class index, -1 where the item has none), each split
 # lists them as ``labels`` (one per item), and the data has ``class_names`` (index -> name)
 LABELS = "labels"
-# --- issue 10 (LCL), engineer A: interleaved documents -------------------------------------------
+# --- interleaved documents (LCL)
 # The *train* items are documents (text with images in it); the *test* split stays paired (image +
 # caption items as above), so evaluators keep working. A document item is a dict:
 #   ``images`` Float[M, 3, H, W] (M >= 1, in document order), ``texts`` list[str] (its sentences),
@@ -237,7 +237,7 @@ class Forward:
         return self.memo(("text", id(tower), ids_key, mask_key), lambda: tower(b[ids_key], b[mask_key]))
 
 
-# --- issue 10 (LCL), engineer C: the attentive-pool head
+# --- the attentive-pool head (LCL)
 
 
 class ImagePooler(nn.Module):
@@ -357,7 +357,7 @@ class CaptionDecoder(nn.Module):
         raise NotImplementedError
 
 
-# --- issue 10 (LCL), engineer B: the language model over interleaved sequences
+# --- the language model over interleaved sequences (LCL)
 
 
 class LanguageModel(nn.Module):
@@ -508,15 +508,17 @@ class BuildContext:
         return d
 
 
-# --- issue 11, engineer A's Scene (provisional copy, lead dedupes) ------------------------------
-# dataset.shapes implements ``scene(i)`` with these on this branch; engineer A's block defines them.
-SCENES = "scenes"  # the test split (and train_pairs) carry a scene graph per item: ``split.scene(i) -> Scene``
+# --- scene graphs (what evaluator.qa and evaluator.nlvr ask about)
+
+# The data's *test* split and its paired training items (``PairedData.paired_train()``) carry a scene
+# graph per item: ``split.scene(i) -> Scene``. dataset.shapes provides it in every pairing.
+SCENES = "scenes"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SceneObject:
-    """One object of a scene: ``colour``/``shape`` names (as captions write them), ``size`` ("small" |
-    "large"), ``box`` (x0, y0, x1, y1) in pixels of the item's image."""
+    """One object of a scene: ``colour`` and ``shape`` names (dataset.shapes: shapes.COLOURS / SHAPES),
+    ``size`` "small" | "large", ``box`` (x0, y0, x1, y1) in pixels of the item's image (y down)."""
 
     colour: str
     shape: str
@@ -524,14 +526,14 @@ class SceneObject:
     box: tuple[float, float, float, float]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Scene:
-    """The scene graph of one image: its objects."""
+    """The objects of one image (what a question or statement about it may refer to)."""
 
     objects: list[SceneObject]
 
 
-# --- issue 11, engineer B: unpaired corpora and the concept gallery (VLMixer) ---------------------
+# --- unpaired corpora and the concept gallery (VLMixer)
 # The *train* items come from two corpora drawn from DIFFERENT scenes (no pair information reaches
 # training): ``image`` Float[3, H, W] (normalised as the data's images), ``image_id`` int (its image in
 # the image corpus), ``caption`` str (a sentence of the text corpus), ``text_id`` int (that sentence's
@@ -593,7 +595,7 @@ def collate_unpaired(items: list[dict]) -> dict:
         "sample_ids": torch.tensor([int(it["sample_id"]) for it in items], dtype=torch.long),
     }
 
-# --- issue 11, engineer C: cross-modal CutMix (mixer.cmc) ---------------------------------------
+# --- cross-modal CutMix (mixer.cmc)
 
 
 @dataclass

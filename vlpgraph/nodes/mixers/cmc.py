@@ -20,9 +20,6 @@ from vlpgraph.layers.fusion import word_embeddings
 from vlpgraph.layers.masking import sample_seed
 from vlpgraph.registry import In, Params, register
 
-# the data capability a gallery of concept regions comes with (ports.GALLERY in the merged tree)
-GALLERY = "gallery"
-
 
 class CMCParams(Params):
     p: float = Field(0.5, ge=0, le=1, description="probability that each concept span of a sentence is replaced "
@@ -304,7 +301,7 @@ class CrossModalCutMix(ports.TextMixer):
     params=CMCParams,
     output=CrossModalCutMix,
     inputs={
-        "data": In(ports.PairedData, needs=frozenset({GALLERY}), doc="the training data; its gallery (concept -> "
+        "data": In(ports.PairedData, needs=frozenset({ports.GALLERY}), doc="the training data; its gallery (concept -> "
                    "image regions) supplies the regions"),
         "vision": In(ports.VisionTower, doc="embeds the regions (its CLS or patch tokens)"),
         "text": In(ports.TextTower, doc="the text tower the mixed sentences are for: its tokenizer finds the concept "
@@ -346,7 +343,7 @@ def build(params: CMCParams, inputs: dict, ctx: ports.BuildContext) -> CrossModa
     data, vision, text = inputs["data"], inputs["vision"], inputs["text"]
     where = f"node '{ctx.node}' (mixer.cmc)"
     if getattr(data, "gallery", None) is None:
-        raise UserError(f"{where}: its data has no gallery (data.gallery): a dataset with capability '{GALLERY}' "
+        raise UserError(f"{where}: its data has no gallery (data.gallery): a dataset with capability '{ports.GALLERY}' "
                         "(e.g. dataset.shapes with pairing: unpaired)")
     if type(text).forward_embeds is ports.TextTower.forward_embeds:
         raise UserError(f"{where}: the text tower ({type(text).__name__}) has no forward_embeds, so it cannot read "
