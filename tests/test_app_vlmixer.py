@@ -140,7 +140,8 @@ def test_qa_and_nlvr_items_show_prompt_answers_and_verdict_apart_from_test_sampl
                           for el in at.get("image") for img in el.proto.imgs]
     assert caption == "test image 5"
     assert np.array_equal(image[:: image.shape[0] // 16, :: image.shape[0] // 16], pixels(picture(1)))
-    at.selectbox(key="sm_sample").set_value(1)
+    assert at.selectbox(key="sm_sample:test questions").options == ["#0 · qa · 2", "#1 · qa · yes"]
+    at.selectbox(key="sm_sample:test questions").set_value(1)
     page = text(run(at))
     assert "model: yes :green[✓ right]" in page and "wrong" not in page
     at.radio(key="sm_what").set_value("test image pairs")

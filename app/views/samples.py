@@ -21,6 +21,8 @@ LABELS = {
                        "output_image": "MAE reconstruction", "text": "output", "references": "reference"},
     "caption": {"image": "image", "text": "generated", "references": "reference"},
 }
+# about how many characters of text fill a line of a sample's panel (a mixed sentence is laid out in columns)
+LINE_CHARS = 110
 DEFAULT_LABELS = {"image": "image", "masked_image": "masked_image", "output_image": "output_image", "text": "text",
                   "references": "reference"}
 
@@ -51,10 +53,11 @@ def show_cmc(row: dict) -> None:
     tiles = plots.png_tiles(strip, plots.png_array(strip).shape[0]) if strip is not None else []
     st.markdown(f"**{common.plain(row['evaluator'])}** · cmc · the test caption as the mixer mixes it")
     parts = analysis.cmc_parts(row.get("text") or "", info)
-    # one column per part, as wide as its words (a region as wide as a short word group): the sentence reads
-    # left to right with the pictures where the words were
-    widths = [max(1.0, len(p["text"]) / 12) if "text" in p else 1.0 for p in parts]
-    for col, part in zip(st.columns(widths or [1], vertical_alignment="center"), parts):
+    # one column per part, as wide as its characters (a region ~ 8 characters), the rest of the line left
+    # empty: the sentence reads left to right with the pictures where the words were
+    widths = [len(p["text"]) + 2 if "text" in p else 8 for p in parts]
+    spacer = [LINE_CHARS - sum(widths)] if sum(widths) < LINE_CHARS else []
+    for col, part in zip(st.columns(widths + spacer or [1], gap="small", vertical_alignment="center"), parts):
         if "text" in part:
             col.markdown(common.plain(part["text"]))
         elif part["region"] < len(tiles):
@@ -169,8 +172,11 @@ if other != NONE:
     else:
         st.warning("The two runs stored no sample in common; showing the first run's samples.")
 sample_names = analysis.sample_labels(table)
-sample_id = st.selectbox("sample", ids, key="sm_sample", format_func=lambda i: sample_names.get(i, f"#{i}"),
-                         help="test samples the evaluators stored (with a second run: those both stored)")
+# a picker per group: its ids number other things (a keyed widget keeps its identity when its options change,
+# and the browser would go on showing the other group's label for the same id)
+sample_key = "sm_sample" if group == analysis.SAMPLE_GROUPS[0] else f"sm_sample:{group}"
+sample_id = st.selectbox("sample", ids, key=sample_key, format_func=lambda i: sample_names.get(i, f"#{i}"),
+                         help=f"{group} the evaluators stored (with a second run: those both stored)")
 
 # ---- the sample, one panel per run
 panels = [(run_id, step)] + ([(other, other_step)] if other != NONE else [])
