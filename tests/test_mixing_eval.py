@@ -14,12 +14,12 @@ from tests.test_unpaired_data import shapes
 from vlpgraph import ports
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
+from vlpgraph.layers.tokenizer import WordPieceTokenizer, train_wordpiece
 from vlpgraph.nodes.encoders.text import TextParams, build_bert
 from vlpgraph.nodes.encoders.vit import ViTParams, build_vit
 from vlpgraph.nodes.evaluators import mixing as mixing_mod
 from vlpgraph.nodes.mixers import cmc as cmc_mod
 from vlpgraph.store import Store
-from vlpgraph.layers.tokenizer import WordPieceTokenizer, train_wordpiece
 
 
 def ctx(node: str, seed: int = 0) -> ports.BuildContext:
@@ -86,7 +86,8 @@ def test_every_evaluation_of_every_trial_mixes_the_same_way_and_the_seed_param_m
 
 
 def test_refuses_a_mixer_without_draws(data):
-    with pytest.raises(UserError, match=r"node 'mixing' \(evaluator.mixing\): its mixer \(Module\) has no draw\(\) or sample_rows\(\)"):
+    refusal = r"node 'mixing' \(evaluator.mixing\): its mixer \(Module\) has no draw\(\) or sample_rows\(\)"
+    with pytest.raises(UserError, match=refusal):
         mixing_mod.build(mixing_mod.MixingParams(), {"model": None, "data": data, "mixer": nn.Module()}, ctx("mixing"))
 
 

@@ -325,7 +325,8 @@ def build(params: CMCParams, inputs: dict, ctx: ports.BuildContext) -> CrossModa
     is a span (spans never overlap; a match followed by a `##` continuation piece is not one, so
     "red circles" is not "red circle"; "a big red circle" has the span "red circle" — size words stay).
     Each span is replaced with probability `p`, drawn by a generator seeded from (trial seed, node,
-    step, sample id) alone (a batch's `mix_seed` stands in for the trial seed: evaluator.mixing's) — the same sample mixes the same at a step whatever else is in the batch
+    step, sample id) alone (a batch's `mix_seed` stands in for the trial seed: evaluator.mixing's) —
+    the same sample mixes the same at a step whatever else is in the batch
     and after a resume: one uniform per span in order, and for a replaced span a region id from
     `gallery.sample(concept, generator)`. The region image (`gallery.region(rid)`, resized bilinearly
     to the tower's input size when region_size differs) goes through the vision tower in one pass
