@@ -6,9 +6,10 @@
 
 Serves `vlpgraph app` on a free port, opens the page in Debian's Chromium through Playwright (as
 tests/test_app_browser.py does: `scripts/install-chromium` installs it), picks options in select boxes
-(``--choose LABEL=TEXT``: the box whose label is LABEL, the first option matching what is typed), waits
-until Streamlit is idle and saves a full-page screenshot. Exits non-zero, with a FAILED screenshot
-beside ``--out``, when the page shows an exception or does not render.
+(``--choose LABEL=TEXT``: the box whose label is LABEL, the first option matching what is typed; in a
+radio group labelled LABEL, its option TEXT), waits until Streamlit is idle and saves a full-page
+screenshot. Exits non-zero, with a FAILED screenshot beside ``--out``, when the page shows an exception
+or does not render.
 """
 
 from __future__ import annotations
@@ -76,7 +77,14 @@ def idle(page, settle_ms: int = 700) -> None:
 
 
 def choose(page, label: str, text: str) -> None:
-    """Pick, in the select box labelled ``label`` (main area or sidebar), the first option matching ``text``."""
+    """Pick, in the select box labelled ``label`` (main area or sidebar), the first option matching ``text``;
+    in a radio group labelled ``label``, the option reading ``text``."""
+    title = page.locator("[data-testid='stWidgetLabel']").get_by_text(label, exact=True)
+    radio = page.locator("[data-testid='stRadio']").filter(has=title)
+    if radio.count():
+        radio.first.get_by_text(text, exact=True).click()
+        idle(page)
+        return
     box = page.locator("[data-testid='stSelectbox']").filter(has_text=label).first
     box.click()
     page.keyboard.type(text)

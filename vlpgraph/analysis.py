@@ -612,6 +612,91 @@ def document_parts(info: Mapping[str, Any]) -> list[dict[str, Any]]:
     return parts
 
 
+# How the Samples page groups a run's rows: kinds whose sample ids count something other than the test
+# samples (questions, image pairs, documents) are shown apart, so that '#3' never mixes test image 3's
+# caption with question 3 (about another image). Any kind not listed numbers test samples.
+SAMPLE_GROUPS = ("test samples", "test questions", "test image pairs", "held-out documents")
+_GROUP_OF_KIND = {"qa": "test questions", "nlvr": "test image pairs", "document": "held-out documents"}
+
+
+def sample_group(kind: str) -> str:
+    """Which of :data:`SAMPLE_GROUPS` a samples row of ``kind`` belongs to (what its sample id numbers)."""
+    return _GROUP_OF_KIND.get(kind, SAMPLE_GROUPS[0])
+
+
+def cmc_parts(text: str, info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A sentence mixed by cross-modal CutMix (a 'cmc' row of evaluator.mixing / mixer.cmc.sample_rows) in
+    reading order, for the Samples page: ``{"text": str}`` for each run of kept words and, where the text
+    writes ``[concept #id]`` for the j-th replaced span of ``info['spans']``, ``{"region": j, "concept",
+    "id", "label"}`` — j is also the region's place in the row's image (the regions side by side, in span
+    order); the label says where the region was cut from. A span whose marker is not in the text (an
+    edited row) still shows, after the sentence."""
+    parts: list[dict[str, Any]] = []
+    missing: list[dict[str, Any]] = []
+    at = 0
+    for j, span in enumerate(info.get("spans", [])):
+        concept, rid = str(span.get("concept", "?")), span.get("region")
+        label = f"region #{rid}"
+        if span.get("source_image") is not None:
+            label += f" of image {span['source_image']}"
+        if span.get("box") is not None:
+            label += " · box " + ", ".join(f"{float(v):.0f}" for v in span["box"])
+        part = {"region": j, "concept": concept, "id": rid, "label": label}
+        marker = f"[{concept} #{rid}]"
+        k = text.find(marker, at)
+        if k < 0:
+            missing.append(part)
+            continue
+        if text[at:k].strip():
+            parts.append({"text": text[at:k].strip()})
+        parts.append(part)
+        at = k + len(marker)
+    if text[at:].strip():
+        parts.append({"text": text[at:].strip()})
+    return parts + missing
+
+
+def concept_marks(sentence: str, concepts: Sequence[str]) -> list[tuple[str, bool]]:
+    """The original of a mixed sentence cut into ``(words, replaced)`` pieces: each of ``concepts`` (the
+    replaced spans' concepts, in order) found in turn, case-insensitively, after the previous one, is a
+    replaced piece; everything else is kept words. A concept not found is skipped."""
+    pieces: list[tuple[str, bool]] = []
+    at, lower = 0, sentence.lower()
+    for concept in concepts:
+        k = lower.find(concept.lower(), at)
+        if k < 0:
+            continue
+        if k > at:
+            pieces.append((sentence[at:k], False))
+        pieces.append((sentence[k:k + len(concept)], True))
+        at = k + len(concept)
+    if at < len(sentence):
+        pieces.append((sentence[at:], False))
+    return pieces
+
+
+def answer_parts(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What the Samples page shows of a probe's answer (a 'qa' row of evaluator.qa, an 'nlvr' row of
+    evaluator.nlvr; ``row`` as :func:`sample_detail` returns it): ``prompt_label`` ('question' or
+    'statement') and ``prompt``, ``predicted`` (the model's answer), ``truth`` (the true one), ``correct``
+    (the evaluator's verdict, else predicted == truth; None when either is missing), ``type`` (the
+    question type) and ``image_caption`` (which test image(s) the picture is)."""
+    info, kind = row.get("info") or {}, row.get("kind")
+    refs = row.get("references") or []
+    predicted, truth = row.get("text"), (refs[0] if refs else None)
+    correct = info.get("correct")
+    if correct is None and predicted is not None and truth is not None:
+        correct = predicted == truth
+    if kind == "nlvr":
+        label, prompt = "statement", info.get("statement")
+        caption = f"left: test image {info.get('left', '?')} · right: test image {info.get('right', '?')}"
+    else:
+        label, prompt = "question", info.get("question")
+        caption = f"test image {info['image_index']}" if info.get("image_index") is not None else "image"
+    return {"prompt_label": label, "prompt": prompt, "predicted": predicted, "truth": truth,
+            "correct": None if correct is None else bool(correct), "type": info.get("type"), "image_caption": caption}
+
+
 def sample_detail(store: Store, run_id: str, step: int, sample_id: int) -> list[dict[str, Any]]:
     """One sample of a run at a step: a row per (evaluator, kind) with text, ``references`` (a list),
     image / masked_image / output_image (PNG bytes or None) and ``info`` (a dict: the stored JSON, a

@@ -1,8 +1,11 @@
 """Samples: what evaluators stored to look at (the store's ``samples`` table) for a run and a test sample —
-the image, the masked view and the MAE reconstruction; generated vs reference captions; held-out
-interleaved documents as the language model read them (images inline, ``<soi>`` positions marked); a
-second run side by side on the same sample. A kind this page does not know is shown generically
-(images, text, reference, info)."""
+the image, the masked view and the MAE reconstruction; generated vs reference captions; a test caption
+mixed by cross-modal CutMix (the regions that replaced its words in their place); held-out interleaved
+documents as the language model read them (images inline, ``<soi>`` positions marked); test questions and
+image pairs with the model's answer beside the true one; a second run side by side on the same sample.
+Rows whose ids number something other than test samples (questions, image pairs, documents) are shown
+apart (analysis.sample_group). A kind this page does not know is shown generically (images, text,
+reference, info)."""
 
 import streamlit as st
 
@@ -18,6 +21,8 @@ LABELS = {
                        "output_image": "MAE reconstruction", "text": "output", "references": "reference"},
     "caption": {"image": "image", "text": "generated", "references": "reference"},
 }
+# about how many characters of text fill a line of a sample's panel (a mixed sentence is laid out in columns)
+LINE_CHARS = 110
 DEFAULT_LABELS = {"image": "image", "masked_image": "masked_image", "output_image": "output_image", "text": "text",
                   "references": "reference"}
 
@@ -39,11 +44,58 @@ def show_document(row: dict) -> None:
         right.markdown(f":blue-background[image {part['image'] + 1}] {common.plain(part['label'])}")
 
 
+def show_cmc(row: dict) -> None:
+    """A test caption mixed by cross-modal CutMix (evaluator.mixing): the kept words and, in place of each
+    replaced span, the region that replaced it titled with its concept; then the original sentence with
+    the replaced words marked."""
+    info = row["info"]
+    strip = row.get("image")
+    tiles = plots.png_tiles(strip, plots.png_array(strip).shape[0]) if strip is not None else []
+    st.markdown(f"**{common.plain(row['evaluator'])}** · cmc · the test caption as the mixer mixes it")
+    parts = analysis.cmc_parts(row.get("text") or "", info)
+    # one column per part, as wide as its characters (a region ~ 8 characters), the rest of the line left
+    # empty: the sentence reads left to right with the pictures where the words were
+    widths = [len(p["text"]) + 2 if "text" in p else 8 for p in parts]
+    spacer = [LINE_CHARS - sum(widths)] if sum(widths) < LINE_CHARS else []
+    for col, part in zip(st.columns(widths + spacer or [1], gap="small", vertical_alignment="center"), parts):
+        if "text" in part:
+            col.markdown(common.plain(part["text"]))
+        elif part["region"] < len(tiles):
+            col.image(plots.upscale_png(tiles[part["region"]], 64), caption=part["concept"], output_format="PNG")
+        else:
+            col.markdown(f":orange-background[{common.plain(part['concept'])}]")
+    refs = row["references"]
+    if refs:
+        concepts = [p["concept"] for p in parts if "region" in p]
+        marked = "".join(f":orange-background[{common.plain(w)}]" if replaced else common.plain(w)
+                         for w, replaced in analysis.concept_marks(refs[0], concepts))
+        st.markdown(f"original: {marked}")
+    regions = " · ".join(f"{p['concept']}: {p['label']}" for p in parts if "region" in p)
+    rate = info.get("rate")
+    st.caption(regions + (f" · replaced {rate:.0%} of the concept spans of its batch" if rate is not None else ""))
+
+
+def show_answer(row: dict) -> None:
+    """A probe's test item (evaluator.qa's question, evaluator.nlvr's statement about two images): the
+    picture, the prompt, the model's answer marked right or wrong, the true answer, the question type."""
+    parts = analysis.answer_parts(row)
+    head = f"**{common.plain(row['evaluator'])}** · {common.plain(row['kind'])}"
+    st.markdown(head + (f" · type: {common.plain(parts['type'])}" if parts["type"] else ""))
+    left, right = st.columns([2, 3], vertical_alignment="center")
+    if row.get("image") is not None:
+        left.image(plots.upscale_png(row["image"]), caption=parts["image_caption"], output_format="PNG")
+    mark = {True: ":green[✓ right]", False: ":red[✗ wrong]", None: ""}[parts["correct"]]
+    right.markdown(f"{parts['prompt_label']}: **{common.plain(parts['prompt'])}**")
+    right.markdown(f"model: **{common.plain(parts['predicted'])}** {mark}")
+    right.markdown(f"true: {common.plain(parts['truth'])}")
+
+
 def show_row(row: dict) -> None:
     """One (evaluator, kind) row of a sample: its images in a row, its text beside its reference(s),
     then its info (scalars on a line, anything nested as JSON)."""
-    if row["kind"] == "document":
-        show_document(row)
+    special = {"document": show_document, "cmc": show_cmc, "qa": show_answer, "nlvr": show_answer}
+    if row["kind"] in special:
+        special[row["kind"]](row)
         return
     labels = {**DEFAULT_LABELS, **LABELS.get(row["kind"], {})}
     st.markdown(f"**{common.plain(row['evaluator'])}** · {common.plain(row['kind'])}")
@@ -75,7 +127,9 @@ runs = common.q("sample_runs", base)
 if runs.empty:
     st.info(f"No run of {common.graph_label()} stored samples. Evaluators write them: `evaluator.reconstruction` "
             "(the image, its masked view and the MAE reconstruction), `evaluator.captioning` (generated captions "
-            "beside their references) and `evaluator.documents` (held-out interleaved documents), e.g.\n\n"
+            "beside their references), `evaluator.documents` (held-out interleaved documents), `evaluator.mixing` "
+            "(test captions mixed by cross-modal CutMix) and `evaluator.qa` / `evaluator.nlvr` (test questions with "
+            "the model's answers), e.g.\n\n"
             "```\nvlpgraph run graphs/mug.yaml\nvlpgraph run graphs/lcl.yaml\n```", icon=":material/info:")
     st.stop()
 
@@ -97,13 +151,13 @@ other = c4.selectbox("side by side with", [NONE] + others, key="sm_other",
                      format_func=lambda r: r if r == NONE else labels.get(r, r))
 
 table = common.q("sample_table", run_id, int(step))
-# held-out documents are numbered apart from the test samples: one or the other is shown at a time
-documents = table["kind"] == "document"
-show_documents = bool(documents.all())
-if documents.any() and not documents.all():
-    show_documents = st.radio("show", ["test samples", "held-out documents"], horizontal=True,
-                              key="sm_what") == "held-out documents"
-table = table[documents == show_documents]
+# questions, image pairs and held-out documents are numbered apart from the test samples: one group at a time
+stored = set(table["kind"].map(analysis.sample_group))
+groups = [g for g in analysis.SAMPLE_GROUPS if g in stored]
+group = groups[0]
+if len(groups) > 1:
+    group = st.radio("show", groups, horizontal=True, key="sm_what")
+table = table[table["kind"].map(analysis.sample_group) == group]
 ids = sorted(set(table["sample_id"].astype(int)))
 other_step = None
 if other != NONE:
@@ -111,15 +165,18 @@ if other != NONE:
     other_steps = common.q("sample_steps", other)
     other_step = step if step in other_steps else other_steps[0]
     other_table = common.q("sample_table", other, int(other_step))
-    other_table = other_table[(other_table["kind"] == "document") == show_documents]
+    other_table = other_table[other_table["kind"].map(analysis.sample_group) == group]
     both = [i for i in ids if i in set(other_table["sample_id"].astype(int))]
     if both:
         ids = both
     else:
         st.warning("The two runs stored no sample in common; showing the first run's samples.")
 sample_names = analysis.sample_labels(table)
-sample_id = st.selectbox("sample", ids, key="sm_sample", format_func=lambda i: sample_names.get(i, f"#{i}"),
-                         help="test samples the evaluators stored (with a second run: those both stored)")
+# a picker per group: its ids number other things (a keyed widget keeps its identity when its options change,
+# and the browser would go on showing the other group's label for the same id)
+sample_key = "sm_sample" if group == analysis.SAMPLE_GROUPS[0] else f"sm_sample:{group}"
+sample_id = st.selectbox("sample", ids, key=sample_key, format_func=lambda i: sample_names.get(i, f"#{i}"),
+                         help=f"{group} the evaluators stored (with a second run: those both stored)")
 
 # ---- the sample, one panel per run
 panels = [(run_id, step)] + ([(other, other_step)] if other != NONE else [])
@@ -127,7 +184,7 @@ for panel, (rid, at_step) in zip(st.columns(len(panels)), panels):
     with panel:
         st.caption(f"{labels.get(rid, rid)} · step {at_step}")
         rows = [r for r in common.q("sample_detail", rid, int(at_step), int(sample_id))
-                if (r["kind"] == "document") == show_documents]
+                if analysis.sample_group(r["kind"]) == group]
         if not rows:
             st.warning(f"This run did not store sample #{sample_id} at step {at_step}.")
         for row in rows:

@@ -143,12 +143,15 @@ class CrossModalCutMix(ports.TextMixer):
     def gallery(self):
         return self.data.gallery
 
-    def draw(self, ids: list[int], step: int, sample_id: int) -> tuple[list[tuple[int, int, str]], list[int | None]]:
+    def draw(self, ids: list[int], step: int, sample_id: int,
+             seed: int | None = None) -> tuple[list[tuple[int, int, str]], list[int | None]]:
         """One sentence's candidate spans (:func:`find_spans`) and, per span, the region that replaces it
-        (None: kept). Drawn from a generator seeded by (trial seed, node, step, sample id) only: a span's
-        draw is one uniform (replaced when < p), then a region from that concept's gallery."""
+        (None: kept). Drawn from a generator seeded by (seed, node, step, sample id) only — ``seed``: the
+        trial's unless given (an evaluator's fixed one): a span's draw is one uniform (replaced when < p),
+        then a region from that concept's gallery."""
         spans = find_spans(ids, self.index, self.continuations)
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.node, step, sample_id))
+        seed = self.seed if seed is None else seed
+        gen = torch.Generator().manual_seed(sample_seed(seed, self.node, step, sample_id))
         chosen: list[int | None] = []
         for _, _, concept in spans:
             replace = float(torch.rand((), generator=gen)) < self.p
@@ -177,7 +180,8 @@ class CrossModalCutMix(ports.TextMixer):
     def sample_rows(self, batch: dict, limit: int = 4, cmc: ports.CMCBatch | None = None) -> list[dict]:
         """Rows for the store's samples table (``Store.log_samples``; kind 'cmc') showing what is mixed:
         the first ``limit`` sentences of ``batch`` (tokenised, with ``sample_ids``, ``captions`` and
-        optionally ``step``) that have a replaced span. ``cmc``: their CMCBatch, else mixed here (without
+        optionally ``step`` and ``mix_seed``, the seed of the draws in place of the trial's) that have a
+        replaced span. ``cmc``: their CMCBatch, else mixed here (without
         gradient, in any mode: for evaluators and the app). ``text``: the mixed sentence, each visual run
         written ``[concept #region]``; ``reference``: the original caption; ``image``: the regions that
         replaced the spans, side by side (PNG); ``info``: the spans (concept, region id, source image id,
@@ -238,6 +242,7 @@ class CrossModalCutMix(ports.TextMixer):
         input_ids, mask = batch["input_ids"], batch["attention_mask"]
         device = input_ids.device
         step = int(batch.get("step", 0))
+        seed = int(batch.get("mix_seed", self.seed))  # an evaluator's fixed seed (evaluator.mixing), else the trial's
         t = self.n_visual()
         # per row, the mixed sentence as parts: ("words", start, end) of the original ids, or ("visual", r)
         # for the r-th region of the batch; each part's length is end - start or t
@@ -246,7 +251,7 @@ class CrossModalCutMix(ports.TextMixer):
         rids: list[int] = []
         candidates = 0
         for ids, n, sid in zip(input_ids.tolist(), mask.sum(1).tolist(), batch["sample_ids"].tolist()):
-            spans, chosen = self.draw(ids[:n], step, int(sid))
+            spans, chosen = self.draw(ids[:n], step, int(sid), seed)
             candidates += len(spans)
             parts: list[tuple[str, int, int]] = []
             replaced: list[tuple[str, int, int, int]] = []
@@ -320,7 +325,8 @@ def build(params: CMCParams, inputs: dict, ctx: ports.BuildContext) -> CrossModa
     is a span (spans never overlap; a match followed by a `##` continuation piece is not one, so
     "red circles" is not "red circle"; "a big red circle" has the span "red circle" — size words stay).
     Each span is replaced with probability `p`, drawn by a generator seeded from (trial seed, node,
-    step, sample id) alone — the same sample mixes the same at a step whatever else is in the batch
+    step, sample id) alone (a batch's `mix_seed` stands in for the trial seed: evaluator.mixing's) —
+    the same sample mixes the same at a step whatever else is in the batch
     and after a resume: one uniform per span in order, and for a replaced span a region id from
     `gallery.sample(concept, generator)`. The region image (`gallery.region(rid)`, resized bilinearly
     to the tower's input size when region_size differs) goes through the vision tower in one pass
