@@ -107,7 +107,7 @@ def test_a_store_with_only_a_running_run_shows_every_page(tmp_path, monkeypatch)
 def test_runs_page_filters_modes_and_compare(app_store, monkeypatch):
     at = open_app(app_store, monkeypatch)
     runs = table(at, "runs_table")
-    assert len(runs) == 15 and set(runs["graph"]) == {"timix_sweep"}  # the newest graph by default
+    assert len(runs) == 12 and set(runs["graph"]) == {"timix_sweep"}  # the newest graph by default
     assert {"retrieval.rsum", "zeroshot.top1", "shapes.train_fraction"} <= set(runs.columns)
     assert runs["retrieval.rsum"].notna().all()
     [parallel] = figures(at)  # parallel coordinates: swept params, then the metrics shown
@@ -182,7 +182,7 @@ def test_ablations_pivot_matches_the_store_and_the_csv_matches_the_table(app_sto
     ok(at)
     shown = table(at, "abl_table")
     assert list(shown.index) == ["baseline", "cutmix", "timix"]
-    assert list(shown.columns) == ["0.1", "0.2", "0.4", "0.7", "1"]
+    assert list(shown.columns) == ["0.1", "0.2", "0.4", "1"]
     # every cell is the run's final-step value (one seed: ± 0, n = 1), straight from the store
     store = Store(app_store)
     for run in store.runs({"graph": "timix_sweep"}):
@@ -198,10 +198,10 @@ def test_ablations_pivot_matches_the_store_and_the_csv_matches_the_table(app_sto
     at.selectbox(key="abl_cols").set_value("(none)").run()
     ok(at)
     by_seed = table(at, "abl_table")
-    assert list(by_seed.index) == ["0"] and list(by_seed.columns) == ["all"] and by_seed.iloc[0, 0].endswith("(15)")
+    assert list(by_seed.index) == ["0"] and list(by_seed.columns) == ["all"] and by_seed.iloc[0, 0].endswith("(12)")
     at.selectbox(key="abl_metric").set_value("wall_s").run()
     ok(at)
-    assert table(at, "abl_table").iloc[0, 0].endswith("(15)")
+    assert table(at, "abl_table").iloc[0, 0].endswith("(12)")
     assert figures(at)[0]["layout"]["yaxis"]["title"]["text"] == "wall_s"
 
 

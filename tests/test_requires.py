@@ -114,3 +114,14 @@ def test_lcl_on_paired_data_is_refused_at_validation(capsys, tmp_path, wire_data
     err = capsys.readouterr().err
     assert ("node 'lcl' (objective.lcl): needs interleaved data (it trains on interleaved documents), but the "
             "trainer's data 'shapes' (dataset.shapes) provides boxes, classes, labels, paired, scenes") in err
+
+
+def test_vlpgraph_nodes_says_what_the_trainers_data_must_provide(capsys):
+    from vlpgraph.cli import main
+
+    assert main(["nodes", "objective.itc"]) == 0
+    assert "the trainer's data must provide: paired (validation checks it)" in capsys.readouterr().out
+    assert main(["nodes", "objective.mlm"]) == 0  # paired through the fusion encoder, nothing with a mixer
+    assert "must provide: paired (with every optional input wired: nothing)" in capsys.readouterr().out
+    assert main(["nodes", "objective.mae"]) == 0
+    assert "must provide" not in capsys.readouterr().out

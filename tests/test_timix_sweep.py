@@ -14,13 +14,18 @@ GRAPH = str(ROOT / "graphs" / "timix_sweep.yaml")
 
 def test_sweep_shape():
     exp = load_experiment(GRAPH)
-    assert len(exp.trials) == 15 and exp.variants == ["baseline", "cutmix", "timix"]
-    assert sorted({t.grid["shapes.train_fraction"] for t in exp.trials}) == [0.1, 0.2, 0.4, 0.7, 1.0]
+    assert len(exp.trials) == 12 and exp.variants == ["baseline", "cutmix", "timix"]
+    assert sorted({t.grid["shapes.train_fraction"] for t in exp.trials}) == [0.1, 0.2, 0.4, 1.0]
     timix = next(t for t in exp.trials if t.variant == "timix")
     kinds = {b.kind.name for b in timix.graph.nodes.values()}
     assert {"mixer.timix", "head.tpp", "objective.pta", "objective.itm", "objective.mlm", "evaluator.grounding"} <= kinds
     assert next(t for t in exp.trials if t.variant == "baseline").graph.nodes["shapes"].params.caption_noise > 0
-    assert len(load_experiment(GRAPH, profile="full").trials) == 45
+    # every trial is asked the same questions about the test scenes, on its fusion encoder's [CLS]
+    for t in exp.trials:
+        qa = t.graph.nodes["qa"]
+        assert qa.kind.name == "evaluator.qa" and qa.input_names("fusion") == ["fusion"]
+    assert len({t.graph.nodes["qa"].params.model_dump_json() for t in exp.trials}) == 1
+    assert len(load_experiment(GRAPH, profile="full").trials) == 36
     assert load_experiment(GRAPH, profile="gpu").trials[0].graph.nodes["vision"].params.width == 384
 
 

@@ -207,6 +207,18 @@ def cmd_nodes(args, out: Console, err: Console) -> int:
     k = kinds[args.kind]
     out.print(f"[bold]{k.name}[/bold] -> {port_name(k.output)}")
     out.print(k.doc.strip() if k.doc else "(no doc)", highlight=False, markup=False)
+    try:
+        defaults = k.params()
+    except ValueError:  # a kind with required params: what it requires depends on them
+        defaults = None
+    if defaults is not None:
+        bare = k.requires(defaults, {})
+        wired = k.requires(defaults, {name: [name] for name in k.inputs})
+        if bare or wired:
+            line = f"the trainer's data must provide: {', '.join(sorted(bare)) or 'nothing'}"
+            if wired != bare:
+                line += f" (with every optional input wired: {', '.join(sorted(wired)) or 'nothing'})"
+            out.print(line + " (validation checks it)", highlight=False, markup=False)
     if k.inputs:
         t = Table(title="inputs")
         for col in ("input", "accepts", "list", "needs", "doc"):
