@@ -55,7 +55,7 @@ def cli_env(tmp_path):
 @pytest.fixture(scope="session")
 def app_store(tmp_path_factory) -> Path:
     """A store the app's tests read: the smoke graph plus graphs/timix_sweep.yaml on its tiny profile
-    (15 runs of 3 variants x 5 train fractions, grounding heatmaps and TiMix mixed samples). ~25 s."""
+    (12 runs of 3 variants x 4 train fractions, grounding heatmaps and TiMix mixed samples). ~25 s."""
     from vlpgraph.cli import main
 
     root = tmp_path_factory.mktemp("app") / "store"

@@ -116,13 +116,13 @@ def test_runs_page_filters_modes_and_compare(app_store, monkeypatch):
 
     at.selectbox(key="graph").set_value("(all graphs)").run()
     ok(at)
-    assert len(table(at, "runs_table")) == 16
+    assert len(table(at, "runs_table")) == 13
 
     at.selectbox(key="graph").set_value("timix_sweep").run()
     at.multiselect(key="runs_variant").set_value(["timix"]).run()
     ok(at)
     timix = table(at, "runs_table")
-    assert len(timix) == 5 and set(timix["variant"]) == {"timix"}
+    assert len(timix) == 4 and set(timix["variant"]) == {"timix"}
 
     at.radio(key="runs_mode").set_value("best").run()
     ok(at)
