@@ -205,6 +205,12 @@ def format_table(rows: list[Row], peak_flops: float | None) -> list[str]:
     return [line(list(COLUMNS)), rule, *(line(b) for b in body)]
 
 
+def error_text(e: BaseException) -> str:
+    """One line for a table cell: the exception's type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def run_part(part: str, what: str, fn: Callable[[], list[Row]]) -> list[Row]:
     """``fn()``'s rows, or one row carrying its error (the traceback goes to stderr): one failing
     part never stops the others."""
@@ -214,7 +220,7 @@ def run_part(part: str, what: str, fn: Callable[[], list[Row]]) -> list[Row]:
         rows = fn()
     except Exception as e:  # noqa: BLE001 - any failure of a part is reported in its row
         traceback.print_exc(file=sys.stderr)
-        rows = [Row(part, what, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")]
+        rows = [Row(part, what, error=error_text(e))]
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -415,9 +421,9 @@ class Bench:
 
     # b ------------------------------------------------------------------------------------------
     def part_b(self) -> list[Row]:
+        from vlpgraph.compile import compile_trial
         from vlpgraph.layers.attention import resolve_backend, set_attention_backend
         from vlpgraph.sweep import load_experiment
-        from vlpgraph.compile import compile_trial
         from vlpgraph.train import autocast_for, param_groups
 
         a = self.args
@@ -459,10 +465,13 @@ class Bench:
             optimizer.zero_grad(set_to_none=True)
 
         flops = count_flops(fwd_bwd, modules)
-        analytic = 3 * (vit_forward_flops(B, S, size["patch_size"], size["width"], size["depth"])
-                        + transformer_forward_flops(B, text_len, size["text_width"], size["text_depth"]))
-        print(f"   model {n_params / 1e6:.1f} M parameters; FLOPs per step: counted {flops / 1e12:.3f} T, "
-              f"analytic 3 x towers' forward matmuls {analytic / 1e12:.3f} T", flush=True)
+        # cross-check: backward is twice the forward, except that the images need no gradient (the patch
+        # embedding's backward is its weight gradient alone); the projections and logits are left out
+        patch_embed = vit_forward_flops(B, S, size["patch_size"], size["width"], 0)
+        analytic = (3 * vit_forward_flops(B, S, size["patch_size"], size["width"], size["depth"]) - patch_embed
+                    + 3 * transformer_forward_flops(B, text_len, size["text_width"], size["text_depth"]))
+        print(f"   model {n_params / 1e6:.1f} M parameters; FLOPs per step: counted {flops / 1e12:.4g} T, "
+              f"analytic (towers only) {analytic / 1e12:.4g} T", flush=True)
         rows: dict[str, Row] = {}
         for backend in ("xformers", "sdpa", "math"):
             case = f"ViT-B/16 CLIP step, {backend}"
@@ -479,10 +488,11 @@ class Bench:
                                     note=f"{n_params / 1e6:.0f} M params, bf16, median of {a.steps_b} steps after {a.warmup_b}")
             except Exception as e:  # noqa: BLE001 - one backend failing (not installed, OOM) leaves the others
                 traceback.print_exc(file=sys.stderr)
-                rows[backend] = Row("b", case, B, error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+                rows[backend] = Row("b", case, B, error=error_text(e))
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-            print(f"   {backend}: {rows[backend].step_s * 1e3:.1f} ms/step" if rows[backend].step_s else f"   {backend}: {rows[backend].error}", flush=True)
+            done = rows[backend]
+            print(f"   {backend}: " + (f"{done.step_s * 1e3:.1f} ms/step" if done.step_s else done.error), flush=True)
         ref = rows["sdpa"].step_s
         for r in rows.values():
             if r.step_s and ref:

@@ -37,7 +37,8 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path):
 
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, str(SCRIPT), "--parts", "xyz"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, str(SCRIPT), "--parts", "xyz"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--parts names none of" in res.stderr
 
 
