@@ -66,7 +66,7 @@ import torch
 # "needs CUDA" exit and the pure helpers (imported by tests/test_gpu_benchmark.py) stay fast.
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVICE = torch.device("cuda")  # every part measures this device
+DEVICE = torch.device("cuda")  # every part measures this device (tests run the parts on "cpu" at toy sizes)
 
 # Dense bf16 tensor-core peaks in FLOP/s, from NVIDIA's datasheets (which print twice these, "with
 # sparsity"). A key matches when its words appear, in order and whole, among the words of
@@ -222,7 +222,7 @@ def run_part(part: str, what: str, fn: Callable[[], list[Row]]) -> list[Row]:
         traceback.print_exc(file=sys.stderr)
         rows = [Row(part, what, error=error_text(e))]
     finally:
-        if torch.cuda.is_available():
+        if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
     print(f"   part {part} took {time.perf_counter() - t0:.0f} s", flush=True)
     return rows
@@ -233,6 +233,42 @@ def run_part(part: str, what: str, fn: Callable[[], list[Row]]) -> list[Row]:
 
 def median_or_none(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+def sync() -> None:
+    """Wait until the device has done everything queued so far (CUDA runs asynchronously to Python)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory() -> None:
+    sync()
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> int | None:
+    """Bytes allocated at most since ``reset_peak_memory`` (None off CUDA: not measured)."""
+    return torch.cuda.max_memory_allocated() if DEVICE.type == "cuda" else None
+
+
+def step_times(step: Callable[[], None], n: int) -> list[float]:
+    """Seconds of each of ``n`` calls of ``step``. On CUDA from events recorded between the calls on
+    the current stream, with no host synchronisation between steps (as in a real training loop); the
+    intervals tile the whole run. Elsewhere from the host clock."""
+    if DEVICE.type != "cuda":
+        marks = [time.perf_counter()]
+        for _ in range(n):
+            step()
+            marks.append(time.perf_counter())
+        return [b - a for a, b in zip(marks, marks[1:])]
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    events[0].record()
+    for i in range(n):
+        step()
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]  # elapsed_time is in ms
 
 
 class EngineSteps:
@@ -252,7 +288,7 @@ class EngineSteps:
         marks: list[float] = []
 
         def on_step(step: int, total: int, loss: float, sps: float) -> None:
-            torch.cuda.synchronize()
+            sync()
             marks.append(time.perf_counter())
 
         with self._steps(steps):
@@ -341,7 +377,7 @@ class HandLoop:
 
         p, device = self.job.params, self.job.device
         loader = DataLoader(self.job.data.train, batch_sampler=EpochBatches(len(self.job.data.train), p.batch_size, self.seed, 0, steps),
-                            collate_fn=self.collate, num_workers=p.num_workers, pin_memory=True)
+                            collate_fn=self.collate, num_workers=p.num_workers, pin_memory=DEVICE.type == "cuda")
         marks: list[float] = []
         for batch in loader:
             batch = to_device(batch, device)
@@ -353,50 +389,57 @@ class HandLoop:
                 torch.nn.utils.clip_grad_norm_(self.params, p.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
-            torch.cuda.synchronize()
+            sync()
             marks.append(time.perf_counter())
         return [b - a for a, b in zip(marks, marks[1:])]
-
-
-def compile_first(graph: Path, cache: Path, sets: list[tuple[str, object]], profile: str | None, variant: str | None = None):
-    """(trial, plan) of the first trial of ``graph`` (of ``variant`` if given), compiled on cuda."""
-    from vlpgraph.compile import compile_trial
-    from vlpgraph.sweep import load_experiment
-
-    exp = load_experiment(graph, sets=sets, profile=profile)
-    trials = [t for t in exp.trials if variant is None or t.variant == variant]
-    if not trials:
-        raise RuntimeError(f"{graph}: no trial of variant {variant!r} (variants: {', '.join(exp.variants)})")
-    trial = trials[0]
-    return trial, compile_trial(trial, cache, DEVICE, log=lambda message: None)
 
 
 # ---------------------------------------------------------------------------------------- parts
 
 
 class Bench:
-    """The parts, sharing one temporary cache and part a's compiled model with part c."""
+    """The parts, sharing one temporary cache and part a's compiled model with part c.
 
-    def __init__(self, args: argparse.Namespace, tmp: Path):
+    ``sets`` (graph name -> extra ``--set`` pairs, applied after the part's own) and ``vit_b16`` (part b's
+    sizes) let tests run every part on CPU at toy sizes; the command line leaves them alone."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path, sets: dict[str, list[tuple[str, object]]] | None = None,
+                 vit_b16: dict | None = None):
         self.args, self.tmp = args, tmp
+        self.sets = sets or {}
+        self.vit_b16 = vit_b16 or VIT_B16
         self._clip = None
+
+    def experiment(self, graph: Path, sets: list[tuple[str, object]] = ()):
+        """``graph`` at its gpu profile with ``sets`` and this bench's extra sets for it."""
+        from vlpgraph.sweep import load_experiment
+
+        return load_experiment(graph, sets=[*sets, *self.sets.get(graph.stem, [])], profile="gpu")
 
     def clip_plan(self):
         """clip_baseline's gpu profile, data shrunk to what parts a and c read (compiled once)."""
         if self._clip is None:
             a = self.args
-            from vlpgraph.sweep import load_experiment
-
             graph = ROOT / "graphs" / "clip_baseline.yaml"
-            batch = load_experiment(graph, profile="gpu").trials[0].graph.nodes["train"].params.batch_size
+            batch = self.experiment(graph).trials[0].graph.nodes["train"].params.batch_size
             steps = max(a.steps_a, a.steps_c)
             sets = [("shapes.train_size", batch * steps), ("shapes.test_size", 64)]
             t0 = time.perf_counter()
-            trial, plan = compile_first(graph, self.tmp / "cache", sets, "gpu")
+            trial, plan = self.compile_first(graph, sets)
             print(f"   clip_baseline --profile gpu compiled in {time.perf_counter() - t0:.0f} s "
                   f"(shapes.train_size {batch * steps} = batch {batch} x {steps} steps)", flush=True)
             self._clip = (trial, plan)
         return self._clip
+
+    def compile_first(self, graph: Path, sets: list[tuple[str, object]], variant: str | None = None):
+        """(trial, plan) of the first trial of ``graph`` at its gpu profile (of ``variant`` if given)."""
+        from vlpgraph.compile import compile_trial
+
+        exp = self.experiment(graph, sets)
+        trials = [t for t in exp.trials if variant is None or t.variant == variant]
+        if not trials:
+            raise RuntimeError(f"{graph}: no trial of variant {variant!r} (variants: {', '.join(exp.variants)})")
+        return trials[0], compile_trial(trials[0], self.tmp / "cache", DEVICE, log=lambda message: None)
 
     # a ------------------------------------------------------------------------------------------
     def part_a(self) -> list[Row]:
@@ -407,10 +450,9 @@ class Bench:
         engine = EngineSteps(job, trial.seed)
         flops = engine.flops()
         engine.run(min(5, self.args.steps_a))  # warm-up call: kernel selection, allocator, loader
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory()
         times = engine.run(self.args.steps_a)
-        peak = torch.cuda.max_memory_allocated()
+        peak = peak_memory()
         warm = min(len(times) // 4, 5)
         timed = times[warm:]
         backends = sorted({m.attention_backend for m in job.modules.modules() if hasattr(m, "attention_backend")})
@@ -427,7 +469,7 @@ class Bench:
         from vlpgraph.train import autocast_for, param_groups
 
         a = self.args
-        size = VIT_B16
+        size = self.vit_b16
         B, S, text_len = a.batch_b, size["image_size"], size["text_len"]
         graph = self.tmp / "vit_b16_clip.yaml"
         graph.write_text(VIT_B16_GRAPH.format(**size))
@@ -478,19 +520,19 @@ class Bench:
             try:
                 resolve_backend(backend, device, torch.bfloat16)  # a clear error when xformers is missing
                 set_attention_backend(modules, backend)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                reset_peak_memory()
                 for _ in range(a.warmup_b):
                     step()
-                times = cuda_event_times(step, a.steps_b)
-                peak = torch.cuda.max_memory_allocated()
+                times = step_times(step, a.steps_b)
+                peak = peak_memory()
                 rows[backend] = Row("b", case, B, statistics.median(times), flops, peak,
                                     note=f"{n_params / 1e6:.0f} M params, bf16, median of {a.steps_b} steps after {a.warmup_b}")
             except Exception as e:  # noqa: BLE001 - one backend failing (not installed, OOM) leaves the others
                 traceback.print_exc(file=sys.stderr)
                 rows[backend] = Row("b", case, B, error=error_text(e))
                 optimizer.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+                if DEVICE.type == "cuda":
+                    torch.cuda.empty_cache()
             done = rows[backend]
             print(f"   {backend}: " + (f"{done.step_s * 1e3:.1f} ms/step" if done.step_s else done.error), flush=True)
         ref = rows["sdpa"].step_s
@@ -534,27 +576,25 @@ class Bench:
 
     # d ------------------------------------------------------------------------------------------
     def part_d(self) -> list[Row]:
-        from vlpgraph.sweep import load_experiment
-
         a = self.args
         graph = ROOT / "graphs" / "timix_sweep.yaml"
-        batch = load_experiment(graph, profile="gpu").trials[0].graph.nodes["train"].params.batch_size
+        batch = self.experiment(graph).trials[0].graph.nodes["train"].params.batch_size
         sets = [("shapes.train_fraction", 1.0), ("shapes.train_size", batch * a.steps_d), ("shapes.test_size", 64),
                 ("mix.ramp_epochs", 0.0), ("mix.stop_fraction", 1.0)]
         engines: dict[str, EngineSteps] = {}
         for variant in VARIANTS_D:
-            trial, plan = compile_first(graph, self.tmp / "cache", sets, "gpu", variant)
+            trial, plan = self.compile_first(graph, sets, variant)
             engines[variant] = EngineSteps(plan.model, trial.seed)
         flops = {v: e.flops() for v, e in engines.items()}
         times: dict[str, list[float]] = {v: [] for v in engines}
         per_round: dict[str, list[float]] = {v: [] for v in engines}
-        peaks: dict[str, int] = {v: 0 for v in engines}
+        peaks: dict[str, list[int]] = {v: [] for v in engines}
         for r in range(1 + a.rounds_d):  # round 0 warms up
             for v, e in engines.items():
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                reset_peak_memory()
                 ts = e.run(a.steps_d)
-                peaks[v] = max(peaks[v], torch.cuda.max_memory_allocated())
+                if (peak := peak_memory()) is not None:
+                    peaks[v].append(peak)
                 if v != "baseline" and "mix_itc" not in e.last.last_losses:
                     raise RuntimeError(f"variant {v}: no 'mix_itc' term at the last step: it did not mix")
                 if r:
@@ -566,7 +606,7 @@ class Bench:
         rows = []
         for v in engines:
             ratio = statistics.median(x / b for x, b in zip(per_round[v], per_round["baseline"]))
-            rows.append(Row("d", f"timix_sweep gpu profile, {v}", batch, statistics.median(times[v]), flops[v], peaks[v],
+            rows.append(Row("d", f"timix_sweep gpu profile, {v}", batch, statistics.median(times[v]), flops[v], max(peaks[v], default=None),
                             vs=f"{ratio:.3f} vs baseline", note=f"{a.rounds_d} rounds x {a.steps_d} steps, every step mixes"))
         return rows
 
@@ -616,18 +656,6 @@ nodes:
     inputs: {{data: shapes, objectives: [itc]}}
     params: {{batch_size: 32, lr: 5.0e-4, warmup_steps: 0, precision: bf16}}
 """
-
-
-def cuda_event_times(step: Callable[[], None], n: int) -> list[float]:
-    """Seconds of each of ``n`` calls of ``step``, from CUDA events recorded between them on the
-    current stream (no host synchronisation between steps, as in a real training loop)."""
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
-    events[0].record()
-    for i in range(n):
-        step()
-        events[i + 1].record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])]  # elapsed_time is in ms
 
 
 # ------------------------------------------------------------------------------------------ main

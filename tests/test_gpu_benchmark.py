@@ -177,3 +177,48 @@ def test_quick_takes_fewer_steps_and_explicit_counts_win(gpu):
         assert getattr(quick, name) < getattr(full, name), name
     assert gpu.parse_args(["--quick", "--steps-a", "40"]).steps_a == 40
     assert gpu.parse_args(["--parts", "b,e"]).parts == ["b", "e"]
+
+
+# toy sizes for running every part on CPU: the same code paths as on a GPU, minus the CUDA timers and memory
+TOY_TOWERS = [("vision.width", 32), ("vision.depth", 1), ("vision.heads", 2), ("text.width", 32), ("text.depth", 1),
+              ("text.heads", 2), ("train.batch_size", 8)]
+TOY_SETS = {
+    "clip_baseline": TOY_TOWERS + [("itc.embed_dim", 32)],
+    "timix_sweep": TOY_TOWERS + [("fusion.depth", 1), ("fusion.heads", 2), ("itc.embed_dim", 32), ("tpp.block", 0)],
+}
+TOY_VIT_B16 = dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, text_width=32, text_depth=1, text_heads=2,
+                   text_len=16, embed_dim=32)
+
+
+@pytest.mark.slow
+def test_every_part_runs_on_cpu_at_toy_sizes(gpu, tmp_path, monkeypatch):
+    """Parts a-d end to end on CPU (the wiring a GPU run depends on: the gpu profiles, compile, fit,
+    the hand loop, the backend switch, the FLOP count): rows with times and FLOPs, xformers' row
+    carrying its error, the TiMix variants counted as more work than the baseline."""
+    monkeypatch.setattr(gpu, "DEVICE", torch.device("cpu"))
+    torch.manual_seed(0)
+    args = gpu.parse_args(["--steps-a", "3", "--batch-b", "2", "--steps-b", "2", "--warmup-b", "1", "--steps-c", "3",
+                           "--rounds-c", "1", "--steps-d", "3", "--rounds-d", "1"])
+    bench = gpu.Bench(args, tmp_path, sets=TOY_SETS, vit_b16=TOY_VIT_B16)
+    rows = [r for part in "abcd" for r in gpu.run_part(part, gpu.PARTS[part], getattr(bench, f"part_{part}"))]
+    by_case = {r.case: r for r in rows}
+    errors = {r.case: r.error for r in rows if r.error}
+    assert set(errors) == {"ViT-B/16 CLIP step, xformers"}, errors  # the other rows go on without it
+    assert "attention backend 'xformers' needs CUDA" in errors["ViT-B/16 CLIP step, xformers"]
+    for r in rows:
+        if not r.error:
+            assert r.step_s > 0 and r.flops > 0 and r.batch, r
+    # part b: one model, one count, whatever the backend; the counted step is the towers plus a little
+    sdpa, math_ = by_case["ViT-B/16 CLIP step, sdpa"], by_case["ViT-B/16 CLIP step, math"]
+    assert sdpa.flops == math_.flops and sdpa.vs == "1.00x sdpa"
+    # parts a and c train the same model: the same FLOPs per step; c's loss check passed
+    assert by_case["clip_baseline gpu profile (engine fit)"].flops == by_case["engine step (clip gpu profile)"].flops
+    assert by_case["engine step (clip gpu profile)"].vs.endswith("engine/hand")
+    assert "loss check: engine" in by_case["hand-written loop (same model)"].note
+    # part d: a mixing step runs the image tower again on the mixed images: more FLOPs than the baseline's
+    d = {r.case.rsplit(", ", 1)[1]: r for r in rows if r.part == "d"}
+    assert set(d) == set(gpu.VARIANTS_D)
+    assert d["cutmix"].flops > d["baseline"].flops and d["timix"].flops > d["baseline"].flops
+    assert d["baseline"].vs == "1.000 vs baseline"
+    lines = gpu.format_table(rows, 1e12)
+    assert len(lines) == 2 + len(rows)
