@@ -143,6 +143,17 @@ def test_a_corrupt_member_is_skipped_and_counted(tmp_path):
                             "max_bad_fraction=0.05: img_02.png (missing), img_06.png (unreadable: UnidentifiedImageError)")
 
 
+def test_a_truncated_shard_is_an_error_naming_it(tmp_path):
+    root = write_folder(tmp_path, bad=False)
+    pack_cli(root / "m.jsonl", root / "sh", "--shard-size", "20", "--images", str(root / "imgs"))
+    shard = root / "sh" / "shard-000001.tar"
+    whole = shard.read_bytes()
+    for cut in (5000, 5120):  # inside a member, and at a header: both said, naming the shard
+        shard.write_bytes(whole[:cut])
+        with pytest.raises(UserError, match=r"shard-000001.tar: (truncated shard|not a readable plain .tar shard \(unexpected end)"):
+            build(root, shards="sh/shard-{000000..000001}.tar", test_size=4, image_size=16)
+
+
 def test_brace_patterns_expand_relative_to_the_graph_folder(tmp_path):
     for k in range(3):
         (tmp_path / f"s-{k:02d}.tar").write_bytes(b"")
@@ -200,6 +211,32 @@ def test_pack_errors_are_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert expect in err and "Traceback" not in err and err.count("\n") == 1, err
     assert not (root / "o").exists()  # nothing written for a bad input
+
+
+def test_pack_interleaved_documents_one_sample_each(tmp_path):
+    """An MMC4-style .jsonl packs into one sample per document: the document in .json, its images as
+    KEY.0.png, KEY.1.png; a missing image file is left out and counted."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    docs = []
+    for d in range(3):
+        for i in range(2):
+            if (d, i) != (1, 1):
+                Image.new("RGB", (8, 8), (50 * d, 40 * i, 0)).save(imgs / f"d{d}_{i}.png")
+        docs.append({"text_list": [f"doc {d} first", f"doc {d} second"], "url": f"http://x/{d}",
+                     "image_info": [{"image_name": f"d{d}_{i}.png", "matched_text_index": i} for i in range(2)]})
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    logs: list[str] = []
+    packed = shards.pack(tmp_path / "docs.jsonl", tmp_path / "sh", shard_size=2, images=imgs, log=logs.append)
+    assert (packed.samples, packed.shards, packed.missing) == (3, 2, 1)
+    assert len(logs) == 1 and "1 of 6 image files are missing" in logs[0]
+    import webdataset as wds
+
+    got = list(wds.WebDataset(str(tmp_path / "sh" / "shard-{000000..000001}.tar"), shardshuffle=False, empty_check=False))
+    assert [json.loads(s["json"]) for s in got] == docs
+    assert [sorted(k for k in s if not k.startswith("__") and k != "json") for s in got] == [
+        ["0.png", "1.png"], ["0.png"], ["0.png", "1.png"]]
+    assert got[2]["1.png"] == (imgs / "d2_1.png").read_bytes()
 
 
 def test_catalog_documents_the_shard_params(capsys):

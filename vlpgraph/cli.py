@@ -332,7 +332,7 @@ def cmd_data_pack(args, out: Console, err: Console) -> int:
                   log=lambda line: err.print(line, highlight=False, markup=False),
                   track=lambda rows: track(rows, description="packing", console=err, transient=True))
     err.print(f"wrote {packed.samples} sample(s) in {packed.shards} shard(s)"
-              + (f" ({packed.missing} without an image file)" if packed.missing else ""), highlight=False)
+              + (f" ({packed.missing} image file(s) missing)" if packed.missing else ""), highlight=False)
     # the one line on stdout: what dataset.captions' shards param takes
     out.print(packed.pattern, highlight=False, markup=False)
     return 0
@@ -401,8 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("data", help="prepare data: `data pack` writes WebDataset shards")
     data = sp.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
     sp = data.add_parser("pack", help="write WebDataset .tar shards (for dataset.captions' shards param) from a "
-                                      "COCO-captions .json or a .jsonl/.csv manifest with image and caption columns")
-    sp.add_argument("source", help="the annotations file (.json COCO captions, .jsonl or .csv)")
+                                      "COCO-captions .json or a .jsonl/.csv manifest with image and caption columns "
+                                      "(one sample per row), or from an MMC4-style .jsonl of interleaved documents "
+                                      "(one sample per document)")
+    sp.add_argument("source", help="the annotations file (.json COCO captions, .jsonl or .csv; a .jsonl whose "
+                                   "objects have text_list and image_info is read as documents)")
     sp.add_argument("--out", required=True, help="folder to write shard-000000.tar, ... into (new or empty)")
     sp.add_argument("--shard-size", type=int, default=10_000, metavar="N", help="samples per shard (default 10000)")
     sp.add_argument("--images", help="root folder of relative image paths (default: the source's folder)")

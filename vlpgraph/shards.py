@@ -7,7 +7,9 @@ disk), ``KEY.txt`` (the caption, for other WebDataset tools) and ``KEY.json`` (t
 row: ``image`` (the image's original name), ``caption``, and every other column, e.g. ``boxes`` or a
 label). Shards written by other tools (e.g. img2dataset: ``jpg`` + ``txt`` + ``json``) read as well:
 the caption is the JSON's ``caption`` or else the ``.txt``, the image's name the JSON's ``image`` or
-else the key.
+else the key. MMC4-style interleaved documents (dataset.interleaved's .jsonl) pack into one sample per
+document: ``KEY.json`` (the document: ``text_list``, ``image_info``) and its images ``KEY.0.jpg``,
+``KEY.1.png``, ... in ``image_info``'s order (no reader here yet: dataset.interleaved reads folders).
 
 Reading takes two passes over the local shards, both at build: the ``webdataset`` library streams
 every sample (captions, metadata, and every image checked by PIL, as a folder's images are checked),
@@ -80,8 +82,14 @@ def _members(path: str, size: int, mtime_ns: int) -> dict[tuple[str, str], tuple
                     key, ext = base_plus_ext(info.name)
                     if key is not None:
                         out[(key, ext.lower())] = (info.offset_data, info.size)
+            end = tar.offset  # where the end-of-archive marker (zero blocks) starts
     except (tarfile.TarError, OSError) as e:
         raise UserError(f"{path}: not a readable plain .tar shard ({e})") from None
+    # a file cut short (an interrupted copy or download) reads as a shorter archive without its marker:
+    # said here, since its lost samples would otherwise just be missing
+    if size - end < tarfile.BLOCKSIZE:
+        raise UserError(f"{path}: truncated shard (it ends without the end-of-archive marker, {size} bytes): "
+                        "copy or pack it again")
     return out
 
 
@@ -111,7 +119,9 @@ def read_records(pattern: str, base_dir: Path | None, want_boxes: bool,
                 row = json.loads(sample["json"]) if "json" in sample else {}
                 if not isinstance(row, dict):
                     raise UserError(f"{source}: {where}: its .json member is not a JSON object")
-                caption = row.get("caption", sample["txt"].decode("utf-8") if "txt" in sample else None)
+                caption = row.get("caption")
+                if not isinstance(caption, str):  # shards of other tools: the caption may be in .txt only
+                    caption = sample["txt"].decode("utf-8") if "txt" in sample else None
                 if caption is None:
                     raise UserError(f"{source}: {where}: no caption (no 'caption' in its .json, no .txt member)")
                 if want_boxes and "boxes" not in row:
@@ -152,24 +162,56 @@ class Packed:
     out: Path
     samples: int
     shards: int
-    missing: int  # samples written without an image: their file was not there
+    missing: int  # image files that were not there (left out of their samples)
 
     @property
     def pattern(self) -> str:
         """The pattern naming every shard written, for dataset.captions' ``shards`` param."""
         numbers = "000000" if self.shards == 1 else f"{{000000..{self.shards - 1:06d}}}"
-        return str(self.out / f"shard-{numbers}.tar")
+        return str(self.out.resolve() / f"shard-{numbers}.tar")
+
+
+def is_documents(source: Path) -> bool:
+    """True for an MMC4-style .jsonl of interleaved documents (dataset.interleaved's input): its first
+    object has ``text_list`` and ``image_info``."""
+    if source.suffix.lower() != ".jsonl" or not source.is_file():
+        return False
+    with open(source, encoding="utf-8-sig") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and "text_list" in obj and "image_info" in obj
+
+
+def _samples(source: Path, root: Path) -> list[tuple[dict, str | None, list[tuple[str, Path]]]]:
+    """(row, caption or None, [(member extension prefix, image file)]) per sample of ``source``, checked
+    by the reader of its kind (UserError for a bad file): an annotations row is one sample with one
+    image; an interleaved document is one sample whose images are members ``KEY.0.jpg``, ``KEY.1.png``, ...
+    (its sentences are in the row's ``text_list``)."""
+    if is_documents(source):
+        from vlpgraph.nodes.datasets.interleaved import read_documents  # the one MMC4 reader
+
+        docs = read_documents(source, root)
+        lines = [json.loads(line) for line in source.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        return [(row, None, [(f"{i}.", path) for i, (path, _) in enumerate(doc.images)])
+                for row, doc in zip(lines, docs)]
+    records = read_annotations(source, root, want_boxes=False)
+    return [(row, r.caption, [("", r.image)]) for row, r in zip(raw_rows(source), records)]
 
 
 def pack(source: Path, out: Path, shard_size: int = 10_000, images: Path | None = None,
          log: Callable[[str], None] = print, track: Callable[[Iterable], Iterable] = lambda rows: rows) -> Packed:
-    """Writes the samples of the annotations file ``source`` (COCO-captions .json, .jsonl or .csv
-    manifest, as dataset.captions reads them; relative image paths against ``images``, default the
-    source's folder) into ``out/shard-000000.tar``, ... with ``shard_size`` samples each, in the
-    source's order. A sample whose image file is missing is written without an image, so that
-    dataset.captions counts it as missing exactly as it would in the folder; ``track`` wraps the
-    rows (a progress bar). UserError for a bad source, a bad ``shard_size`` or an ``out`` that already
-    holds shards."""
+    """Writes the samples of ``source`` into ``out/shard-000000.tar``, ... with ``shard_size`` samples
+    each, in the source's order: an annotations file (COCO-captions .json, .jsonl or .csv manifest, as
+    dataset.captions reads it: one sample per row) or an MMC4-style .jsonl of documents (as
+    dataset.interleaved reads it: one sample per document, its images ``KEY.0.jpg``, ``KEY.1.png``, ...
+    and the document in ``KEY.json``). Relative image paths resolve against ``images`` (default: the
+    source's folder). An image file that is missing is left out of its sample, so that the reader
+    counts it as missing exactly as it would in the folder; ``track`` wraps the samples (a progress
+    bar). UserError for a bad source, a bad ``shard_size`` or an ``out`` that already holds shards;
+    nothing is written then."""
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1 (got {shard_size})")
     if not source.exists():
@@ -177,33 +219,35 @@ def pack(source: Path, out: Path, shard_size: int = 10_000, images: Path | None 
     root = images if images is not None else source.parent
     if not root.is_dir():
         raise UserError(f"{root}: images folder not found")
-    records = read_annotations(source, root, want_boxes=False)  # every error of a bad source, one line each
-    rows = raw_rows(source)
-    assert len(rows) == len(records)
+    samples = _samples(source, root)
+    for n, (_, _, files) in enumerate(samples):
+        for _, path in files:
+            if path.suffix.lower().lstrip(".") not in IMAGE_EXTS:
+                raise UserError(f"{source}: sample {n + 1}: image {path.name} has an extension that is not an image "
+                                f"type WebDataset tools know ({', '.join(IMAGE_EXTS)})")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, expected a folder")
     if out.is_dir() and any(out.glob("shard-*.tar")):
         raise UserError(f"--out {out} already holds shards: choose a new folder (old shards would mix with the new)")
-    for record in records:  # before writing anything: a failed pack leaves no shards behind
-        if record.image.suffix.lower().lstrip(".") not in IMAGE_EXTS:
-            raise UserError(f"{source}: {record.where}: image {record.image.name} has an extension that is "
-                            f"not an image type WebDataset tools know ({', '.join(IMAGE_EXTS)})")
     out.mkdir(parents=True, exist_ok=True)
-    missing = 0
+    missing = n_images = 0
     # encoder=False: every member is bytes already; mtime 0: the same data packs into the same bytes
     with wds.ShardWriter(str(out / SHARD_NAME), maxcount=shard_size, verbose=0, encoder=False, mtime=0) as sink:
-        for n, (row, record) in enumerate(track(list(zip(rows, records)))):
-            sample = {"__key__": f"{n:09d}", "txt": record.caption.encode("utf-8"),
-                      "json": json.dumps(row, ensure_ascii=False).encode("utf-8")}
-            try:
-                sample[record.image.suffix.lower().lstrip(".")] = record.image.read_bytes()
-            except FileNotFoundError:
-                missing += 1
-            except OSError as e:
-                raise UserError(f"{record.image}: cannot read ({e})") from None
+        for n, (row, caption, files) in enumerate(track(samples)):
+            sample = {"__key__": f"{n:09d}", "json": json.dumps(row, ensure_ascii=False).encode("utf-8")}
+            if caption is not None:
+                sample["txt"] = caption.encode("utf-8")
+            for prefix, path in files:
+                n_images += 1
+                try:
+                    sample[prefix + path.suffix.lower().lstrip(".")] = path.read_bytes()
+                except FileNotFoundError:
+                    missing += 1
+                except OSError as e:
+                    raise UserError(f"{path}: cannot read ({e})") from None
             sink.write(sample)
         shards = sink.shard
     if missing:
-        log(f"warning: {source}: {missing} of {len(rows)} samples have no image file; they are packed without "
-            "one (dataset.captions counts them as missing images)")
-    return Packed(out=out, samples=len(rows), shards=shards, missing=missing)
+        log(f"warning: {source}: {missing} of {n_images} image files are missing; their samples are packed "
+            "without them (a reader counts them as missing images)")
+    return Packed(out=out, samples=len(samples), shards=shards, missing=missing)
