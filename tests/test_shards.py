@@ -47,7 +47,8 @@ def write_folder(root: Path, bad: bool = True) -> Path:
         elif not (bad and i == 3):
             Image.new("RGB", (40, 30), (10 * i, 255 - 10 * i, 128)).save(imgs / name)
         for c in range(2):
-            rows.append({"image": name, "caption": f"picture {i} caption {c}", "boxes": [[0, 0, 20, 15], [30, 20, 40, 30]]})
+            boxes = [[0, 0, 20, 15], [30, 20, 40, 30]]
+            rows.append({"image": name, "caption": f"picture {i} caption {c}", "boxes": boxes})
     (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with open(root / "m.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["image", "caption", "boxes"])
@@ -133,14 +134,14 @@ def test_a_corrupt_member_is_skipped_and_counted(tmp_path):
     rewrite_member(root / "sh" / "shard-000000.tar", "000000004.png", None)  # img_02's first copy
     logs: list[str] = []
     d = build(root, logs, **params, max_bad_fraction=0.1)
-    assert logs == [f"warning: {root / params['shards']}: skipped 2 of 20 images: img_02.png (missing), "
-                    f"img_06.png (unreadable: UnidentifiedImageError)"]
+    named = "img_02.png (missing), img_06.png (unreadable: UnidentifiedImageError)"
+    assert logs == [f"warning: {root / params['shards']}: skipped 2 of 20 images: {named}"]
     kept = d.train.captions + d.test.captions
     assert len(kept) == 36 and not any(c.startswith(("picture 2 ", "picture 6 ")) for c in kept)
     with pytest.raises(UserError) as e:
         build(root, **params, max_bad_fraction=0.05)
     assert str(e.value) == (f"{root / params['shards']}: 2 of 20 images are missing or unreadable, more than "
-                            "max_bad_fraction=0.05: img_02.png (missing), img_06.png (unreadable: UnidentifiedImageError)")
+                            f"max_bad_fraction=0.05: {named}")
 
 
 def test_a_truncated_shard_is_an_error_naming_it(tmp_path):
@@ -150,7 +151,8 @@ def test_a_truncated_shard_is_an_error_naming_it(tmp_path):
     whole = shard.read_bytes()
     for cut in (5000, 5120):  # inside a member, and at a header: both said, naming the shard
         shard.write_bytes(whole[:cut])
-        with pytest.raises(UserError, match=r"shard-000001.tar: (truncated shard|not a readable plain .tar shard \(unexpected end)"):
+        said = r"shard-000001.tar: (truncated shard|not a readable plain .tar shard \(unexpected end)"
+        with pytest.raises(UserError, match=said):
             build(root, shards="sh/shard-{000000..000001}.tar", test_size=4, image_size=16)
 
 
@@ -232,7 +234,8 @@ def test_pack_interleaved_documents_one_sample_each(tmp_path):
     assert len(logs) == 1 and "1 of 6 image files are missing" in logs[0]
     import webdataset as wds
 
-    got = list(wds.WebDataset(str(tmp_path / "sh" / "shard-{000000..000001}.tar"), shardshuffle=False, empty_check=False))
+    pattern = str(tmp_path / "sh" / "shard-{000000..000001}.tar")
+    got = list(wds.WebDataset(pattern, shardshuffle=False, empty_check=False))
     assert [json.loads(s["json"]) for s in got] == docs
     assert [sorted(k for k in s if not k.startswith("__") and k != "json") for s in got] == [
         ["0.png", "1.png"], ["0.png"], ["0.png", "1.png"]]

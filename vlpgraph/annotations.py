@@ -2,10 +2,11 @@
 
 Shared by the file-reading dataset kinds that take paired annotations: dataset.captions (its training
 and test splits) and dataset.unpaired (its paired test split). Node modules never import each other, so
-the reader lives here. WebDataset shards (vlpgraph/shards.py) hold the same rows, one JSON member per
-sample, and become records through the same checks (:func:`records_from_rows`). Formats: see dataset.captions. Bad files are ``UserError``s naming the file (and
+the reader lives here. Formats: see dataset.captions. Bad files are ``UserError``s naming the file (and
 the line or annotation); missing/unreadable images and empty captions are skipped and counted
-(:func:`drop_bad_images`, :func:`drop_empty_captions`) up to ``max_bad_fraction``.
+(:func:`drop_bad_images`, :func:`drop_empty_captions`) up to ``max_bad_fraction``. WebDataset shards
+(vlpgraph/shards.py) hold the same rows, one JSON member per sample, and become records through the
+same checks (:func:`records_from_rows`).
 """
 
 from __future__ import annotations
