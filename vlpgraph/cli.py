@@ -406,9 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(one sample per document)")
     sp.add_argument("source", help="the annotations file (.json COCO captions, .jsonl or .csv; a .jsonl whose "
                                    "objects have text_list and image_info is read as documents)")
-    sp.add_argument("--out", required=True, help="folder to write shard-000000.tar, ... into (new or empty)")
+    sp.add_argument("--out", required=True, metavar="DIR", help="folder to write shard-000000.tar, ... into (new or empty)")
     sp.add_argument("--shard-size", type=int, default=10_000, metavar="N", help="samples per shard (default 10000)")
-    sp.add_argument("--images", help="root folder of relative image paths (default: the source's folder)")
+    sp.add_argument("--images", metavar="DIR", help="root folder of relative image paths (default: the source's folder)")
     sp.set_defaults(fn=cmd_data_pack)
     return p
 
