@@ -156,6 +156,22 @@ def test_a_truncated_shard_is_an_error_naming_it(tmp_path):
             build(root, shards="sh/shard-{000000..000001}.tar", test_size=4, image_size=16)
 
 
+def test_shards_of_other_tools_image_and_txt_only(tmp_path):
+    """img2dataset-style samples (KEY.jpg + KEY.txt, no manifest row): caption from .txt, each image
+    its own (named by the key), so holding out by image holds out samples."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "web-0.tar")) as sink:
+        for i in range(6):
+            jpg = io.BytesIO()
+            Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(jpg, format="JPEG")
+            sink.write({"__key__": f"s{i:03d}", "jpg": jpg.getvalue(), "txt": f"web caption {i}"})
+    d = build(tmp_path, shards="web-0.tar", test_size=2, image_size=16)
+    assert d.train.captions == [f"web caption {i}" for i in range(4)]
+    assert d.test.captions == ["web caption 4", "web caption 5"]
+    assert d.test[1]["image"].shape == (3, 16, 16)
+
+
 def test_brace_patterns_expand_relative_to_the_graph_folder(tmp_path):
     for k in range(3):
         (tmp_path / f"s-{k:02d}.tar").write_bytes(b"")

@@ -37,7 +37,7 @@ from webdataset.tariterators import base_plus_ext
 from vlpgraph.annotations import Member, Record, raw_rows, read_annotations, records_from_rows
 from vlpgraph.checkpoints import resolve_path
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import image_problem
+from vlpgraph.imagefiles import image_problem, stats_fingerprint
 
 # member extensions taken as a sample's image, in this order of preference
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -108,14 +108,20 @@ def read_records(pattern: str, base_dir: Path | None, want_boxes: bool,
     rows: list[tuple] = []
     found: list[Member | None] = []
     problems: dict[Path, str] = {}
-    for path in expand(pattern, base_dir):
+    paths = expand(pattern, base_dir)
+    for path in paths:
         index = members(path)
+        keys: set[str] = set()  # a key twice in one shard would make its index entry ambiguous
         stream = wds.WebDataset([str(path)], shardshuffle=False, nodesplitter=None, workersplitter=None,
                                 empty_check=False)
         try:
             for sample in stream:
                 key = sample["__key__"]
                 where = f"{path.name} sample {key}"
+                if key in keys:
+                    raise UserError(f"{source}: {where}: the key appears twice in the shard (its files must "
+                                    "be consecutive: a sample is the run of files sharing a key)")
+                keys.add(key)
                 row = json.loads(sample["json"]) if "json" in sample else {}
                 if not isinstance(row, dict):
                     raise UserError(f"{source}: {where}: its .json member is not a JSON object")
@@ -137,7 +143,7 @@ def read_records(pattern: str, base_dir: Path | None, want_boxes: bool,
         except (tarfile.TarError, ValueError, OSError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not a readable WebDataset shard ({type(e).__name__}: {e})") from None
     if not rows:
-        raise UserError(f"{source}: no samples in {len(found)} shard(s)")
+        raise UserError(f"{source}: no samples in {len(paths)} shard(s)")
     return records_from_rows(rows, source, None, want_boxes, label_column, found), problems, source
 
 
@@ -145,8 +151,6 @@ def fingerprint(pattern: str, base_dir: Path | None) -> dict:
     """Part of a data node's hash: ``shards`` (a hash of each shard's name, size and mtime, like
     imagefiles.stats_fingerprint for image files: a rewritten shard is new data) and ``n_shards``;
     ``shards: "missing"`` when the pattern's files are not all there (build says which)."""
-    from vlpgraph.imagefiles import stats_fingerprint
-
     try:
         paths = expand(pattern, base_dir)
     except UserError:
