@@ -37,9 +37,9 @@ from pydantic import Field
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from vlpgraph import shards
 # The reader is shared with dataset.unpaired's test split (vlpgraph/annotations.py); its names stay importable here.
 from vlpgraph.annotations import Record, _fail, drop_bad_images, drop_empty_captions, read_annotations  # noqa: F401
-from vlpgraph import shards
 from vlpgraph.checkpoints import resolve_path, sha256_of
 from vlpgraph.errors import UserError
 from vlpgraph.imagefiles import stats_fingerprint, to_rgb
