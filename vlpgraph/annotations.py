@@ -4,27 +4,51 @@ Shared by the file-reading dataset kinds that take paired annotations: dataset.c
 and test splits) and dataset.unpaired (its paired test split). Node modules never import each other, so
 the reader lives here. Formats: see dataset.captions. Bad files are ``UserError``s naming the file (and
 the line or annotation); missing/unreadable images and empty captions are skipped and counted
-(:func:`drop_bad_images`, :func:`drop_empty_captions`) up to ``max_bad_fraction``.
+(:func:`drop_bad_images`, :func:`drop_empty_captions`) up to ``max_bad_fraction``. WebDataset shards
+(vlpgraph/shards.py) hold the same rows, one JSON member per sample, and become records through the
+same checks (:func:`records_from_rows`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import bad_images
+from vlpgraph.imagefiles import bad_images, skip_bad_images
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where one file of a WebDataset shard lies: ``size`` bytes at ``offset`` of the plain tar ``shard``."""
+
+    shard: str
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
 
 
 @dataclass
 class Record:
-    image: Path
+    image: Path  # the image file; for a shard sample, the image's name (its group for holding out by image)
     caption: str
     boxes: list[list[float]] | None
     where: str = ""  # where in the annotations file, for messages ("line 4", "annotation 3")
     label: str | None = None  # the label column's class name (None: no label)
+    member: Member | None = None  # a shard sample's image bytes (None: read the file ``image``)
+
+    def open_image(self):
+        """The image, opened by PIL (a context manager), from its file or its shard member."""
+        return Image.open(io.BytesIO(self.member.read()) if self.member is not None else self.image)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -173,16 +197,24 @@ def read_annotations(path: Path, images_root: Path, want_boxes: bool, label_colu
         rows = _rows_jsonl(path, text, want_boxes, label_column)
     else:
         rows = _rows_csv(path, text, want_boxes, label_column)
+    return records_from_rows(rows, path, images_root, want_boxes, label_column)
+
+
+def records_from_rows(rows: list[tuple], path: Path | str, images_root: Path | None, want_boxes: bool,
+                      label_column: str | None, members: list[Member | None] | None = None) -> list[Record]:
+    """Records of ``rows`` ((image, caption, boxes, where, label) each), checked: ``path`` names the
+    source in errors; relative image paths resolve against ``images_root`` (None: kept as they are, the
+    names of shard samples, whose bytes are ``members``, one per row)."""
     records = []
     paths: dict[str, Path] = {}  # one Path per image (COCO has ~5 captions an image; Path() is slow)
-    for image, caption, boxes, where, label in rows:
+    for n, (image, caption, boxes, where, label) in enumerate(rows):
         if not isinstance(image, str) or not image.strip():
             raise _fail(path, f"{where}: 'image' must be a non-empty path")
         if not isinstance(caption, str):
             raise _fail(path, f"{where}: 'caption' must be a string")
         if image not in paths:
             img = Path(image)
-            paths[image] = img if img.is_absolute() else images_root / img
+            paths[image] = img if img.is_absolute() or images_root is None else images_root / img
         records.append(
             Record(
                 image=paths[image],
@@ -190,6 +222,7 @@ def read_annotations(path: Path, images_root: Path, want_boxes: bool, label_colu
                 boxes=_parse_boxes(boxes, path, where) if want_boxes else None,
                 where=where,
                 label=_parse_label(label, path, where, label_column) if label_column else None,
+                member=members[n] if members is not None else None,
             )
         )
     if not records:
@@ -197,10 +230,36 @@ def read_annotations(path: Path, images_root: Path, want_boxes: bool, label_colu
     return records
 
 
-def drop_bad_images(records: list[Record], ann: Path, max_bad_fraction: float, log) -> list[Record]:
+def raw_rows(path: Path) -> list[dict]:
+    """Every row of an annotations file with all its columns, for ``vlpgraph data pack`` (call
+    :func:`read_annotations` first: it reports a bad file). A COCO row is its annotation's keys over its
+    image entry's (so an annotation's ``boxes`` or label wins, as when reading), ``image`` the file name."""
+    text = path.read_text(encoding="utf-8-sig")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = json.loads(text)
+        images = {im["id"]: im for im in data["images"]}
+        rows = []
+        for a in data["annotations"]:
+            im = images[a["image_id"]]
+            extra = {k: v for k, v in im.items() if k not in ("id", "file_name")}
+            rows.append({**extra, **{k: v for k, v in a.items() if k != "image_id"}, "image": im["file_name"]})
+        return rows
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [dict(r) for r in csv.DictReader(text.splitlines())]
+
+
+def drop_bad_images(records: list[Record], ann: Path, max_bad_fraction: float, log,
+                    problems: dict[Path, str] | None = None) -> list[Record]:
     """Records whose image exists and opens; more than ``max_bad_fraction`` bad images is an error
-    (:func:`vlpgraph.imagefiles.bad_images`)."""
-    bad = bad_images((r.image for r in records), ann, max_bad_fraction, log)
+    (:func:`vlpgraph.imagefiles.bad_images`). ``problems`` ({image: why}) when they are known already
+    (shard samples are checked as they stream past): then no file is opened here."""
+    if problems is None:
+        bad = bad_images((r.image for r in records), ann, max_bad_fraction, log)
+    else:
+        bad = problems
+        skip_bad_images(bad, len({r.image for r in records}), ann, max_bad_fraction, log)
     return [r for r in records if r.image not in bad] if bad else records
 
 

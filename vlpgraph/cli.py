@@ -320,6 +320,24 @@ def cmd_app(args, out: Console, err: Console) -> int:
     return 0  # not reached
 
 
+def cmd_data_pack(args, out: Console, err: Console) -> int:
+    """``vlpgraph data pack SOURCE --out DIR``: WebDataset shards of an annotations file (vlpgraph/shards.py)."""
+    from rich.progress import track
+
+    from vlpgraph.shards import pack
+
+    source = Path(args.source).expanduser()
+    images = Path(args.images).expanduser() if args.images else None
+    packed = pack(source, Path(args.out).expanduser(), args.shard_size, images,
+                  log=lambda line: err.print(line, highlight=False, markup=False),
+                  track=lambda rows: track(rows, description="packing", console=err, transient=True))
+    err.print(f"wrote {packed.samples} sample(s) in {packed.shards} shard(s)"
+              + (f" ({packed.missing} image file(s) missing)" if packed.missing else ""), highlight=False)
+    # the one line on stdout: what dataset.captions' shards param takes
+    out.print(packed.pattern, highlight=False, markup=False)
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 
 
@@ -379,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the store to the network)")
     sp.set_defaults(fn=cmd_app)
+
+    sp = sub.add_parser("data", help="prepare data: `data pack` writes WebDataset shards")
+    data = sp.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
+    sp = data.add_parser("pack", help="write WebDataset .tar shards (for dataset.captions' shards param) from a "
+                                      "COCO-captions .json or a .jsonl/.csv manifest with image and caption columns "
+                                      "(one sample per row), or from an MMC4-style .jsonl of interleaved documents "
+                                      "(one sample per document)")
+    sp.add_argument("source", help="the annotations file (.json COCO captions, .jsonl or .csv; a .jsonl whose "
+                                   "objects have text_list and image_info is read as documents)")
+    sp.add_argument("--out", required=True, metavar="DIR", help="folder to write shard-000000.tar, ... into (new or empty)")
+    sp.add_argument("--shard-size", type=int, default=10_000, metavar="N", help="samples per shard (default 10000)")
+    sp.add_argument("--images", metavar="DIR", help="root folder of relative image paths (default: the source's folder)")
+    sp.set_defaults(fn=cmd_data_pack)
     return p
 
 

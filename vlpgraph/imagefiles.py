@@ -7,6 +7,7 @@ images the same way (param ``max_bad_fraction``) and fail with the same message 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Iterable
@@ -48,9 +49,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def image_problem(path: Path) -> str | None:
-    """None when ``path`` is a file PIL can open and verify, else why not ("missing", "unreadable: ...")."""
-    if not path.is_file():
+def image_problem(path: Path | io.BytesIO | None) -> str | None:
+    """None when ``path`` is a file (or in-memory bytes, e.g. a shard member) PIL can open and verify,
+    else why not ("missing", "unreadable: ..."); None stands for an image that is not there."""
+    if path is None or (isinstance(path, Path) and not path.is_file()):
         return "missing"
     try:
         with Image.open(path) as im:
@@ -63,15 +65,18 @@ def image_problem(path: Path) -> str | None:
 def bad_images(images: Iterable[Path], ann: Path, max_bad_fraction: float, log) -> dict[Path, str]:
     """{image: why} for the missing or unreadable ones among ``images`` (each checked once), logged as a
     warning naming them; more than ``max_bad_fraction`` of the distinct images is a ``UserError``."""
-    problems = {}
     distinct = list(dict.fromkeys(images))
-    for img in distinct:
-        why = image_problem(img)
-        if why:
-            problems[img] = why
+    problems = {img: why for img in distinct if (why := image_problem(img))}
+    skip_bad_images(problems, len(distinct), ann, max_bad_fraction, log)
+    return problems
+
+
+def skip_bad_images(problems: dict[Path, str], n_images: int, ann: Path | str, max_bad_fraction: float, log) -> None:
+    """Says that the images of ``problems`` ({image: why}, named by file name) of ``n_images`` are skipped
+    (a warning through ``log``), or raises ``UserError`` when they are more than ``max_bad_fraction`` of
+    them: the one wording for every reader (image folders, WebDataset shards)."""
     if not problems:
-        return problems
-    n_images = len(distinct)
+        return
     names = ", ".join(f"{p.name} ({why})" for p, why in list(problems.items())[:5])
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
     if len(problems) > max_bad_fraction * n_images:
@@ -80,7 +85,6 @@ def bad_images(images: Iterable[Path], ann: Path, max_bad_fraction: float, log) 
             f"more than max_bad_fraction={max_bad_fraction}: {names}{more}"
         )
     log(f"warning: {ann}: skipped {len(problems)} of {n_images} images: {names}{more}")
-    return problems
 
 
 def stats_fingerprint(images: Iterable[Path], root: Path) -> str:

@@ -1,4 +1,5 @@
-"""``dataset.captions``: real image-caption data from a COCO-captions JSON or a JSONL/CSV manifest.
+"""``dataset.captions``: real image-caption data from a COCO-captions JSON, a JSONL/CSV manifest, or
+WebDataset shards.
 
 Formats (chosen by the file's suffix):
 
@@ -11,10 +12,17 @@ Boxes are ``[[x0, y0, x1, y1], ...]`` in pixels of the original image. With ``la
 column (an annotation's or its image entry's key in COCO) holds each sample's class name (a string or an
 integer; empty or absent: no label).
 
+Shards (param ``shards``, e.g. ``data/shard-{000000..000009}.tar``) are plain ``.tar`` files that
+``vlpgraph data pack`` writes from any of those formats (vlpgraph/shards.py): one sample per row, its
+image's bytes, caption and row. They give the same samples, in the same order, as the folder they
+were packed from (so the same sample ids, held-out split and batches), with bad images skipped and
+counted the same way.
+
 Relative paths in the params resolve against the graph file's folder. The node's identity covers
 what it reads: a content hash of each annotations file and a fingerprint of the images they name
-(relative path, size and modification time of each, no decoding), so an edited manifest or replaced
-images make a new trial rather than a stale "already completed".
+(relative path, size and modification time of each, no decoding), or the same fingerprint of the
+shard files, so an edited manifest, replaced images or rewritten shards make a new trial rather
+than a stale "already completed".
 """
 
 from __future__ import annotations
@@ -25,11 +33,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from PIL import Image
 from pydantic import Field
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from vlpgraph import shards
 # The reader is shared with dataset.unpaired's test split (vlpgraph/annotations.py); its names stay importable here.
 from vlpgraph.annotations import Record, _fail, drop_bad_images, drop_empty_captions, read_annotations  # noqa: F401
 from vlpgraph.checkpoints import resolve_path, sha256_of
@@ -44,8 +52,8 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 class CaptionsParams(Params):
     annotations: str = Field(
-        description="COCO-captions .json, or a .jsonl/.csv manifest with 'image' and 'caption' columns "
-        "(a relative path is relative to the graph file's folder)"
+        "", description="COCO-captions .json, or a .jsonl/.csv manifest with 'image' and 'caption' columns "
+        "(a relative path is relative to the graph file's folder); set this or shards"
     )
     images: str = Field("", description="root folder of relative image paths (default: the annotations' folder; "
                         "a relative path is relative to the graph file's folder)")
@@ -53,7 +61,16 @@ class CaptionsParams(Params):
         None, description="annotations of the test split (default: hold out the last test_size samples; "
         "a relative path is relative to the graph file's folder)"
     )
-    test_size: int = Field(100, ge=1, description="samples held out for test when test_annotations is unset")
+    shards: str = Field(
+        "", description="WebDataset .tar shards instead of annotations + images, as `vlpgraph data pack` writes "
+        "them: a path or brace pattern (data/shard-{000000..000009}.tar; several joined by '::'), relative "
+        "to the graph file's folder; read by index, so a resumed run replays the same batches"
+    )
+    test_shards: str = Field(
+        "", description="shards of the test split (default: hold out the last test_size samples of shards)"
+    )
+    test_size: int = Field(100, ge=1, description="samples held out for test when test_annotations / test_shards "
+                           "is unset")
     image_size: int = Field(224, ge=16, le=4096, description="side of the square images fed to the model")
     random_resized_crop_scale: tuple[float, float] = Field(
         (0.5, 1.0), description="area range of the training random-resized crop"
@@ -72,10 +89,19 @@ class CaptionsParams(Params):
     )
 
     def problems(self) -> list[tuple[str, str]]:
+        out = []
         lo, hi = self.random_resized_crop_scale
         if not 0 < lo <= hi <= 1:
-            return [("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])")]
-        return []
+            out.append(("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])"))
+        if bool(self.annotations) == bool(self.shards):
+            out.append(("annotations", "set either annotations (a manifest and its images) or shards (WebDataset "
+                        ".tar files), not " + ("both" if self.shards else "neither")))
+        if self.shards:  # a shard holds its images and rows: the folder params mean nothing with it
+            out += [(name, "is for annotations; with shards use test_shards for the test split")
+                    for name in ("images", "test_annotations") if getattr(self, name)]
+        elif self.test_shards:
+            out.append(("test_shards", "needs shards (with annotations, use test_annotations)"))
+        return out
 
 
 def hold_out_by_image(records: list[Record], test_size: int, path: Path) -> tuple[list[Record], list[Record]]:
@@ -124,7 +150,7 @@ class CaptionSplit(torch.utils.data.Dataset):
 
     def _item(self, i: int) -> dict:
         r = self.records[i]
-        with Image.open(r.image) as im:
+        with r.open_image() as im:  # an image file, or a shard member read in place
             image = to_rgb(im)
         if not self.with_boxes:
             img = self.transform(image)
@@ -260,7 +286,13 @@ def fingerprint(p: CaptionsParams, base_dir: Path) -> dict:
     """Part of the node's hash: ``annotations`` (a content hash of the file), ``rows``, ``images``
     (a fingerprint of the images it names), ``n_images``, and the same with ``test_`` for
     ``test_annotations``; ``annotations: "missing"`` when the file is not there. The paths themselves are not in it, so the same files
-    reached from another working directory are the same data."""
+    reached from another working directory are the same data. With ``shards``: ``shards`` (a fingerprint
+    of the shard files' names, sizes and mtimes) and ``n_shards``, and the same with ``test_``."""
+    if p.shards:
+        out = shards.fingerprint(p.shards, base_dir)
+        if p.test_shards:
+            out.update({f"test_{k}": v for k, v in shards.fingerprint(p.test_shards, base_dir).items()})
+        return out
     ann, root, test_ann, test_root = resolve_paths(p, base_dir)
     out = {}
     for prefix, path, r in (("", ann, root), ("test_", test_ann, test_root)):
@@ -279,6 +311,8 @@ def facts(p: CaptionsParams, base_dir: Path) -> dict:
     """Upper bounds of the split sizes, counted from the annotations (images are not opened, and
     unreadable ones are dropped at build, hence ``at_most``); only image_size when they do not parse."""
     out: dict = {"image_size": p.image_size}
+    if p.shards:
+        return out | _shard_facts(p, base_dir)
     ann, root, test_ann, test_root = resolve_paths(p, base_dir)
     info = scan(ann, root, p.boxes, images=False)
     if "rows" not in info:
@@ -303,6 +337,22 @@ def facts(p: CaptionsParams, base_dir: Path) -> dict:
     return out
 
 
+def _shard_facts(p: CaptionsParams, base_dir: Path) -> dict:
+    """Upper bounds of the split sizes from the shards' tar headers (no sample is read): the test split
+    holds at least min(test_size, rows) samples when it is held out, at most every row."""
+    try:
+        n = shards.count_samples(shards.expand(p.shards, base_dir))
+        n_test = shards.count_samples(shards.expand(p.test_shards, base_dir)) if p.test_shards else None
+    except UserError:
+        return {}  # build reports it
+    if n_test is None:
+        n_test, n_train = n, n - min(p.test_size, n)
+    else:
+        n_train = n
+    return {"train_size": max(0, math.ceil(round(p.train_fraction * n_train, 6))), "test_size": n_test,
+            "at_most": True}
+
+
 @register("dataset.captions", params=CaptionsParams, output=PairedData, provides=_provides,
           fingerprint=fingerprint, facts=facts)
 def build(params: CaptionsParams, inputs: dict, ctx: BuildContext) -> PairedData:
@@ -325,15 +375,34 @@ def build(params: CaptionsParams, inputs: dict, ctx: BuildContext) -> PairedData
     integer) as an index into ``class_names``, the names found in the whole training split sorted
     (by value when all are integers; every train_fraction shares them), -1 where a sample has none; a test label never seen in
     training is an error that lists them. The column's content is covered by the annotations' hash.
+
+    With ``shards`` (WebDataset .tar files from ``vlpgraph data pack``; brace patterns, local paths)
+    instead of ``annotations``, every sample is streamed once at build (webdataset) and checked like a
+    folder's (same warnings, same ``max_bad_fraction``); training then reads the images in place by
+    index, so the samples, sample ids, test split and batches are those of the packed folder, and a
+    run resumed from a checkpoint replays the batches of an uninterrupted one (the trainer's data
+    position is its step). ``test_shards`` is the test split (default: held out as above).
     """
-    ann, root, test_ann, test_root = resolve_paths(params, ctx.base_dir)
-    records = read_annotations(ann, root, params.boxes, params.label_column)
-    records = drop_empty_captions(records, ann, params.max_bad_fraction, ctx.log)
-    records = drop_bad_images(records, ann, params.max_bad_fraction, ctx.log)
-    if test_ann is not None:
-        test_records = read_annotations(test_ann, test_root, params.boxes, params.label_column)
-        test_records = drop_empty_captions(test_records, test_ann, params.max_bad_fraction, ctx.log)
-        test_records = drop_bad_images(test_records, test_ann, params.max_bad_fraction, ctx.log)
+    p = params
+
+    def read(source: str, test: bool) -> tuple[list[Record], Path]:
+        """Usable records of the annotations file or shards, and the path that names them in messages."""
+        if p.shards:
+            records, problems, named = shards.read_records(source, ctx.base_dir, p.boxes, p.label_column)
+        else:
+            ann, root, test_ann, test_root = resolve_paths(p, ctx.base_dir)
+            named, problems = (test_ann if test else ann), None  # None: drop_bad_images opens the files
+            records = read_annotations(named, test_root if test else root, p.boxes, p.label_column)
+        records = drop_empty_captions(records, named, p.max_bad_fraction, ctx.log)
+        if problems:  # a shard's images were checked as they streamed past: those of the records kept
+            kept = {r.image for r in records}
+            problems = {img: why for img, why in problems.items() if img in kept}
+        return drop_bad_images(records, named, p.max_bad_fraction, ctx.log, problems), named
+
+    records, ann = read(p.shards or p.annotations, test=False)
+    test_source = p.test_shards if p.shards else p.test_annotations
+    if test_source:
+        test_records, _ = read(test_source, test=True)
         train_records = records
     else:
         train_records, test_records = hold_out_by_image(records, params.test_size, ann)
