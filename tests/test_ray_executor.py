@@ -134,16 +134,25 @@ def test_a_ray_sweep_completes_every_trial_once_and_equals_the_sequential_store(
 
 
 def _worker_pids(name: str = "run_trial") -> list[int]:
-    """This test's Ray workers (descendants of this process) now running a ``name`` task."""
-    import psutil
+    """This test's Ray workers (descendants of this process) now running a ``name`` task (Ray sets
+    a busy worker's process title to ``ray::<task>``). Linux /proc."""
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
     out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if any(f"ray::{name}" in part for part in p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
             continue
+        try:
+            if f"ray::{name}" not in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                continue
+            pid = int(entry.name)
+            while pid > 1 and pid != os.getpid():
+                pid = parent(pid)
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+        if pid == os.getpid():
+            out.append(int(entry.name))
     return out
 
 
