@@ -156,6 +156,7 @@ def _worker_pids(name: str = "run_trial") -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_a_killed_worker_costs_only_the_steps_since_its_checkpoint(tmp_path, ray_local, capsys):
     graph = tiny_graph(tmp_path, ckpt=8, epochs=6)  # 96 steps, a checkpoint every 8
     [rid] = (t.run_id for t in load_experiment(graph).trials)

@@ -22,7 +22,7 @@ The message protocol (tuples in the mailbox, in the order one worker produced th
   ``method`` is one of ``WORKER_WRITES`` (start_run, finish_run, log_metrics, delete_metrics_after,
   log_evaluation, set_document). Every one of them replaces by key, so a retried trial writes the
   same rows again, never beside the old ones.
-- ``("step", run_id, step, total, loss, samples_per_s)``: move the trial's progress bar.
+- ``("step", run_id, step, total, loss, samples_per_s, batch_size)``: move the trial's progress bar.
 - ``("note", run_id, text)``: a line for the user (resuming from a checkpoint, a warning).
 
 A worker's put returns once the mailbox holds the message, so when a task's result is ready every
@@ -51,7 +51,7 @@ import torch
 from rich.console import Console
 
 from vlpgraph.errors import UserError
-from vlpgraph.runner import Runner, TrialOutcome, resolve_device, trial_label, trial_progress
+from vlpgraph.runner import Runner, TrialOutcome, resolve_device, step_display, trial_label, trial_progress
 from vlpgraph.store import Store
 from vlpgraph.sweep import Experiment, Trial
 from vlpgraph.train import Checkpointer
@@ -187,14 +187,14 @@ class WorkerRunner(Runner):
         return _FlushingCheckpointer(self.proxy, super()._checkpointer(run_id).dir)
 
     def _step_reporter(self, plan, progress, task):
-        last = [0.0]
+        last, batch = [0.0], plan.model.params.batch_size
 
         def on_step(step: int, total: int, loss: float, sps: float) -> None:
             # a put is a round trip to the mailbox actor: a few a second are enough for a progress bar
             now = time.monotonic()
             if now - last[0] >= 0.25 or step == total:
                 last[0] = now
-                self.proxy.send(("step", self._run_id, step, total, loss, sps))
+                self.proxy.send(("step", self._run_id, step, total, loss, sps, batch))
 
         return on_step
 
@@ -252,11 +252,14 @@ class RayExecutor:
         self.runner = runner
         self.store: Store = runner.store
         self.console = runner.console
-        self.device_name = device_name
+        # where a worker trains: --device auto means the GPU Ray gave the task (it sets CUDA_VISIBLE_DEVICES),
+        # or the CPU when a trial asks for none (never a GPU that Ray did not hand out)
+        self.device_name = ("cuda" if resources.gpu else "cpu") if device_name == "auto" else device_name
         self.address = address
         self.jobs = jobs
         self.resources = resources
         self.max_retries = max_retries
+        self._shown: dict[str, object] = {}  # run_id -> its step_display
 
     # -------------------------------------------------------------------------------- cluster
 
@@ -280,8 +283,8 @@ class RayExecutor:
             fits.append(total.get("GPU", 0.0) / self.resources.gpu)
         n = int(min(fits) + 1e-9)
         if n < 1:
-            raise UserError(f"--trial-resources cpu={self.resources.cpu:g},gpu={self.resources.gpu:g}: no node of this Ray "
-                            f"cluster has that much (it has {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)")
+            raise UserError(f"--trial-resources cpu={self.resources.cpu:g},gpu={self.resources.gpu:g}: this Ray cluster "
+                            f"cannot fit one trial (it has {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU)")
         return n
 
     # -------------------------------------------------------------------------------- the sweep
@@ -322,7 +325,7 @@ class RayExecutor:
         marker = str((marker_dir / "driver").relative_to(store.root))
         threads = max(1, int(self.resources.cpu))
         pending = list(exp.trials)
-        running: dict = {}  # ObjectRef -> (trial, progress task id, started at)
+        running: dict = {}  # ObjectRef -> (trial, when it was submitted)
         bars: dict[str, int] = {}  # run_id -> progress task id
         outcomes: list[TrialOutcome] = []
         announced: dict[str, str] = {}
@@ -372,6 +375,7 @@ class RayExecutor:
                     beating.discard(trial.run_id)
                     store.release(trial.run_id, runner.owner)
                     progress.update(bars.pop(trial.run_id), visible=False)
+                    self._shown.pop(trial.run_id, None)
                     outcomes.append(outcome)
                     runner._print_outcome(number[trial.run_id], n, outcome)
             self._drain(mailbox, progress, bars)
@@ -400,8 +404,8 @@ class RayExecutor:
     def _drain(self, mailbox, progress, bars: dict[str, int]) -> None:
         """Apply every message waiting in the mailbox, in order (the driver is the store's one
         writer), then tell the mailbox how far it got (a worker about to checkpoint waits for that)."""
-        through, batch = self.ray.get(mailbox.take.remote())
-        for msg in batch:
+        through, messages = self.ray.get(mailbox.take.remote())
+        for msg in messages:
             kind, run_id = msg[0], msg[1]
             if kind == "store":
                 method, args, kwargs = msg[2], msg[3], msg[4]
@@ -409,11 +413,14 @@ class RayExecutor:
                     raise RuntimeError(f"a Ray worker asked the driver for Store.{method}: not a worker's write")
                 getattr(self.store, method)(*args, **kwargs)
             elif kind == "step" and run_id in bars:
-                step, total, loss, sps = msg[2:]
-                progress.update(bars[run_id], completed=step, total=total, loss=f"{loss:.3f}", sps=f"{sps:.0f}")
+                step, total, loss, sps, batch = msg[2:]
+                if run_id not in self._shown:
+                    self._shown[run_id] = step_display(progress, bars[run_id], batch, self.console,
+                                                       plain=not self.console.is_terminal)
+                self._shown[run_id](step, total, loss, sps)
             elif kind == "note":
                 self.runner._log(msg[2])
-        if batch:
+        if messages:
             mailbox.applied.remote(through)
 
 

@@ -113,6 +113,22 @@ def trial_progress(console: Console, disable: bool = False) -> Progress:
     )
 
 
+def step_display(progress: Progress, task, batch: int, console: Console, plain: bool) -> Callable[[int, int, float, float], None]:
+    """on_step(step, total, loss, samples_per_s) for one trial: moves its bar in ``progress`` and,
+    when ``plain`` (logs and CI, where the console is no terminal), prints a line per 10%."""
+    label = next(t.fields["trial"] for t in progress.tasks if t.id == task)
+    next_line = [0]
+
+    def on_step(step: int, total: int, loss: float, sps: float) -> None:
+        progress.update(task, completed=step, total=total, loss=f"{loss:.3f}", sps=f"{sps:.0f}")
+        if plain and (step >= next_line[0] or step == total):
+            next_line[0] = step + max(1, total // 10)
+            eta = (total - step) * batch / max(sps, 1e-9)
+            console.print(f"  trial {label}: step {step}/{total} loss {loss:.3f} {sps:.0f} samples/s ETA {eta:.0f}s", highlight=False)
+
+    return on_step
+
+
 class Runner:
     def __init__(self, store: Store, device: torch.device, console: Console | None = None, rank: int = 0):
         self.store = store
@@ -366,21 +382,9 @@ class Runner:
         return (final, None) if problem is None else (None, problem)
 
     def _step_reporter(self, plan: Plan, progress: Progress, task) -> Callable[[int, int, float, float], None]:
-        """The training loop's on_step: moves the trial's progress bar (and prints a plain line per
-        10% where the console is no terminal). A Ray worker sends its steps to the driver instead."""
-        label = next(t.fields["trial"] for t in progress.tasks if t.id == task)
-        batch = plan.model.params.batch_size
-        plain = self.rank == 0 and not self.console.is_terminal  # logs and CI: a plain line per 10%
-        next_line = [0]
-
-        def on_step(step: int, total: int, loss: float, sps: float) -> None:
-            progress.update(task, completed=step, total=total, loss=f"{loss:.3f}", sps=f"{sps:.0f}")
-            if plain and (step >= next_line[0] or step == total):
-                next_line[0] = step + max(1, total // 10)
-                eta = (total - step) * batch / max(sps, 1e-9)
-                self.console.print(f"  trial {label}: step {step}/{total} loss {loss:.3f} {sps:.0f} samples/s ETA {eta:.0f}s", highlight=False)
-
-        return on_step
+        """The training loop's on_step (see step_display). A Ray worker sends its steps to the driver instead."""
+        return step_display(progress, task, plan.model.params.batch_size, self.console,
+                            plain=self.rank == 0 and not self.console.is_terminal)
 
     def _should_stop_training(self) -> bool:
         """Polled after every training step: True makes the loop checkpoint and raise Interrupted."""
