@@ -180,6 +180,7 @@ def test_a_killed_worker_costs_only_the_steps_since_its_checkpoint(tmp_path, ray
         [pid] = _worker_pids()
         os.kill(pid, signal.SIGKILL)
         last = int(Checkpointer(ckpts).latest().name.removeprefix("step-"))  # the dead worker writes no more
+        at_kill = _counts(store_dir)
     finally:
         driver.join(timeout=300)
     assert done == [0]
@@ -191,6 +192,7 @@ def test_a_killed_worker_costs_only_the_steps_since_its_checkpoint(tmp_path, ray
     # resume is exact and rows are keyed: the store equals an uninterrupted run's, nothing duplicated or lost
     assert _metrics(store_dir) == _metrics(seq_store)
     assert _counts(store_dir) == _counts(seq_store)
+    print(f"worker killed after checkpoint {last}: row counts then {at_kill}, after the retry {_counts(store_dir)}")
 
 
 @pytest.mark.slow
