@@ -234,3 +234,30 @@ def test_a_killed_driver_leaves_a_store_the_same_command_resumes(tmp_path):
     assert main(["run", str(graph), "--store", str(tmp_path / "seq")]) == 0
     assert _metrics(store_dir) == _metrics(tmp_path / "seq")
     assert _counts(store_dir) == _counts(tmp_path / "seq")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_ray_trials_at_a_checkpoint_and_the_rerun_resumes_them(tmp_path):
+    graph = tiny_graph(tmp_path, ckpt=0, epochs=16, more="sweep:\n  seeds: [0, 1]\n")  # 2 trials of 256 steps
+    ids = [t.run_id for t in load_experiment(graph).trials]
+    store = Store(tmp_path / "store")
+    cmd = [*CLI, "run", str(graph), "--store", str(store.root), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (store.exists() and all(((store.run(r) or {}).get("step") or 0) >= 3 for r in ids)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be stopped"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    runs = {r: store.run(r) for r in ids}
+    assert all(run["status"] == "interrupted" and 3 <= run["step"] < 256 for run in runs.values()), runs
+    rerun = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for r, run in runs.items():  # stopped at a checkpoint of the step it had reached: nothing trained twice
+        assert f"resuming {r} from its checkpoint at step {run['step']}" in rerun.stderr
+        assert store.status(r) == "completed"

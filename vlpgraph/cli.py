@@ -107,13 +107,15 @@ def cmd_run(args, out: Console, err: Console) -> int:
             err.print(line, highlight=False, markup=False)
     runner = Runner(store, device, err, rank=rank)
     try:
-        with stop_on_signals(runner):  # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
-            if ray_executor is None:
+        if ray_executor is None:
+            with stop_on_signals(runner):  # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
                 outcomes = runner.run(exp)
-            else:
-                from vlpgraph.executors import RayExecutor
+        else:
+            from vlpgraph.executors import RayExecutor
 
-                outcomes = RayExecutor(runner, args.device, **ray_executor).run(exp)
+            # Ray first: ray.init installs a SIGTERM handler of its own, which ours must replace
+            with RayExecutor(runner, args.device, **ray_executor) as executor, stop_on_signals(runner):
+                outcomes = executor.run(exp)
     finally:
         shutdown_distributed()
     by_status = {s: [o for o in outcomes if o.status == s] for s in ("failed", "interrupted")}

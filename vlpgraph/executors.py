@@ -289,26 +289,32 @@ class RayExecutor:
 
     # -------------------------------------------------------------------------------- the sweep
 
+    def __enter__(self) -> "RayExecutor":
+        """Join or start Ray, and leave the marker file workers look for. Enter it before
+        ``stop_on_signals``: ray.init installs its own SIGTERM handler, which would end the driver
+        at once instead of stopping the trials at a checkpoint."""
+        self._started = self._connect()
+        self._marker_dir = self.store.root / MARKER_DIR / secrets.token_hex(4)
+        self._marker_dir.mkdir(parents=True, exist_ok=True)
+        (self._marker_dir / "driver").write_text(f"{self.runner.owner}\n")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in ("driver", "stop"):
+            (self._marker_dir / f).unlink(missing_ok=True)
+        try:
+            self._marker_dir.rmdir()
+        except OSError:
+            pass
+        if self._started:
+            self.ray.shutdown()
+
     def run(self, exp: Experiment) -> list[TrialOutcome]:
         """Run every trial not yet done; one outcome per trial this driver finished or skipped, in
         the order they ended (as ``Runner.run``). Stops early after ``runner.request_stop``: running
-        trials checkpoint and are recorded as interrupted, the others stay queued."""
-        ray, runner = self.ray, self.runner
-        started = self._connect()
-        marker_dir = self.store.root / MARKER_DIR / secrets.token_hex(4)
-        try:
-            marker_dir.mkdir(parents=True, exist_ok=True)
-            (marker_dir / "driver").write_text(f"{runner.owner}\n")
-            return self._sweep(exp, marker_dir)
-        finally:
-            for f in ("driver", "stop"):
-                (marker_dir / f).unlink(missing_ok=True)
-            try:
-                marker_dir.rmdir()
-            except OSError:
-                pass
-            if started:
-                ray.shutdown()
+        trials checkpoint and are recorded as interrupted, the others stay queued. Call it inside
+        ``with executor:``."""
+        return self._sweep(exp, self._marker_dir)
 
     def _sweep(self, exp: Experiment, marker_dir: Path) -> list[TrialOutcome]:
         ray, runner, store = self.ray, self.runner, self.store
