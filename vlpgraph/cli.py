@@ -162,6 +162,8 @@ def _ray_options(args) -> dict | None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--executor ray under torchrun is not supported: Ray dispatches whole trials, each in one "
                         "process; run `vlpgraph run` under torchrun without --executor ray for one trial on several GPUs")
+    if args.max_retries < 0:
+        raise UserError(f"--max-retries {args.max_retries}: expected 0 or more")
     resources = TrialResources.parse(args.trial_resources)
     if resources.gpu > 1:
         raise UserError(f"--trial-resources gpu={resources.gpu:g}: a Ray trial trains in one process on one GPU; "
@@ -382,14 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dry-run", action="store_true", help="list the trials and their run ids; train nothing")
     sp.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
                     help="sequential: one trial after another in this process (default); ray: every pending trial as "
-                         f"a Ray task, as many at once as the cluster fits (needs the extra: pip install -e '.[ray]'; "
+                         "a Ray task, as many at once as the cluster fits (needs the extra: pip install -e '.[ray]'; "
                          "the store directory must be on a filesystem every Ray node sees)")
-    sp.add_argument("--jobs", type=int, metavar="N", help="run N trials at once on this machine (a local Ray; N > 1 implies --executor ray)")
-    sp.add_argument("--address", metavar="ADDR", help="with --executor ray: the Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
+    sp.add_argument("--jobs", type=int, metavar="N",
+                    help="run N trials at once on this machine (a local Ray; N > 1 implies --executor ray)")
+    sp.add_argument("--address", metavar="ADDR",
+                    help="with --executor ray: the Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
     sp.add_argument("--trial-resources", metavar="cpu=N,gpu=M",
                     help="with --executor ray: what each trial asks of Ray (default cpu=1,gpu=0); torch uses N threads")
     sp.add_argument("--max-retries", type=int, default=2, metavar="N",
-                    help="with --executor ray: run a trial whose worker died again up to N times, from its checkpoint (default 2)")
+                    help="with --executor ray: run a trial whose worker died again up to N times, from its "
+                         "checkpoint (default 2)")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("validate", help="report every problem of a graph file at once; print its trials and DAG")
