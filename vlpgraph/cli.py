@@ -87,6 +87,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
                                  stop_on_signals, trial_label)
     from vlpgraph.store import Store
 
+    ray_executor = _ray_options(args)  # before anything slow: a missing extra or a bad flag is exit 2 at once
     exp = _load(args)
     device = resolve_device(args.device)
     rank = 0 if args.dry_run else init_distributed(device)
@@ -106,8 +107,15 @@ def cmd_run(args, out: Console, err: Console) -> int:
             err.print(line, highlight=False, markup=False)
     runner = Runner(store, device, err, rank=rank)
     try:
-        with stop_on_signals(runner):  # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
-            outcomes = runner.run(exp)
+        if ray_executor is None:
+            with stop_on_signals(runner):  # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
+                outcomes = runner.run(exp)
+        else:
+            from vlpgraph.executors import RayExecutor
+
+            # Ray first: ray.init installs a SIGTERM handler of its own, which ours must replace
+            with RayExecutor(runner, args.device, **ray_executor) as executor, stop_on_signals(runner):
+                outcomes = executor.run(exp)
     finally:
         shutdown_distributed()
     by_status = {s: [o for o in outcomes if o.status == s] for s in ("failed", "interrupted")}
@@ -130,6 +138,37 @@ def cmd_run(args, out: Console, err: Console) -> int:
     if runner.stop_signal and (interrupted or len(outcomes) < len(exp.trials)):
         return exit_code(runner.stop_signal)
     return 1 if failed else 0
+
+
+def _ray_options(args) -> dict | None:
+    """RayExecutor's keyword arguments when the run goes to Ray (``--executor ray``, or ``--jobs N``
+    with N > 1: a local Ray running N trials at once), else None (the sequential executor, which
+    never imports Ray). UserError when Ray is asked for but not installed, or the flags disagree."""
+    jobs = args.jobs
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs {jobs}: expected a number of trials at once, 1 or more")
+    if args.executor != "ray" and not (jobs and jobs > 1):
+        if args.address or args.trial_resources:
+            raise UserError("--address and --trial-resources go with --executor ray (or --jobs N)")
+        return None
+    if args.dry_run:
+        return None
+    from vlpgraph.executors import TrialResources, import_ray
+
+    import_ray()
+    if jobs and args.address:
+        raise UserError(f"--jobs {jobs} runs a local Ray on this machine; --address {args.address} joins a running "
+                        "cluster, which runs as many trials at once as it fits: give one of the two")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--executor ray under torchrun is not supported: Ray dispatches whole trials, each in one "
+                        "process; run `vlpgraph run` under torchrun without --executor ray for one trial on several GPUs")
+    if args.max_retries < 0:
+        raise UserError(f"--max-retries {args.max_retries}: expected 0 or more")
+    resources = TrialResources.parse(args.trial_resources)
+    if resources.gpu > 1:
+        raise UserError(f"--trial-resources gpu={resources.gpu:g}: a Ray trial trains in one process on one GPU; "
+                        "one trial on several GPUs is torchrun's (not supported under Ray yet)")
+    return {"address": args.address, "jobs": jobs, "resources": resources, "max_retries": args.max_retries}
 
 
 def cmd_validate(args, out: Console, err: Console) -> int:
@@ -361,6 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(sp)
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     sp.add_argument("--dry-run", action="store_true", help="list the trials and their run ids; train nothing")
+    sp.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
+                    help="sequential: one trial after another in this process (default); ray: every pending trial as "
+                         "a Ray task, as many at once as the cluster fits (needs the extra: pip install -e '.[ray]'; "
+                         "the store directory must be on a filesystem every Ray node sees)")
+    sp.add_argument("--jobs", type=int, metavar="N",
+                    help="run N trials at once on this machine (a local Ray; N > 1 implies --executor ray)")
+    sp.add_argument("--address", metavar="ADDR",
+                    help="with --executor ray: the Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
+    sp.add_argument("--trial-resources", metavar="cpu=N,gpu=M",
+                    help="with --executor ray: what each trial asks of Ray (default cpu=1,gpu=0); torch uses N threads")
+    sp.add_argument("--max-retries", type=int, default=2, metavar="N",
+                    help="with --executor ray: run a trial whose worker died again up to N times, from its "
+                         "checkpoint (default 2)")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("validate", help="report every problem of a graph file at once; print its trials and DAG")

@@ -26,7 +26,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -96,6 +96,39 @@ def trial_label(trial: Trial) -> str:
     return f"{trial.variant} {grid} seed={trial.seed}".replace("  ", " ")
 
 
+def trial_progress(console: Console, disable: bool = False) -> Progress:
+    """The sweep's live display: one bar per running trial (step, loss, samples/s, ETA)."""
+    return Progress(
+        TextColumn("[bold]trial {task.fields[trial]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[sps]} samples/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        disable=disable,
+    )
+
+
+def step_display(progress: Progress, task, batch: int, console: Console, plain: bool) -> Callable[[int, int, float, float], None]:
+    """on_step(step, total, loss, samples_per_s) for one trial: moves its bar in ``progress`` and,
+    when ``plain`` (logs and CI, where the console is no terminal), prints a line per 10%."""
+    label = next(t.fields["trial"] for t in progress.tasks if t.id == task)
+    next_line = [0]
+
+    def on_step(step: int, total: int, loss: float, sps: float) -> None:
+        progress.update(task, completed=step, total=total, loss=f"{loss:.3f}", sps=f"{sps:.0f}")
+        if plain and (step >= next_line[0] or step == total):
+            next_line[0] = step + max(1, total // 10)
+            eta = (total - step) * batch / max(sps, 1e-9)
+            console.print(f"  trial {label}: step {step}/{total} loss {loss:.3f} {sps:.0f} samples/s ETA {eta:.0f}s", highlight=False)
+
+    return on_step
+
+
 class Runner:
     def __init__(self, store: Store, device: torch.device, console: Console | None = None, rank: int = 0):
         self.store = store
@@ -129,19 +162,7 @@ class Runner:
         pending = list(exp.trials)
         announced: dict[str, str] = {}  # run_id -> the owner we said we wait for
         outcomes: list[TrialOutcome] = []
-        with Progress(
-            TextColumn("[bold]trial {task.fields[trial]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[sps]} samples/s"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-            disable=self.rank != 0,
-        ) as progress:
+        with trial_progress(self.console, disable=self.rank != 0) as progress:
             while pending and not self._stopping():
                 held: dict[str, dict] = {}
                 for trial in list(pending):
@@ -305,7 +326,7 @@ class Runner:
             if self.rank == 0 and status != "completed":
                 self._start(exp, trial, status="running")
             plan = compile_trial(trial, self.store.root / "cache", self.device, log=self._log)
-            ckpt = Checkpointer(self.store.run_dir(trial.run_id) / "checkpoints")
+            ckpt = self._checkpointer(trial.run_id)
             if status == "completed":  # only evaluators added or edited since: run them on the final checkpoint
                 final, problem = self._final_checkpoint(ckpt, int(run["step"]))
                 if problem is None:
@@ -346,6 +367,11 @@ class Runner:
                 self.store.finish_run(trial.run_id, "failed", error=msg + ("" if user else "\n" + traceback.format_exc()))
             return TrialOutcome(trial, "failed", wall_s=time.perf_counter() - t0, error=msg)
 
+    def _checkpointer(self, run_id: str) -> Checkpointer:
+        """Where a trial's checkpoints go (a Ray worker's also waits, before each save, until the
+        driver has written every row it sent: a checkpoint is never ahead of the store)."""
+        return Checkpointer(self.store.run_dir(run_id) / "checkpoints")
+
     @staticmethod
     def _final_checkpoint(ckpt: Checkpointer, step: int):
         """(the checkpoint of a completed run's final ``step``, None) or (None, why it cannot be used)."""
@@ -355,23 +381,21 @@ class Runner:
             problem = f"the newest one is {final.name}, the run ended at step {step}"
         return (final, None) if problem is None else (None, problem)
 
+    def _step_reporter(self, plan: Plan, progress: Progress, task) -> Callable[[int, int, float, float], None]:
+        """The training loop's on_step (see step_display). A Ray worker sends its steps to the driver instead."""
+        return step_display(progress, task, plan.model.params.batch_size, self.console,
+                            plain=self.rank == 0 and not self.console.is_terminal)
+
+    def _should_stop_training(self) -> bool:
+        """Polled after every training step: True makes the loop checkpoint and raise Interrupted."""
+        return self.stop_signal is not None
+
     def _hooks(self, plan: Plan, progress: Progress, task) -> Hooks:
         run_id = plan.trial.run_id
-
-        label = next(t.fields["trial"] for t in progress.tasks if t.id == task)
-        batch = plan.model.params.batch_size
-        plain = self.rank == 0 and not self.console.is_terminal  # logs and CI: a plain line per 10%
-        next_line = [0]
-
-        def on_step(step: int, total: int, loss: float, sps: float) -> None:
-            progress.update(task, completed=step, total=total, loss=f"{loss:.3f}", sps=f"{sps:.0f}")
-            if plain and (step >= next_line[0] or step == total):
-                next_line[0] = step + max(1, total // 10)
-                eta = (total - step) * batch / max(sps, 1e-9)
-                self.console.print(f"  trial {label}: step {step}/{total} loss {loss:.3f} {sps:.0f} samples/s ETA {eta:.0f}s", highlight=False)
+        on_step = self._step_reporter(plan, progress, task)
 
         def should_stop() -> bool:
-            return self.stop_signal is not None
+            return self._should_stop_training()
 
         if self.rank != 0:
             return Hooks(on_step=on_step, should_stop=should_stop)
