@@ -54,15 +54,16 @@ def _roots(model: ports.Model) -> list[nn.Module]:
 
 
 @contextmanager
-def evaluation_mode(model: ports.Model) -> Iterator[None]:
-    """Every module of ``model`` (its modules and objectives) in eval mode under ``torch.no_grad``;
-    each submodule's own train/eval flag is restored afterwards, even on error.
+def evaluation_mode(model: ports.Model, *also: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` (its modules and objectives), and the modules in ``also`` (an evaluated
+    objective or tower another trainer trained), in eval mode under ``torch.no_grad``; each submodule's
+    own train/eval flag is restored afterwards, even on error.
 
     ``no_grad`` rather than ``inference_mode``: evaluators also run mid-training, and a tensor a module
     caches lazily during evaluation (position tables, masks) must stay usable by autograd afterwards.
     """
     flags: dict[nn.Module, bool] = {}
-    for root in _roots(model):
+    for root in [*_roots(model), *also]:
         for m in root.modules():
             flags.setdefault(m, m.training)
     for m in flags:

@@ -3,9 +3,6 @@ rate it replaces concept spans at, and a few mixed test sentences for the app's 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from pydantic import Field
 from torch import nn
@@ -29,19 +26,6 @@ class MixingParams(Params):
     seed: int = Field(0, description="seed of the evaluation draws (with a fixed step), in place of the trial's: "
                       "every evaluation of every trial mixes the same test sentences the same way")
 
-
-@contextmanager
-def _eval_flags(*modules: nn.Module) -> Iterator[None]:
-    """The mixer and its towers in eval mode even when they are not the evaluated model's (another
-    trainer trained them); their flags restored afterwards."""
-    flags = {m: m.training for root in modules for m in root.modules()}
-    for m in flags:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, was in flags.items():
-            m.training = was
 
 
 class MixingEvaluator(ports.Evaluator):
@@ -69,7 +53,7 @@ class MixingEvaluator(ports.Evaluator):
         candidates = replaced = 0
         rows: list[dict] = []
         towers = [m for m in (mixer, mixer.vision, mixer.text) if isinstance(m, nn.Module)]
-        with seeded(ctx), evaluation_mode(model), _eval_flags(*towers):
+        with seeded(ctx), evaluation_mode(model, *towers):
             for start in range(0, n_total, p.batch_size):
                 batch = self._batch(range(start, min(n_total, start + p.batch_size)), device)
                 lengths = batch["attention_mask"].sum(1).tolist()

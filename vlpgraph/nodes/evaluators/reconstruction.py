@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from pydantic import Field
 from torch import nn
@@ -27,19 +24,6 @@ class ReconstructionParams(Params):
     seed: int = Field(0, description="seed of the evaluation masks (with a fixed step): every evaluation of every "
                       "trial hides the same patches of a test image")
 
-
-@contextmanager
-def _eval_flags(*modules: nn.Module) -> Iterator[None]:
-    """Modules that need not belong to the model (the MAE and its tower, when another trainer trained
-    them) in eval mode too; their flags restored afterwards."""
-    flags = {m: m.training for root in modules for m in root.modules()}
-    for m in flags:
-        m.training = False
-    try:
-        yield
-    finally:
-        for m, was in flags.items():
-            m.training = was
 
 
 class ReconstructionEvaluator(ports.Evaluator):
@@ -77,7 +61,7 @@ class ReconstructionEvaluator(ports.Evaluator):
         per_sample: list[torch.Tensor] = []
         rows: list[dict] = []
         mae_modules = [m for m in (mae, mae.vision) if isinstance(m, nn.Module)]
-        with seeded(ctx), evaluation_mode(model), _eval_flags(*mae_modules):
+        with seeded(ctx), evaluation_mode(model, *mae_modules):
             for start in range(0, n_total, p.batch_size):
                 batch = self._batch([test[i] for i in range(start, min(n_total, start + p.batch_size))], device)
                 fwd = ports.Forward(batch)
