@@ -9,6 +9,7 @@
 - :mod:`.mixing`: what every image mixer shares (draws, ramps, window sums, soft targets)
 - :mod:`.tokenizer`: the WordPiece tokenizer behind ``ports.Tokenizer``
 - :mod:`.interleaved`: interleaved documents -> LM sequences with `<soi> <img>×n <eoi>` blocks, and placing visual tokens
+- :mod:`.temperature`: the learnable, clamped contrastive temperature τ (objective.itc, .lcl, .cmcl)
 - :mod:`.distributed`: cross-rank gathers with gradient for losses over the global batch (``torchrun``)
 
 A block used by one node kind only stays in that node's module; node modules never import each other,

@@ -16,6 +16,7 @@ from torch import nn
 from vlpgraph import ports
 from vlpgraph.errors import UserError
 from vlpgraph.layers.distributed import gather_with_grad, world
+from vlpgraph.layers.temperature import LearnedTemperature, check_temperature_range
 from vlpgraph.registry import In, Params, register
 
 
@@ -46,13 +47,11 @@ class CMCLParams(Params):
 
     @model_validator(mode="after")
     def _temperature_in_range(self) -> "CMCLParams":
-        if not self.temperature_min <= self.temperature <= self.temperature_max:
-            raise ValueError(f"temperature {self.temperature} must lie in [temperature_min, temperature_max] = "
-                             f"[{self.temperature_min}, {self.temperature_max}]")
+        check_temperature_range(self.temperature, self.temperature_min, self.temperature_max)
         return self
 
 
-class CMCL(ports.Objective):
+class CMCL(LearnedTemperature, ports.Objective):
     """Holds the text tower and the mixer by reference (their own graph nodes); owns the projection and τ."""
 
     def __init__(self, text: ports.TextTower, mixer: ports.TextMixer, params: CMCLParams):
@@ -60,13 +59,9 @@ class CMCL(ports.Objective):
         self._refs = (text, mixer)
         self.weight = params.weight
         self.text_pool = params.text_pool
-        self.temperature_min, self.temperature_max = params.temperature_min, params.temperature_max
         self.proj = nn.Linear(text.width, params.embed_dim)
-        temp = torch.tensor(float(params.temperature))
-        if params.learn_temperature:
-            self.temp = nn.Parameter(temp)
-        else:
-            self.register_buffer("temp", temp)
+        self.init_temperature(params.temperature, params.temperature_min, params.temperature_max,
+                              params.learn_temperature)
 
     @property
     def text(self) -> ports.TextTower:
@@ -75,13 +70,6 @@ class CMCL(ports.Objective):
     @property
     def mixer(self) -> ports.TextMixer:
         return self._refs[1]
-
-    @property
-    def temperature(self) -> torch.Tensor:
-        """τ clamped into [temperature_min, temperature_max], straight-through (as objective.itc's)."""
-        with torch.no_grad():
-            delta = self.temp.clamp(self.temperature_min, self.temperature_max) - self.temp
-        return self.temp + delta
 
     def embed(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text tower tokens [B, L, C] -> L2-normalised projection of the pooled feature [B, D]."""
@@ -100,9 +88,7 @@ class CMCL(ports.Objective):
         return plain, self.embed(view, cmc.attention_mask)
 
     def forward(self, fwd: ports.Forward, batch: dict, group: str | None = None) -> dict[str, torch.Tensor]:
-        if self.training and isinstance(self.temp, nn.Parameter):
-            with torch.no_grad():  # keep the parameter itself inside the range, as objective.itc
-                self.temp.clamp_(self.temperature_min, self.temperature_max)
+        self.clamp_temperature_()
         plain, view = self.features(fwd)
         return {"cmcl": symmetric_infonce(plain, view, self.temperature)}
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from vlpgraph import ports
 from vlpgraph.layers.distributed import gather_with_grad, world
+from vlpgraph.layers.temperature import LearnedTemperature, check_temperature_range
 from vlpgraph.registry import In, Params, register
 
 # ------------------------------------------------------------------------------------ the loss
@@ -165,11 +166,7 @@ class ITCParams(Params):
 
     @model_validator(mode="after")
     def _temperature_in_range(self) -> "ITCParams":
-        if not self.temperature_min <= self.temperature <= self.temperature_max:
-            raise ValueError(
-                f"temperature {self.temperature} must lie in [temperature_min, temperature_max] = "
-                f"[{self.temperature_min}, {self.temperature_max}]"
-            )
+        check_temperature_range(self.temperature, self.temperature_min, self.temperature_max)
         return self
 
     @model_validator(mode="after")
@@ -180,7 +177,7 @@ class ITCParams(Params):
         return self
 
 
-class ITC(ports.Objective, ports.Embedder):
+class ITC(LearnedTemperature, ports.Objective, ports.Embedder):
     """Contrastive objective over CLS projections; also the model's image-text embedding.
 
     The towers are held by reference, not as submodules: they are their own graph nodes (their own
@@ -204,16 +201,11 @@ class ITC(ports.Objective, ports.Embedder):
         self.mix_group = "mix" if mixer is not None and mixer.steps == "separate" else "main"
         if self.mix_group == "mix":
             self.step_groups = ("main", "mix")
-        self.temperature_min = params.temperature_min
-        self.temperature_max = params.temperature_max
         self.text_pool = params.text_pool
         self.vision_proj = nn.Linear(vision.width, params.embed_dim)
         self.text_proj = nn.Linear(text.width, params.embed_dim)
-        temp = torch.tensor(float(params.temperature))
-        if params.learn_temperature:
-            self.temp = nn.Parameter(temp)
-        else:
-            self.register_buffer("temp", temp)
+        self.init_temperature(params.temperature, params.temperature_min, params.temperature_max,
+                              params.learn_temperature)
         self.momentum = params.momentum
         self.queue_size = params.queue_size if params.momentum is not None else 0
         self.distill_alpha = params.distill_alpha
@@ -329,18 +321,6 @@ class ITC(ports.Objective, ports.Embedder):
         return self._towers[1]
 
     @property
-    def temperature(self) -> torch.Tensor:
-        """τ clamped into [temperature_min, temperature_max] (0-d tensor).
-
-        Straight-through: the value is clamped, the gradient reaches ``temp`` unchanged, so τ can come
-        back from a bound. Nothing here saves ``temp`` itself for backward, so the in-place clamp in
-        :meth:`forward` never invalidates a graph built earlier in the step.
-        """
-        with torch.no_grad():
-            delta = self.temp.clamp(self.temperature_min, self.temperature_max) - self.temp
-        return self.temp + delta
-
-    @property
     def logit_scale(self) -> torch.Tensor:
         """1/τ (CLIP's convention)."""
         return 1.0 / self.temperature
@@ -370,9 +350,7 @@ class ITC(ports.Objective, ports.Embedder):
         the mixer's ``steps`` is "summed") or "mix" ('mix_itc'; this objective names that group only
         when the mixer's ``steps`` is "separate").
         """
-        if self.training and isinstance(self.temp, nn.Parameter):
-            with torch.no_grad():  # ALBEF keeps the parameter itself inside the range
-                self.temp.clamp_(self.temperature_min, self.temperature_max)
+        self.clamp_temperature_()
         # the mixer runs before the plain term: a patch scorer reading a middle block (head.tpp) then
         # runs the tower's block pass first and shares its final tokens with this objective's
         # embedding, instead of a second full pass; the terms do not depend on the order

@@ -19,6 +19,7 @@ from vlpgraph import ports
 from vlpgraph.errors import TrialFailed, UserError
 from vlpgraph.layers import interleaved as sequences
 from vlpgraph.layers.distributed import gather_rows_with_grad
+from vlpgraph.layers.temperature import LearnedTemperature, check_temperature_range
 from vlpgraph.registry import In, Params, register
 
 
@@ -48,9 +49,7 @@ class LCLParams(Params):
 
     @model_validator(mode="after")
     def _temperature_in_range(self) -> "LCLParams":
-        if not self.temperature_min <= self.temperature <= self.temperature_max:
-            raise ValueError(f"temperature {self.temperature} must lie in [temperature_min, temperature_max] = "
-                             f"[{self.temperature_min}, {self.temperature_max}]")
+        check_temperature_range(self.temperature, self.temperature_min, self.temperature_max)
         return self
 
     @model_validator(mode="after")
@@ -76,7 +75,7 @@ class LCLStep:
     has_context: torch.Tensor
 
 
-class LCL(ports.DocumentModel):
+class LCL(LearnedTemperature, ports.DocumentModel):
     """LCL's generation + contrastive objective over interleaved documents; see :func:`build`."""
 
     def __init__(self, vision: ports.VisionTower, pool: ports.ImagePooler, lm: nn.Module, params: LCLParams):
@@ -87,15 +86,11 @@ class LCL(ports.DocumentModel):
         self.gen_weight, self.con_weight = params.gen_weight, params.con_weight
         self.max_len = int(params.max_len or lm.tokenizer.max_len)
         self.exclude_bos_only = params.exclude_bos_only
-        self.temperature_min, self.temperature_max = params.temperature_min, params.temperature_max
         self.visual_proj = nn.Linear(pool.width, lm.width)  # visual tokens -> the LM's input width
         self.image_proj = nn.Linear(pool.width, params.embed_dim)  # z -> contrastive space
         self.context_proj = nn.Linear(lm.width, params.embed_dim)  # <soi> state -> contrastive space
-        temp = torch.tensor(float(params.temperature))
-        if params.learn_temperature:
-            self.temp = nn.Parameter(temp)
-        else:
-            self.register_buffer("temp", temp)
+        self.init_temperature(params.temperature, params.temperature_min, params.temperature_max,
+                              params.learn_temperature)
 
     @property
     def vision(self) -> ports.VisionTower:
@@ -120,13 +115,6 @@ class LCL(ports.DocumentModel):
     @property
     def contrasts(self) -> bool:
         return self.con_weight > 0
-
-    @property
-    def temperature(self) -> torch.Tensor:
-        """τ clamped into [temperature_min, temperature_max], straight-through (as objective.itc)."""
-        with torch.no_grad():
-            delta = self.temp.clamp(self.temperature_min, self.temperature_max) - self.temp
-        return self.temp + delta
 
     def step(self, fwd: ports.Forward) -> LCLStep:
         """Vision tower -> pooler -> sequences with the visual tokens in place -> LM. Memoised in ``fwd``."""
@@ -200,9 +188,7 @@ class LCL(ports.DocumentModel):
     def forward(self, fwd: ports.Forward, batch: dict, group: str | None = None) -> dict[str, torch.Tensor]:
         """Named terms 'lcl_gen' (× gen_weight) and 'lcl_con' (× con_weight); a term of weight 0 is neither
         computed nor returned."""
-        if self.training and isinstance(self.temp, nn.Parameter):
-            with torch.no_grad():  # keep the parameter itself inside the range (as objective.itc)
-                self.temp.clamp_(self.temperature_min, self.temperature_max)
+        self.clamp_temperature_()
         step = self.step(fwd)
         terms: dict[str, torch.Tensor] = {}
         if self.gen_weight > 0:
