@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch
 
 from tests.conftest import ROOT, tiny_graph
 from vlpgraph.compile import compile_trial
-from vlpgraph.errors import Interrupted, UserError
+from vlpgraph.errors import Interrupted, TrialFailed, UserError
 from vlpgraph.sweep import load_experiment
 from vlpgraph.train import Checkpointer, Hooks, cosine_with_warmup, fit, plan_steps, plan_warmup, warmup_warning
 
@@ -309,6 +310,26 @@ def test_checkpoint_records_sizes_and_checksums(tmp_path):
     for name in ("model.safetensors", "state.pt"):
         data = (latest / name).read_bytes()
         assert files[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("processes", 2, "was written by 2 process(es) and this run has 1"),
+    ("total_steps", 12, "belongs to a run of 12 steps and this one plans 6"),
+])
+def test_a_checkpoint_of_another_step_plan_is_refused_not_resumed(key, value, says, tmp_path):
+    """The process count is not part of a trial's identity; resuming a checkpoint that torchrun wrote with
+    another world size (or for another step count) would make one trial of two experiments."""
+    import json
+
+    cache = tmp_path / "cache"
+    ckpt = _interrupted_with_two_checkpoints(tmp_path, cache)
+    meta_file = ckpt.latest() / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert (meta["processes"], meta["total_steps"]) == (1, 6)  # what the check reads is recorded
+    meta_file.write_text(json.dumps({**meta, key: value}))  # meta.json is not among the checksummed files
+    with pytest.raises(TrialFailed, match=re.escape(says)):
+        _rerun(tmp_path, cache, ckpt)
+    assert ckpt.latest() == ckpt.dir / "step-00000004"  # nothing trained on top of it
 
 
 # ------------------------------------------------------------------ item 12: ranks leave a step together

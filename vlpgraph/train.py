@@ -394,6 +394,21 @@ def check_finite(loss: torch.Tensor, terms: dict, step: int, world: int) -> None
     raise TrialFailed(f"{first} (process {rank} of {world})")
 
 
+def check_same_plan(meta: dict, path: Path, total: int, world: int) -> None:
+    """Refuse to resume from a checkpoint of another step plan: written by another number of processes
+    (the global batch is batch_size × processes) or for another step count. Its steps and this run's
+    would make one trial of two experiments; trial identity does not include the process count."""
+    was_world, was_total = meta.get("processes"), meta.get("total_steps")
+    if was_world is not None and int(was_world) != world:
+        raise TrialFailed(f"the checkpoint {path} was written by {was_world} process(es) and this run has {world}: "
+                          f"resuming would change the global batch mid-trial. Run it with {was_world} process(es), "
+                          "or delete the trial's checkpoints to train it from the start")
+    if was_total is not None and int(was_total) != total:
+        raise TrialFailed(f"the checkpoint {path} belongs to a run of {was_total} steps and this one plans {total} "
+                          "(another training set size?): resuming would mix two schedules. Delete the trial's "
+                          "checkpoints to train it from the start")
+
+
 def find_checkpoint(checkpoints: Checkpointer | None, note: Callable[[str], None], rank: int, world: int) -> Path | None:
     """The checkpoint to resume from: rank 0 verifies and sets damaged ones aside, every rank gets its answer."""
     if checkpoints is None:
@@ -428,6 +443,7 @@ def fit(job: Model, seed: int, checkpoints: Checkpointer | None, hooks: Hooks | 
     path = find_checkpoint(checkpoints, hooks.on_note, rank, world)
     if path is not None:
         meta = checkpoints.load(path, modules, optimizer, scheduler, device, rank)
+        check_same_plan(meta, path, total, world)
         start, wall_before = int(meta["step"]), float(meta.get("wall_s", 0.0))
         logged = meta.get("log_window", {})
         window, n_window = dict(logged.get("sums", {})), int(logged.get("n", 0))
@@ -460,7 +476,7 @@ def fit(job: Model, seed: int, checkpoints: Checkpointer | None, hooks: Hooks | 
         rng = all_rng_states(device, world)  # every rank's, as they stand after this step
         if rank == 0:
             log_window = {"sums": window, "n": n_window, "data_wait_s": data_wait, "compute_s": compute}
-            meta = {"wall_s": wall(), "total_steps": total, "log_window": log_window}
+            meta = {"wall_s": wall(), "total_steps": total, "processes": world, "log_window": log_window}
             checkpoints.save(step, modules, optimizer, scheduler, meta, rng)
         if world > 1:
             dist.barrier()  # no rank goes on (or leaves) before the checkpoint is written
@@ -494,13 +510,14 @@ def fit(job: Model, seed: int, checkpoints: Checkpointer | None, hooks: Hooks | 
         terms = step_terms
         loss = sum(terms.values())
         step += 1
+        # float() waits for the device, so on CUDA compute_s covers the step's kernels, not only their launch
+        values = {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
         t2 = time.perf_counter()
         data_wait += t1 - t0
         compute += t2 - t1
         n_window += 1
-        window["loss"] = window.get("loss", 0.0) + float(loss)
-        for k, v in terms.items():
-            window[k] = window.get(k, 0.0) + float(v)
+        for k, v in values.items():
+            window[k] = window.get(k, 0.0) + v
 
         if step % p.log_every == 0 or step == total:
             sps = n_window * p.batch_size * world / max(1e-9, data_wait + compute)
