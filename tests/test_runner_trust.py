@@ -73,6 +73,24 @@ def test_edited_evaluator_is_evaluated_again_without_retraining(tmp_path, capsys
     assert "already completed" in capsys.readouterr().err
 
 
+def test_a_trial_completed_by_another_number_of_processes_is_kept_and_said(tmp_path, capsys):
+    graph = tiny_graph(tmp_path, extra=", max_steps: 2")
+    store = Store(tmp_path / "s")
+    assert main(["run", str(graph), "--store", str(store.root)]) == 0
+    [run] = store.runs()
+    assert run["processes"] == 1  # this runner's world size, recorded with the trial
+    capsys.readouterr()
+    assert main(["run", str(graph), "--store", str(store.root)]) == 0
+    assert "process(es)" not in capsys.readouterr().err  # same count: skipped without a word
+    con = duckdb.connect(str(store.root / "vlpgraph.duckdb"))  # as if torchrun with 8 processes had run it
+    con.execute("UPDATE runs SET processes = 8 WHERE run_id = ?", [run["run_id"]])
+    con.close()
+    assert main(["run", str(graph), "--store", str(store.root)]) == 0
+    err = capsys.readouterr().err
+    assert f"{run['run_id']} was completed by 8 process(es) and this command has 1" in err
+    assert "already completed" in err and store.run(run["run_id"])["attempts"] == run["attempts"]  # not retrained
+
+
 def test_a_damaged_final_checkpoint_is_trained_again_not_replaced_by_an_earlier_one(tmp_path, capsys):
     # a completed trial whose final weights are damaged: an edited evaluator must not run on the
     # previous (step 12) checkpoint as if it were the final model; the trial trains steps 13-16 again
@@ -125,7 +143,8 @@ def test_a_store_from_before_evaluator_hashes_and_claims_gains_the_columns(tmp_p
     con.close()
     store = Store(tmp_path)
     store.start_run("r-s0", graph="g", variant="v", seed=0, params={}, flat_params={}, device="cpu")
-    assert {"owner", "heartbeat_at"} <= set(store.columns("runs"))
+    assert {"owner", "heartbeat_at", "processes"} <= set(store.columns("runs"))
+    assert store.run("r-s0")["processes"] == 1
     assert "evaluator_hash" in store.columns("evals")
     # a row nobody knows the evaluator of is not a completed evaluation of any particular version
     assert store.completed_evals("r-s0") == {("retrieval", 4)}

@@ -358,7 +358,7 @@ class RayExecutor:
                         continue
                     pending.remove(trial)
                     if not row["claimed"]:
-                        outcome = TrialOutcome(trial, "skipped", wall_s=row.get("wall_s") or 0.0)
+                        outcome = runner._skipped(trial, row)
                         outcomes.append(outcome)
                         runner._print_outcome(number[trial.run_id], n, outcome)
                         continue

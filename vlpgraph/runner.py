@@ -175,7 +175,7 @@ class Runner:
                         continue
                     pending.remove(trial)
                     if not row["claimed"]:
-                        outcome = TrialOutcome(trial, "skipped", wall_s=row.get("wall_s") or 0.0)
+                        outcome = self._skipped(trial, row)
                     else:
                         task = progress.add_task("", total=None, trial=f"{i}/{n}", loss="-", sps="-")
                         outcome = self._run_claimed(exp, trial, row, progress, task)
@@ -197,6 +197,22 @@ class Runner:
         return outcomes
 
     # ------------------------------------------------------------------------------ coordination
+
+    @property
+    def world(self) -> int:
+        """How many processes train each trial (torchrun's world size; 1 without torchrun)."""
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _skipped(self, trial: Trial, row: dict) -> TrialOutcome:
+        """The outcome of a trial already completed. The number of processes is not part of a trial's
+        identity (DESIGN §3: trainer hash + seed), but it sets the global batch (batch_size per
+        process × processes): a trial completed with another number of processes is kept, and said."""
+        done_with = row.get("processes")
+        if done_with and int(done_with) != self.world:
+            self._log(f"warning: {trial.run_id} was completed by {done_with} process(es) and this command has "
+                      f"{self.world}: its results stand for {done_with} (the global batch is batch_size × "
+                      "processes); delete its run directory and row to train it again with this many")
+        return TrialOutcome(trial, "skipped", wall_s=row.get("wall_s") or 0.0)
 
     def _stopping(self) -> bool:
         """Whether any rank was asked to stop (all ranks agree, so they leave the sweep together)."""
@@ -244,7 +260,8 @@ class Runner:
                     fresh["missing"] = self._evals_missing(trial, fresh) if fresh.get("status") == "completed" else None
                     fresh["claimed"] = True
                     row = fresh
-            row = {k: v for k, v in row.items() if k in ("held", "owner", "age", "status", "step", "wall_s", "missing", "claimed")}
+            row = {k: v for k, v in row.items()
+                   if k in ("held", "owner", "age", "status", "step", "wall_s", "missing", "claimed", "processes")}
         return self._from_rank0(row)
 
     @contextmanager
@@ -289,6 +306,7 @@ class Runner:
             device=str(self.device),
             status=status,
             if_absent=if_absent,
+            processes=self.world,
         )
 
     def _evals_missing(self, trial: Trial, run: dict | None) -> list[str]:
@@ -320,7 +338,7 @@ class Runner:
     def _run_one(self, exp: Experiment, trial: Trial, run: dict, progress: Progress, task) -> TrialOutcome:
         status, missing_evals = run.get("status"), run.get("missing")
         if status == "completed" and not missing_evals:  # finished by another runner meanwhile
-            return TrialOutcome(trial, "skipped", wall_s=run.get("wall_s") or 0.0)
+            return self._skipped(trial, run)
         t0 = time.perf_counter()
         try:
             if self.rank == 0 and status != "completed":

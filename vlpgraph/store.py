@@ -161,6 +161,8 @@ SCHEMA = [
     # stores made before claims and heartbeats gain the columns at their next write
     "ALTER TABLE runs ADD COLUMN IF NOT EXISTS owner VARCHAR",
     "ALTER TABLE runs ADD COLUMN IF NOT EXISTS heartbeat_at TIMESTAMP",
+    # the number of training processes (torchrun's world size) of the runner that last started the trial
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS processes INTEGER",
     """CREATE TABLE IF NOT EXISTS metrics (
         run_id VARCHAR NOT NULL,
         step BIGINT NOT NULL,
@@ -647,6 +649,7 @@ class Store:
         device: str | None,
         status: str = "running",
         if_absent: bool = False,
+        processes: int = 1,
     ) -> None:
         """Insert the run, or update it in place if it exists (resume): one row per run_id, always.
 
@@ -656,6 +659,7 @@ class Store:
         the sweep checks ``status(run_id)`` first if it wants to skip finished trials.
         ``if_absent``: only insert a new row, leave an existing one alone (checked in the same
         transaction, so two runners queueing the same sweep never reset each other's trials).
+        ``processes``: how many processes train the trial (torchrun's world size; 1 otherwise).
         """
         validate_run_id(run_id)
         if status not in STATUSES:
@@ -674,7 +678,8 @@ class Store:
             # 2. upsert the row
             core = {
                 "graph": graph, "variant": variant, "seed": _int_or_none(seed), "params": params_json,
-                "status": status, "device": device, "vlpgraph_version": __version__, "updated_at": now,
+                "status": status, "device": device, "processes": int(processes), "vlpgraph_version": __version__,
+                "updated_at": now,
             }
             if exists:
                 sets = [f"{quote_ident(k)} = ?" for k in core] + [f"{quote_ident(c)} = ?" for c, _ in param_cols]
