@@ -233,7 +233,7 @@ def test_pack_errors_are_one_line_exit_2(tmp_path, capsys):
 
 def test_pack_interleaved_documents_one_sample_each(tmp_path):
     """An MMC4-style .jsonl packs into one sample per document: the document in .json, its images as
-    KEY.0.png, KEY.1.png; a missing image file is left out and counted."""
+    KEY.0.png, KEY.1.png, its line as KEY.line; a missing image file is left out and counted."""
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     docs = []
@@ -253,8 +253,9 @@ def test_pack_interleaved_documents_one_sample_each(tmp_path):
     pattern = str(tmp_path / "sh" / "shard-{000000..000001}.tar")
     got = list(wds.WebDataset(pattern, shardshuffle=False, empty_check=False))
     assert [json.loads(s["json"]) for s in got] == docs
-    assert [sorted(k for k in s if not k.startswith("__") and k != "json") for s in got] == [
+    assert [sorted(k for k in s if not k.startswith("__") and k not in ("json", "line")) for s in got] == [
         ["0.png", "1.png"], ["0.png"], ["0.png", "1.png"]]
+    assert [s["line"] for s in got] == [b"1", b"2", b"3"]  # each document's line in the .jsonl
     assert got[2]["1.png"] == (imgs / "d2_1.png").read_bytes()
 
 

@@ -1,5 +1,5 @@
-"""WebDataset shards of image-caption samples: writing them (``vlpgraph data pack``) and reading them
-(``dataset.captions`` with ``shards``).
+"""WebDataset shards: writing them (``vlpgraph data pack``) and reading them (``dataset.captions`` and
+``dataset.interleaved`` with ``shards``).
 
 A shard is a plain ``.tar`` file in the WebDataset layout: the files of one sample share a key (the
 name up to the first dot), here ``KEY.png`` (or ``.jpg``, ...: the image's bytes as they were on
@@ -8,16 +8,18 @@ row: ``image`` (the image's original name), ``caption``, and every other column,
 label). Shards written by other tools (e.g. img2dataset: ``jpg`` + ``txt`` + ``json``) read as well:
 the caption is the JSON's ``caption`` or else the ``.txt``, the image's name the JSON's ``image`` or
 else the key. MMC4-style interleaved documents (dataset.interleaved's .jsonl) pack into one sample per
-document: ``KEY.json`` (the document: ``text_list``, ``image_info``) and its images ``KEY.0.jpg``,
-``KEY.1.png``, ... in ``image_info``'s order (no reader here yet: dataset.interleaved reads folders).
+document: ``KEY.json`` (the document as it was: ``text_list``, ``image_info``, ...), its images
+``KEY.0.jpg``, ``KEY.1.png``, ... in ``image_info``'s order, and ``KEY.line`` (the document's line in
+the .jsonl, from which dataset.interleaved draws its image placement, so that shards and the .jsonl
+place every image alike even when the file has blank lines); ``read_document_samples`` reads them.
 
 Reading takes two passes over the local shards, both at build: the ``webdataset`` library streams
-every sample (captions, metadata, and every image checked by PIL, as a folder's images are checked),
-and the tar headers give each image member's offset, so that training then reads any sample by index
-without unpacking anything. Index access is what the trainer needs: its batches are index
-permutations per (seed, epoch) (train.EpochBatches), so a run resumed at step s from its checkpoint
-replays exactly the batches of an uninterrupted run, and shards give the same batches as the folder
-they were packed from.
+every sample (captions or documents, metadata, and every image checked by PIL, as a folder's images
+are checked), and the tar headers give each image member's offset, so that training then reads any
+image by index without unpacking anything. Index access is what the trainer needs: its batches are
+index permutations per (seed, epoch) (train.EpochBatches), so a run resumed at step s from its
+checkpoint replays exactly the batches of an uninterrupted run, and shards give the same batches as
+the folder they were packed from.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import json
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import webdataset as wds
 from webdataset.shardlists import expand_urls
@@ -98,17 +100,10 @@ def count_samples(paths: Iterable[Path]) -> int:
     return sum(len({key for key, _ in members(p)}) for p in paths)
 
 
-def read_records(pattern: str, base_dir: Path | None, want_boxes: bool,
-                 label_column: str | None) -> tuple[list[Record], dict[Path, str], Path]:
-    """(records in shard order, {image name: why} for the missing or unreadable images, the pattern
-    resolved, which names the data in messages). Each record's ``image`` is the sample's image name
-    (not a file: its bytes are the record's ``member``); a bad image is found here, as the samples
-    stream past, and is skipped by ``annotations.drop_bad_images`` with the same wording as a folder's."""
-    source = resolve_path(pattern, base_dir)
-    rows: list[tuple] = []
-    found: list[Member | None] = []
-    problems: dict[Path, str] = {}
-    paths = expand(pattern, base_dir)
+def _stream(paths: list[Path], source: Path) -> Iterator[tuple[dict, str, dict, Path]]:
+    """(sample, where (``shard-000000.tar sample KEY``, for messages), its shard's member index, the
+    shard) for every sample of ``paths`` in order, streamed by ``webdataset``; UserError for a key seen
+    twice in one shard or a shard that does not read."""
     for path in paths:
         index = members(path)
         keys: set[str] = set()  # a key twice in one shard would make its index entry ambiguous
@@ -122,29 +117,97 @@ def read_records(pattern: str, base_dir: Path | None, want_boxes: bool,
                     raise UserError(f"{source}: {where}: the key appears twice in the shard (its files must "
                                     "be consecutive: a sample is the run of files sharing a key)")
                 keys.add(key)
-                row = json.loads(sample["json"]) if "json" in sample else {}
-                if not isinstance(row, dict):
-                    raise UserError(f"{source}: {where}: its .json member is not a JSON object")
-                caption = row.get("caption")
-                if not isinstance(caption, str):  # shards of other tools: the caption may be in .txt only
-                    caption = sample["txt"].decode("utf-8") if "txt" in sample else None
-                if caption is None:
-                    raise UserError(f"{source}: {where}: no caption (no 'caption' in its .json, no .txt member)")
-                if want_boxes and "boxes" not in row:
-                    raise UserError(f"{source}: {where}: no 'boxes' in its .json (set boxes: false, or pack a "
-                                    "manifest with a boxes column)")
-                name = str(row.get("image") or key)
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
-                why = image_problem(io.BytesIO(sample[ext]) if ext else None)
-                if why:
-                    problems.setdefault(Path(name), why)
-                rows.append((name, caption, row.get("boxes"), where, row.get(label_column) if label_column else None))
-                found.append(Member(str(path), *index[(key, ext)]) if ext else None)
+                yield sample, where, index, path
         except (tarfile.TarError, ValueError, OSError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not a readable WebDataset shard ({type(e).__name__}: {e})") from None
+
+
+def _row(sample: dict, source: Path, where: str) -> dict:
+    """The sample's ``.json`` member as a dict (``{}`` when it has none)."""
+    row = json.loads(sample["json"]) if "json" in sample else {}
+    if not isinstance(row, dict):
+        raise UserError(f"{source}: {where}: its .json member is not a JSON object")
+    return row
+
+
+def read_records(pattern: str, base_dir: Path | None, want_boxes: bool,
+                 label_column: str | None) -> tuple[list[Record], dict[Path, str], Path]:
+    """(records in shard order, {image name: why} for the missing or unreadable images, the pattern
+    resolved, which names the data in messages). Each record's ``image`` is the sample's image name
+    (not a file: its bytes are the record's ``member``); a bad image is found here, as the samples
+    stream past, and is skipped by ``annotations.drop_bad_images`` with the same wording as a folder's."""
+    source = resolve_path(pattern, base_dir)
+    rows: list[tuple] = []
+    found: list[Member | None] = []
+    problems: dict[Path, str] = {}
+    paths = expand(pattern, base_dir)
+    for sample, where, index, path in _stream(paths, source):
+        row = _row(sample, source, where)
+        caption = row.get("caption")
+        if not isinstance(caption, str):  # shards of other tools: the caption may be in .txt only
+            caption = sample["txt"].decode("utf-8") if "txt" in sample else None
+        if caption is None:
+            raise UserError(f"{source}: {where}: no caption (no 'caption' in its .json, no .txt member)")
+        if want_boxes and "boxes" not in row:
+            raise UserError(f"{source}: {where}: no 'boxes' in its .json (set boxes: false, or pack a "
+                            "manifest with a boxes column)")
+        name = str(row.get("image") or sample["__key__"])
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        why = image_problem(io.BytesIO(sample[ext]) if ext else None)
+        if why:
+            problems.setdefault(Path(name), why)
+        rows.append((name, caption, row.get("boxes"), where, row.get(label_column) if label_column else None))
+        found.append(Member(str(path), *index[(sample["__key__"], ext)]) if ext else None)
     if not rows:
         raise UserError(f"{source}: no samples in {len(paths)} shard(s)")
     return records_from_rows(rows, source, None, want_boxes, label_column, found), problems, source
+
+
+@dataclass
+class DocumentSample:
+    """One interleaved document read from shards, as ``dataset.interleaved`` parses it: ``row`` (the
+    document's JSON: ``text_list``, ``image_info``, ...), ``line`` (its line in the .jsonl it was packed
+    from, which ``pack`` records in a ``KEY.line`` member; for shards without one, the document's
+    1-based position in the shards, which is its line in a .jsonl without blank lines), ``where`` (for
+    messages), ``images`` (image_info[i]'s bytes in the shard, None when the sample has no member
+    ``KEY.i.<ext>``) and ``problems`` (why each image is missing or unreadable, None when it opens)."""
+
+    row: dict
+    line: int
+    where: str
+    images: list[Member | None]
+    problems: list[str | None]
+
+
+def read_document_samples(pattern: str, base_dir: Path | None) -> tuple[list[DocumentSample], Path]:
+    """(the interleaved documents of the shards in order, the pattern resolved, which names them in
+    messages). Every image member is checked by PIL as the samples stream past (nothing is decoded
+    afterwards until training reads it, by index, through its ``Member``); the rows are not parsed here
+    (dataset.interleaved parses them as it parses its .jsonl lines). UserError for an unreadable shard,
+    a sample without a JSON object or shards without samples."""
+    source = resolve_path(pattern, base_dir)
+    paths = expand(pattern, base_dir)
+    docs: list[DocumentSample] = []
+    for sample, where, index, path in _stream(paths, source):
+        if "json" not in sample:
+            raise UserError(f"{source}: {where}: no .json member (an interleaved document is packed as KEY.json "
+                            "with its images KEY.0.jpg, KEY.1.png, ...)")
+        row = _row(sample, source, where)
+        try:
+            line = int(sample["line"]) if "line" in sample else len(docs) + 1
+        except ValueError:
+            raise UserError(f"{source}: {where}: its .line member is not a line number") from None
+        info = row.get("image_info")
+        images: list[Member | None] = []
+        problems: list[str | None] = []
+        for i in range(len(info) if isinstance(info, list) else 0):
+            ext = next((f"{i}.{e}" for e in IMAGE_EXTS if f"{i}.{e}" in sample), None)
+            problems.append(image_problem(io.BytesIO(sample[ext]) if ext else None))
+            images.append(Member(str(path), *index[(sample["__key__"], ext)]) if ext else None)
+        docs.append(DocumentSample(row, line, where, images, problems))
+    if not docs:
+        raise UserError(f"{source}: no samples in {len(paths)} shard(s)")
+    return docs, source
 
 
 def fingerprint(pattern: str, base_dir: Path | None) -> dict:
@@ -170,7 +233,8 @@ class Packed:
 
     @property
     def pattern(self) -> str:
-        """The pattern naming every shard written, for dataset.captions' ``shards`` param."""
+        """The pattern naming every shard written, for the ``shards`` param of dataset.captions (or
+        dataset.interleaved, for documents)."""
         numbers = "000000" if self.shards == 1 else f"{{000000..{self.shards - 1:06d}}}"
         return str(self.out.resolve() / f"shard-{numbers}.tar")
 
@@ -189,20 +253,21 @@ def is_documents(source: Path) -> bool:
     return isinstance(obj, dict) and "text_list" in obj and "image_info" in obj
 
 
-def _samples(source: Path, root: Path) -> list[tuple[dict, str | None, list[tuple[str, Path]]]]:
-    """(row, caption or None, [(member extension prefix, image file)]) per sample of ``source``, checked
-    by the reader of its kind (UserError for a bad file): an annotations row is one sample with one
-    image; an interleaved document is one sample whose images are members ``KEY.0.jpg``, ``KEY.1.png``, ...
-    (its sentences are in the row's ``text_list``)."""
+def _samples(source: Path, root: Path) -> list[tuple[dict, str | None, list[tuple[str, Path]], int | None]]:
+    """(row, caption or None, [(member extension prefix, image file)], line or None) per sample of
+    ``source``, checked by the reader of its kind (UserError for a bad file): an annotations row is one
+    sample with one image; an interleaved document is one sample whose images are members ``KEY.0.jpg``,
+    ``KEY.1.png``, ... (its sentences are in the row's ``text_list``) and whose line in the .jsonl is
+    kept (dataset.interleaved draws each document's image placement from it)."""
     if is_documents(source):
         from vlpgraph.nodes.datasets.interleaved import read_documents  # the one MMC4 reader
 
         docs = read_documents(source, root)
-        lines = [json.loads(line) for line in source.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        return [(row, None, [(f"{i}.", path) for i, (path, _) in enumerate(doc.images)])
-                for row, doc in zip(lines, docs)]
+        lines = source.read_text(encoding="utf-8-sig").splitlines()  # as read_documents numbers them
+        return [(json.loads(lines[doc.line - 1]), None, [(f"{i}.", path) for i, (path, _) in enumerate(doc.images)],
+                 doc.line) for doc in docs]
     records = read_annotations(source, root, want_boxes=False)
-    return [(row, r.caption, [("", r.image)]) for row, r in zip(raw_rows(source), records)]
+    return [(row, r.caption, [("", r.image)], None) for row, r in zip(raw_rows(source), records)]
 
 
 def pack(source: Path, out: Path, shard_size: int = 10_000, images: Path | None = None,
@@ -224,7 +289,7 @@ def pack(source: Path, out: Path, shard_size: int = 10_000, images: Path | None 
     if not root.is_dir():
         raise UserError(f"{root}: images folder not found")
     samples = _samples(source, root)
-    for n, (_, _, files) in enumerate(samples):
+    for n, (_, _, files, _) in enumerate(samples):
         for _, path in files:
             if path.suffix.lower().lstrip(".") not in IMAGE_EXTS:
                 raise UserError(f"{source}: sample {n + 1}: image {path.name} has an extension that is not an image "
@@ -237,10 +302,12 @@ def pack(source: Path, out: Path, shard_size: int = 10_000, images: Path | None 
     missing = n_images = 0
     # encoder=False: every member is bytes already; mtime 0: the same data packs into the same bytes
     with wds.ShardWriter(str(out / SHARD_NAME), maxcount=shard_size, verbose=0, encoder=False, mtime=0) as sink:
-        for n, (row, caption, files) in enumerate(track(samples)):
+        for n, (row, caption, files, line) in enumerate(track(samples)):
             sample = {"__key__": f"{n:09d}", "json": json.dumps(row, ensure_ascii=False).encode("utf-8")}
             if caption is not None:
                 sample["txt"] = caption.encode("utf-8")
+            if line is not None:
+                sample["line"] = str(line).encode("ascii")
             for prefix, path in files:
                 n_images += 1
                 try:

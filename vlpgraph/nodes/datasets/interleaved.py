@@ -1,4 +1,5 @@
-"""``dataset.interleaved``: real interleaved image-text documents from an MMC4-style JSONL file.
+"""``dataset.interleaved``: real interleaved image-text documents from an MMC4-style JSONL file, or from
+the WebDataset shards ``vlpgraph data pack`` writes from one.
 
 One document per line: ``{"text_list": [sentence, ...], "image_info": [{"image_name": path,
 "matched_text_index": k}, ...]}`` (other keys are ignored, as MMC4's ``url``, ``similarity_matrix`` ...).
@@ -6,6 +7,13 @@ Image paths are relative to ``images`` (default: the annotations' folder). Each 
 before or right after its matched sentence with probability ``image_first_p`` / 1 - ``image_first_p``
 (LCL's rule), drawn from (``data_seed``, the document's line), so a document reads the same in every
 trial and every ``train_fraction``.
+
+Shards (param ``shards``, e.g. ``data/shard-{000000..000009}.tar``) hold one sample per document (its
+JSON, its images ``KEY.0.jpg``, ``KEY.1.png``, ... and its line in the .jsonl; vlpgraph/shards.py). They
+are streamed once at build (every image checked as it passes, bad ones skipped and counted as the
+folder's are) and then read by index, each image in place in its shard; a document from shards is the
+document of the .jsonl it was packed from (same texts, same images, same line, so the same placement),
+and the splits, ``train_fraction`` and held-out documents are the folder's.
 
 Training items are documents (capability ``interleaved``; see ``ports.INTERLEAVED``). The test split is
 paired: every readable image of ``test_annotations`` (same format) with its matched sentence, or of the
@@ -16,6 +24,7 @@ same way (for frozen-transfer heads).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -27,9 +36,11 @@ from PIL import Image
 from pydantic import Field
 from torchvision.transforms import v2
 
+from vlpgraph import shards
+from vlpgraph.annotations import Member
 from vlpgraph.checkpoints import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import bad_images, stats_fingerprint, to_rgb
+from vlpgraph.imagefiles import bad_images, skip_bad_images, stats_fingerprint, to_rgb
 from vlpgraph.ports import INTERLEAVED, BuildContext, PairedData, collate_documents, default_collate
 from vlpgraph.registry import Params, register
 
@@ -39,8 +50,8 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 class InterleavedParams(Params):
     annotations: str = Field(
-        description="MMC4-style .jsonl, one document per line with 'text_list' and 'image_info' "
-        "(a relative path is relative to the graph file's folder)"
+        "", description="MMC4-style .jsonl, one document per line with 'text_list' and 'image_info' "
+        "(a relative path is relative to the graph file's folder); set this or shards"
     )
     images: str = Field("", description="root folder of the image names (default: the annotations' folder; "
                         "a relative path is relative to the graph file's folder)")
@@ -48,7 +59,17 @@ class InterleavedParams(Params):
         None, description="MMC4-style .jsonl of the test documents, flattened into pairs (each image with its "
         "matched sentence); default: hold out the last test_size documents"
     )
-    test_size: int = Field(20, ge=1, description="documents held out for test when test_annotations is unset")
+    shards: str = Field(
+        "", description="WebDataset .tar shards of documents instead of annotations + images, as `vlpgraph data "
+        "pack` writes them from an MMC4-style .jsonl: a path or brace pattern (data/shard-{000000..000009}.tar; "
+        "several joined by '::'), relative to the graph file's folder; read by index, so a resumed run replays "
+        "the same batches"
+    )
+    test_shards: str = Field(
+        "", description="shards of the test documents (default: hold out the last test_size documents of shards)"
+    )
+    test_size: int = Field(20, ge=1, description="documents held out for test when test_annotations / test_shards "
+                           "is unset")
     max_images: int = Field(6, ge=1, le=64, description="most images per document: the first ones in reading "
                             "order are kept (LCL: 6)")
     image_first_p: float = Field(
@@ -68,23 +89,65 @@ class InterleavedParams(Params):
     train_fraction: float = Field(1.0, gt=0.0, le=1.0, description="use the first ceil(f * N) training documents")
 
     def problems(self) -> list[tuple[str, str]]:
+        out = []
         lo, hi = self.random_resized_crop_scale
         if not 0 < lo <= hi <= 1:
-            return [("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])")]
-        return []
+            out.append(("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])"))
+        if bool(self.annotations) == bool(self.shards):
+            out.append(("annotations", "set either annotations (an MMC4-style .jsonl and its images) or shards "
+                        "(WebDataset .tar files), not " + ("both" if self.shards else "neither")))
+        if self.shards:  # a shard holds its documents' images: the folder params mean nothing with it
+            out += [(name, "is for annotations; with shards use test_shards for the test split")
+                    for name in ("images", "test_annotations") if getattr(self, name)]
+        elif self.test_shards:
+            out.append(("test_shards", "needs shards (with annotations, use test_annotations)"))
+        return out
 
 
 @dataclass
 class Document:
     """One line of the file: ``texts`` (whitespace-normalised sentences), ``images`` [(path, matched
-    sentence index)] in the file's order, ``line`` (1-based, for messages and the placement draws)."""
+    sentence index)] in the file's order, ``line`` (1-based, for messages and the placement draws).
+    A document read from shards has the line it had in the .jsonl it was packed from, its image names
+    as ``images`` and their bytes as ``members`` (parallel to ``images``; None: read the files), and
+    ``where`` names its sample in messages (default: ``line N``)."""
 
     texts: list[str]
     images: list[tuple[Path, int]]
     line: int
+    members: list[Member | None] | None = None
+    where: str = ""
+
+    def named(self) -> str:
+        return self.where or f"line {self.line}"
+
+    def sources(self) -> list[Path | Member]:
+        """Where each image's bytes are: its file, or its shard member."""
+        return [img for img, _ in self.images] if self.members is None else list(self.members)
 
 
 # ------------------------------------------------------------------------------------------ reading
+
+
+def parse_document(obj, where: str, images_root: Path | None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(sentences, [(image path, matched sentence index)]) of one document object (a .jsonl line or a
+    shard sample's JSON); relative image names resolve against ``images_root`` (None: kept as named).
+    A malformed document is a ``UserError`` starting with ``where``."""
+    texts, info = (obj.get("text_list"), obj.get("image_info")) if isinstance(obj, dict) else (None, None)
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not isinstance(info, list):
+        raise UserError(f"{where}: expected an object with 'text_list' (a list of strings) and 'image_info' (a list)")
+    images = []
+    for im in info:
+        name = im.get("image_name") if isinstance(im, dict) else None
+        k = im.get("matched_text_index") if isinstance(im, dict) else None
+        if not isinstance(name, str) or not name.strip() or not isinstance(k, int) or isinstance(k, bool):
+            raise UserError(f"{where}: every 'image_info' entry needs 'image_name' (a path) and "
+                            "'matched_text_index' (an integer)")
+        if not 0 <= k < len(texts):
+            raise UserError(f"{where}: matched_text_index {k} is outside text_list (0..{len(texts) - 1})")
+        img = Path(name)
+        images.append((img if img.is_absolute() or images_root is None else images_root / img, k))
+    return [" ".join(t.split()) for t in texts], images
 
 
 def read_documents(path: Path, images_root: Path) -> list[Document]:
@@ -105,40 +168,49 @@ def read_documents(path: Path, images_root: Path) -> list[Document]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        texts, info = (obj.get("text_list"), obj.get("image_info")) if isinstance(obj, dict) else (None, None)
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not isinstance(info, list):
-            raise UserError(f"{path}:{n}: expected an object with 'text_list' (a list of strings) and 'image_info' (a list)")
-        images = []
-        for im in info:
-            name = im.get("image_name") if isinstance(im, dict) else None
-            k = im.get("matched_text_index") if isinstance(im, dict) else None
-            if not isinstance(name, str) or not name.strip() or not isinstance(k, int) or isinstance(k, bool):
-                raise UserError(f"{path}:{n}: every 'image_info' entry needs 'image_name' (a path) and "
-                                "'matched_text_index' (an integer)")
-            if not 0 <= k < len(texts):
-                raise UserError(f"{path}:{n}: matched_text_index {k} is outside text_list (0..{len(texts) - 1})")
-            img = Path(name)
-            images.append((img if img.is_absolute() else images_root / img, k))
-        docs.append(Document([" ".join(t.split()) for t in texts], images, n))
+        docs.append(Document(*parse_document(obj, f"{path}:{n}", images_root), n))
     if not docs:
         raise UserError(f"{path}: no documents")
     return docs
 
 
-def drop_bad(docs: list[Document], ann: Path, max_bad_fraction: float, log) -> list[Document]:
+def read_shard_documents(pattern: str, base_dir: Path) -> tuple[list[Document], dict[Path, str], Path]:
+    """(the documents of WebDataset shards, {image name: why} for their missing or unreadable images,
+    the pattern resolved, which names them in messages), read by :func:`vlpgraph.shards.read_document_samples`
+    (images checked as they stream past) and parsed as .jsonl lines are. Each image is its name in
+    ``image_info`` (which names it in messages, as a folder's file name does), read from its member."""
+    samples, source = shards.read_document_samples(pattern, base_dir)
+    docs, problems = [], {}
+    for s in samples:
+        texts, images = parse_document(s.row, f"{source}: {s.where}", None)
+        for (img, _), why in zip(images, s.problems):
+            if why:
+                problems.setdefault(img, why)
+        docs.append(Document(texts, images, s.line, members=s.images, where=s.where))
+    return docs, problems, source
+
+
+def drop_bad(docs: list[Document], ann: Path, max_bad_fraction: float, log,
+             problems: dict[Path, str] | None = None) -> list[Document]:
     """Documents without their missing/unreadable images (counted and judged by
-    :func:`vlpgraph.imagefiles.bad_images`, as dataset.captions does); a document left with no image is
-    dropped, and counted in a warning."""
-    bad = bad_images((img for d in docs for img, _ in d.images), ann, max_bad_fraction, log)
+    :func:`vlpgraph.imagefiles.bad_images`, as dataset.captions does; ``problems`` ({image: why}) when
+    they are known already, as for shards, whose images were checked as they streamed past); a document
+    left with no image is dropped, and counted in a warning."""
+    if problems is None:
+        bad = bad_images((img for d in docs for img, _ in d.images), ann, max_bad_fraction, log)
+    else:
+        bad = problems
+        skip_bad_images(bad, len({img for d in docs for img, _ in d.images}), ann, max_bad_fraction, log)
     kept = []
     for d in docs:
-        images = [(img, k) for img, k in d.images if img not in bad]
-        if images:
-            kept.append(Document(d.texts, images, d.line))
+        keep = [j for j, (img, _) in enumerate(d.images) if img not in bad]
+        if keep:
+            members = None if d.members is None else [d.members[j] for j in keep]
+            kept.append(Document(d.texts, [d.images[j] for j in keep], d.line, members, d.where))
     if len(kept) < len(docs):
-        lines = [d.line for d in docs if not [1 for img, _ in d.images if img not in bad]]
-        shown = ", ".join(f"line {n}" for n in lines[:5]) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
-        log(f"warning: {ann}: dropped {len(lines)} of {len(docs)} documents left without a readable image: {shown}")
+        dropped = [d.named() for d in docs if not [1 for img, _ in d.images if img not in bad]]
+        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        log(f"warning: {ann}: dropped {len(dropped)} of {len(docs)} documents left without a readable image: {shown}")
     if not kept:
         raise UserError(f"{ann}: no document has a readable image")
     return kept
@@ -146,10 +218,11 @@ def drop_bad(docs: list[Document], ann: Path, max_bad_fraction: float, log) -> l
 
 @dataclass
 class Arranged:
-    """A document in reading order: ``paths`` of its images, ``texts``, ``layout`` (``ports.INTERLEAVED``)
-    and ``matched`` (image j's matched sentence, "" when that sentence is empty)."""
+    """A document in reading order: ``images`` (each image's file, or its shard member), ``texts``,
+    ``layout`` (``ports.INTERLEAVED``) and ``matched`` (image j's matched sentence, "" when that sentence
+    is empty)."""
 
-    paths: list[Path]
+    images: list[Path | Member]
     texts: list[str]
     layout: list[tuple[str, int]]
     matched: list[str]
@@ -164,6 +237,7 @@ def arrange(doc: Document, data_seed: int, image_first_p: float, max_images: int
     order are kept; empty sentences are left out (an image matched to one keeps its place).
     """
     u = np.random.default_rng([data_seed, doc.line]).random(len(doc.images))
+    sources = doc.sources()
     before: dict[int, list[int]] = {}
     after: dict[int, list[int]] = {}
     for i, (_, k) in enumerate(doc.images):
@@ -174,9 +248,9 @@ def arrange(doc: Document, data_seed: int, image_first_p: float, max_images: int
     out = Arranged([], [], [], [])
     for what, i in order:
         if what == "image":
-            if len(out.paths) < max_images:
-                out.layout.append(("image", len(out.paths)))
-                out.paths.append(doc.images[i][0])
+            if len(out.images) < max_images:
+                out.layout.append(("image", len(out.images)))
+                out.images.append(sources[i])
                 out.matched.append(doc.texts[doc.images[i][1]])
         elif doc.texts[i]:
             out.layout.append(("text", len(out.texts)))
@@ -187,8 +261,9 @@ def arrange(doc: Document, data_seed: int, image_first_p: float, max_images: int
 # ----------------------------------------------------------------------------------------- datasets
 
 
-def _load(path: Path, transform) -> torch.Tensor:
-    with Image.open(path) as im:
+def _load(source: Path | Member, transform) -> torch.Tensor:
+    """An image file, or a shard member read in place, transformed."""
+    with Image.open(io.BytesIO(source.read()) if isinstance(source, Member) else source) as im:
         return transform(to_rgb(im)).as_subclass(torch.Tensor)
 
 
@@ -198,7 +273,7 @@ class Documents(torch.utils.data.Dataset):
     def __init__(self, docs: list[Document], p: InterleavedParams, transform):
         self.transform = transform
         self.docs = [arrange(d, p.data_seed, p.image_first_p, p.max_images) for d in docs]
-        self.first_id = np.concatenate([[0], np.cumsum([len(d.paths) for d in self.docs])]).astype(int).tolist()
+        self.first_id = np.concatenate([[0], np.cumsum([len(d.images) for d in self.docs])]).astype(int).tolist()
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -207,11 +282,11 @@ class Documents(torch.utils.data.Dataset):
         d = int(d)
         doc = self.docs[d]
         return {
-            "images": torch.stack([_load(p, self.transform) for p in doc.paths]),
+            "images": torch.stack([_load(p, self.transform) for p in doc.images]),
             "texts": list(doc.texts),
             "layout": list(doc.layout),
             "sample_id": d,
-            "image_ids": list(range(self.first_id[d], self.first_id[d] + len(doc.paths))),
+            "image_ids": list(range(self.first_id[d], self.first_id[d] + len(doc.images))),
         }
 
 
@@ -221,10 +296,10 @@ class Pairs(torch.utils.data.Dataset):
 
     def __init__(self, docs: list[Document], p: InterleavedParams, transform):
         self.transform = transform
-        self.records: list[tuple[Path, str]] = []
+        self.records: list[tuple[Path | Member, str]] = []
         for d in docs:
             a = arrange(d, p.data_seed, p.image_first_p, p.max_images)  # the same images the documents keep
-            self.records += [(img, s) for img, s in zip(a.paths, a.matched) if s]
+            self.records += [(img, s) for img, s in zip(a.images, a.matched) if s]
         self.captions = [c for _, c in self.records]
 
     def __len__(self) -> int:
@@ -308,7 +383,14 @@ def scan(ann: Path, root: Path) -> dict:
 
 def fingerprint(p: InterleavedParams, base_dir: Path) -> dict:
     """Part of the node's hash: the annotations' content hash, document count and a fingerprint of the
-    images they name (and the same with ``test_`` for test_annotations); ``"missing"`` for an absent file."""
+    images they name (and the same with ``test_`` for test_annotations); ``"missing"`` for an absent file.
+    With ``shards``: ``shards`` (a fingerprint of the shard files' names, sizes and mtimes, so rewritten
+    shards are new data) and ``n_shards``, and the same with ``test_``, as dataset.captions."""
+    if p.shards:
+        out = shards.fingerprint(p.shards, base_dir)
+        if p.test_shards:
+            out.update({f"test_{k}": v for k, v in shards.fingerprint(p.test_shards, base_dir).items()})
+        return out
     ann, root, test = resolve_paths(p, base_dir)
     out = {}
     for prefix, path in (("", ann), ("test_", test)):
@@ -324,13 +406,22 @@ def fingerprint(p: InterleavedParams, base_dir: Path) -> dict:
 
 def facts(p: InterleavedParams, base_dir: Path) -> dict:
     """Upper bounds of the training documents (documents whose images are all unreadable are dropped at
-    build, hence ``at_most``); only image_size when the file does not parse."""
+    build, hence ``at_most``), counted from the .jsonl or the shards' tar headers (one sample per
+    document); only image_size when they do not parse."""
     out: dict = {"image_size": p.image_size}
-    ann, root, test = resolve_paths(p, base_dir)
-    n = scan(ann, root).get("documents")
-    if n is None:
-        return out
-    n_train = n if test is not None else max(0, n - p.test_size)
+    if p.shards:
+        try:
+            n = shards.count_samples(shards.expand(p.shards, base_dir))
+        except UserError:
+            return out  # build reports it
+        has_test = bool(p.test_shards)
+    else:
+        ann, root, test = resolve_paths(p, base_dir)
+        n = scan(ann, root).get("documents")
+        if n is None:
+            return out
+        has_test = test is not None
+    n_train = n if has_test else max(0, n - p.test_size)
     out["train_size"] = max(0, math.ceil(round(p.train_fraction * n_train, 6)))
     out["at_most"] = True
     return out
@@ -339,7 +430,7 @@ def facts(p: InterleavedParams, base_dir: Path) -> dict:
 @register("dataset.interleaved", params=InterleavedParams, output=PairedData, provides=frozenset({INTERLEAVED}),
           fingerprint=fingerprint, facts=facts)
 def build(params: InterleavedParams, inputs: dict, ctx: BuildContext) -> PairedData:
-    """Interleaved image-text documents from an MMC4-style .jsonl (capability ``interleaved``).
+    """Interleaved image-text documents from an MMC4-style .jsonl or its shards (capability ``interleaved``).
 
     One document per line: ``text_list`` (sentences) and ``image_info`` (``image_name`` relative to
     ``images``, ``matched_text_index`` into text_list). Each image stands right before its matched
@@ -353,14 +444,37 @@ def build(params: InterleavedParams, inputs: dict, ctx: BuildContext) -> PairedD
     matched sentence, or of the last ``test_size`` documents when unset; items ``image`` (resized,
     center-cropped), ``caption``, ``sample_id``. ``train_pairs``: the training images paired the same way.
     ``train_fraction`` keeps the first ceil(f * N) training documents. The node's identity covers the
-    files' content and the named images' sizes and mtimes. Deviation from LCL/MMC4: no filtering by the
-    image-text similarity scores; the image is placed by its matched sentence only.
+    files' content and the named images' sizes and mtimes.
+
+    With ``shards`` (WebDataset .tar files that ``vlpgraph data pack`` writes from such a .jsonl; brace
+    patterns, local paths) instead of ``annotations``, every document is streamed once at build
+    (webdataset) and its images checked like a folder's (same warnings, same ``max_bad_fraction``);
+    training then reads each image in place in its shard, by index. A packed document keeps its line in
+    the .jsonl, so its images are placed as in the .jsonl, and the documents, splits and batches are
+    those of the .jsonl and folder it was packed from. ``test_shards`` holds the test documents (default:
+    held out as above). The node's identity then covers the shard files' names, sizes and mtimes.
+
+    Deviation from LCL/MMC4: no filtering by the image-text similarity scores; the image is placed by
+    its matched sentence only.
     """
     p = params
-    ann, root, test_ann = resolve_paths(p, ctx.base_dir)
-    docs = drop_bad(read_documents(ann, root), ann, p.max_bad_fraction, ctx.log)
-    if test_ann is not None:
-        train_docs, test_docs = docs, drop_bad(read_documents(test_ann, root), test_ann, p.max_bad_fraction, ctx.log)
+
+    def read(source: str, test: bool) -> tuple[list[Document], Path]:
+        """Usable documents of the .jsonl or shards, and the path that names them in messages."""
+        if p.shards:
+            docs, problems, named = read_shard_documents(source, ctx.base_dir)
+        else:
+            ann, root, test_ann = resolve_paths(p, ctx.base_dir)
+            named, problems = (test_ann if test else ann), None  # None: drop_bad opens the files
+            docs = read_documents(named, root)
+        return drop_bad(docs, named, p.max_bad_fraction, ctx.log, problems), named
+
+    docs, ann = read(p.shards or p.annotations, test=False)
+    test_source = p.test_shards if p.shards else p.test_annotations
+    test_ann = None
+    if test_source:
+        test_docs, test_ann = read(test_source, test=True)
+        train_docs = docs
     else:
         if len(docs) <= p.test_size:
             raise UserError(f"{ann}: only {len(docs)} usable documents: test_size={p.test_size} leaves none for training")
