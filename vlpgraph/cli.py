@@ -360,7 +360,8 @@ def cmd_app(args, out: Console, err: Console) -> int:
 
 
 def cmd_data_pack(args, out: Console, err: Console) -> int:
-    """``vlpgraph data pack SOURCE --out DIR``: WebDataset shards of an annotations file (vlpgraph/shards.py)."""
+    """``vlpgraph data pack SOURCE --out DIR``: WebDataset shards of an annotations file or of interleaved
+    documents (vlpgraph/shards.py)."""
     from rich.progress import track
 
     from vlpgraph.shards import pack
@@ -372,7 +373,7 @@ def cmd_data_pack(args, out: Console, err: Console) -> int:
                   track=lambda rows: track(rows, description="packing", console=err, transient=True))
     err.print(f"wrote {packed.samples} sample(s) in {packed.shards} shard(s)"
               + (f" ({packed.missing} image file(s) missing)" if packed.missing else ""), highlight=False)
-    # the one line on stdout: what dataset.captions' shards param takes
+    # the one line on stdout: what the shards param of dataset.captions (or, for documents, dataset.interleaved) takes
     out.print(packed.pattern, highlight=False, markup=False)
     return 0
 
@@ -452,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("data", help="prepare data: `data pack` writes WebDataset shards")
     data = sp.add_subparsers(dest="data_verb", required=True, metavar="ACTION")
-    sp = data.add_parser("pack", help="write WebDataset .tar shards (for dataset.captions' shards param) from a "
+    sp = data.add_parser("pack", help="write WebDataset .tar shards (for the shards param of dataset.captions, or of dataset.interleaved for documents) from a "
                                       "COCO-captions .json or a .jsonl/.csv manifest with image and caption columns "
                                       "(one sample per row), or from an MMC4-style .jsonl of interleaved documents "
                                       "(one sample per document)")
