@@ -211,7 +211,7 @@ class Runner:
         if done_with and int(done_with) != self.world:
             self._log(f"warning: {trial.run_id} was completed by {done_with} process(es) and this command has "
                       f"{self.world}: its results stand for {done_with} (the global batch is batch_size × "
-                      "processes); delete its run directory and row to train it again with this many")
+                      "processes); to train it with this many, use another --store (or change a param)")
         return TrialOutcome(trial, "skipped", wall_s=row.get("wall_s") or 0.0)
 
     def _stopping(self) -> bool:
