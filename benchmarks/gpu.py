@@ -323,24 +323,10 @@ class EngineSteps:
 
 
 def itc_hand_loss(itc, batch: dict) -> torch.Tensor:
-    """objective.itc's loss without the engine: towers -> [CLS] / pooled caption -> projections ->
-    L2-normalise -> symmetric InfoNCE (benchmarks/step_overhead.py's hand loss)."""
-    import torch.nn.functional as F
+    """benchmarks/step_overhead.py's hand loss (objective.itc's loss without the engine)."""
+    from benchmarks.step_overhead import itc_hand_loss as hand_loss  # ROOT is on sys.path (above)
 
-    from vlpgraph.nodes.objectives import itc as itc_mod
-
-    with torch.no_grad():  # ITC.forward keeps temp inside its range the same way
-        itc.temp.clamp_(itc.temperature_min, itc.temperature_max)
-    tokens = itc.vision(batch["images"])
-    words = itc.text(batch["input_ids"], batch["attention_mask"])
-    img = F.normalize(itc.vision_proj(tokens[:, 0]), dim=-1)
-    if getattr(itc, "text_pool", "cls") == "cls":
-        pooled = words[:, 0]
-    else:  # mean of non-pad tokens, as ITC's text_pool "mean"
-        m = batch["attention_mask"].unsqueeze(-1).to(words.dtype)
-        pooled = (words * m).sum(1) / m.sum(1).clamp_min(1)
-    txt = F.normalize(itc.text_proj(pooled), dim=-1)
-    return itc_mod.contrastive_loss(img, txt, itc.temperature)
+    return hand_loss(itc, batch)
 
 
 class HandLoop:

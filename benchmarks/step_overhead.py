@@ -63,6 +63,23 @@ from vlpgraph.train import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def itc_hand_loss(itc, batch: dict) -> torch.Tensor:
+    """objective.itc's loss without the engine: towers -> [CLS] / pooled caption -> projections ->
+    L2-normalise -> symmetric InfoNCE (the hand loop's loss; benchmarks/gpu.py uses it too)."""
+    with torch.no_grad():  # ITC.forward keeps temp inside its range the same way
+        itc.temp.clamp_(itc.temperature_min, itc.temperature_max)
+    tokens = itc.vision(batch["images"])
+    words = itc.text(batch["input_ids"], batch["attention_mask"])
+    img = F.normalize(itc.vision_proj(tokens[:, 0]), dim=-1)
+    if getattr(itc, "text_pool", "cls") == "cls":
+        pooled = words[:, 0]
+    else:  # mean of non-pad tokens, as ITC's text_pool "mean"
+        m = batch["attention_mask"].unsqueeze(-1).to(words.dtype)
+        pooled = (words * m).sum(1) / m.sum(1).clamp_min(1)
+    txt = F.normalize(itc.text_proj(pooled), dim=-1)
+    return itc_mod.contrastive_loss(img, txt, itc.temperature)
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graph", default=str(ROOT / "graphs" / "clip_baseline.yaml"), help="graph file (default graphs/clip_baseline.yaml)")
@@ -153,26 +170,13 @@ def main() -> None:
         optimizer = torch.optim.AdamW(param_groups(modules, p.weight_decay), lr=p.lr, betas=tuple(p.betas))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(plan_warmup(p.warmup_steps, p.warmup_fraction, full_total), full_total, p.min_lr_ratio))
         params = [q for g in optimizer.param_groups for q in g["params"]]
-        vision, text = itc.vision, itc.text
-        text_pool = getattr(itc, "text_pool", "cls")
         collate = Collate(job.data.collate, job.tokenizer)
         hand_data: list[float] = []
         hand_comp: list[float] = []
         hand_iter: list[tuple[float, float]] = []  # (wall, cpu) from the end of one step to the end of the next
 
         def hand_loss(batch: dict) -> torch.Tensor:
-            with torch.no_grad():  # ITC.forward keeps temp inside its range the same way
-                itc.temp.clamp_(itc.temperature_min, itc.temperature_max)
-            tokens = vision(batch["images"])
-            words = text(batch["input_ids"], batch["attention_mask"])
-            img = F.normalize(itc.vision_proj(tokens[:, 0]), dim=-1)
-            if text_pool == "cls":
-                pooled = words[:, 0]
-            else:  # mean of non-pad tokens, as ITC's text_pool "mean"
-                m = batch["attention_mask"].unsqueeze(-1).to(words.dtype)
-                pooled = (words * m).sum(1) / m.sum(1).clamp_min(1)
-            txt = F.normalize(itc.text_proj(pooled), dim=-1)
-            return itc_mod.contrastive_loss(img, txt, itc.temperature)
+            return itc_hand_loss(itc, batch)
 
         # same model, same loss: the hand loss equals the engine objective's term on one batch
         probe = to_device(collate([job.data.train[i] for i in range(min(bs, len(job.data.train)))]), device)
