@@ -210,6 +210,23 @@ def read_document_samples(pattern: str, base_dir: Path | None) -> tuple[list[Doc
     return docs, source
 
 
+def source_problems(p, annotations_are: str) -> list[tuple[str, str]]:
+    """The param problems of a reader with a folder source (``annotations``, ``images``,
+    ``test_annotations``) or a shard source (``shards``, ``test_shards``): exactly one source, and no
+    param of the other one (a shard holds its images and rows: the folder params mean nothing with it).
+    ``annotations_are`` says what the annotations file is, for the message."""
+    out = []
+    if bool(p.annotations) == bool(p.shards):
+        out.append(("annotations", f"set either annotations ({annotations_are}) or shards (WebDataset .tar "
+                    "files), not " + ("both" if p.shards else "neither")))
+    if p.shards:
+        out += [(name, "is for annotations; with shards use test_shards for the test split")
+                for name in ("images", "test_annotations") if getattr(p, name)]
+    elif p.test_shards:
+        out.append(("test_shards", "needs shards (with annotations, use test_annotations)"))
+    return out
+
+
 def fingerprint(pattern: str, base_dir: Path | None) -> dict:
     """Part of a data node's hash: ``shards`` (a hash of each shard's name, size and mtime, like
     imagefiles.stats_fingerprint for image files: a rewritten shard is new data) and ``n_shards``;

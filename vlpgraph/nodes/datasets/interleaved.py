@@ -93,14 +93,7 @@ class InterleavedParams(Params):
         lo, hi = self.random_resized_crop_scale
         if not 0 < lo <= hi <= 1:
             out.append(("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])"))
-        if bool(self.annotations) == bool(self.shards):
-            out.append(("annotations", "set either annotations (an MMC4-style .jsonl and its images) or shards "
-                        "(WebDataset .tar files), not " + ("both" if self.shards else "neither")))
-        if self.shards:  # a shard holds its documents' images: the folder params mean nothing with it
-            out += [(name, "is for annotations; with shards use test_shards for the test split")
-                    for name in ("images", "test_annotations") if getattr(self, name)]
-        elif self.test_shards:
-            out.append(("test_shards", "needs shards (with annotations, use test_annotations)"))
+        out += shards.source_problems(self, "an MMC4-style .jsonl and its images")
         return out
 
 
