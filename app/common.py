@@ -14,7 +14,7 @@ from typing import Any
 
 import streamlit as st
 
-from vlpgraph import analysis
+from vlpgraph.results import analysis
 from vlpgraph.store import Store, default_root, lease_s
 
 ALL_GRAPHS = "(all graphs)"

@@ -1,19 +1,18 @@
 """vlpgraph's analysis app: `vlpgraph app [--store DIR]` starts it (Streamlit).
 
-Thin by design: every query lives in vlpgraph.analysis, every figure in vlpgraph.plots; the pages
+Thin by design: every query lives in vlpgraph.results.analysis, every figure in vlpgraph.results.plots; the pages
 in views/ only lay out widgets. The store comes from $VLPGRAPH_STORE (set by `vlpgraph app`).
+Installed with the package as ``vlpgraph.app`` (pyproject maps it to this folder), so it needs no
+``sys.path`` edits, editable install or not.
 """
 
-import sys
 from pathlib import Path
 
 import streamlit as st
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # `streamlit run` adds it; AppTest does not
-    sys.path.insert(0, str(HERE))
+from vlpgraph.app import common
 
-import common  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 st.set_page_config(page_title="vlpgraph", page_icon=":material/hub:", layout="wide")
 

@@ -9,7 +9,7 @@
    ``synthetic_sweep``; variants baseline / cutmix / timix; a grid over ``shapes.train_fraction``
    [0.1, 0.2, 0.4, 0.7, 1.0] x ``train.lr`` (4 values); as many seeds as it takes to reach ``--runs``;
    ~35 flattened ``node.param`` columns and a ``params`` document shaped like
-   ``vlpgraph.sweep.Trial.document()``; ``--metric-rows`` training values per run (loss, itc, itm,
+   ``vlpgraph.engine.sweep.Trial.document()``; ``--metric-rows`` training values per run (loss, itc, itm,
    mlm, lr, samples_per_s, data_wait_s, compute_s every 10 steps); retrieval (rsum headline + r@k)
    and grounding (pointing headline + more) evals at 4 steps; ~97% completed runs (wall_s, final
    step), a few failed and running ones; 16 heatmap samples (8x8 grid, 32x32 PNG, boxes) for
@@ -28,7 +28,7 @@
    right after setting the widget with the page's other queries still cached, which is what the
    user waits for. ``at.exception`` is checked after every run.
 
-3. Queries. The vlpgraph.analysis calls each page makes, with the same arguments, timed without
+3. Queries. The vlpgraph.results.analysis calls each page makes, with the same arguments, timed without
    Streamlit (each opens its own read-only connection, as the app does): first call and median of
    ``--repeats``. The page table shows their summed medians beside the whole-page time.
 
@@ -300,7 +300,7 @@ def check(at, what: str) -> None:
 
 def bare_queries(store, repeats: int, compare_ids: list[str], other_key: str | None) -> dict[str, list[tuple]]:
     """page -> [(call, first s, median s)] for the analysis calls that page makes (same arguments)."""
-    from vlpgraph import analysis
+    from vlpgraph.results import analysis
 
     ov = analysis.overview(store)
     graph = ov["graphs"][0]["graph"]
@@ -461,7 +461,7 @@ def main() -> None:
 
     pages.page("views/heatmaps.py")
     # the widget's options are "run_id|evaluator" keys (AppTest lists only their formatted labels)
-    from vlpgraph import analysis
+    from vlpgraph.results import analysis
 
     patch = analysis.patch_runs(store, (("graph", "in", (GRAPH,)),))
     heat = patch[patch["kind"] == "heatmap"]
@@ -476,7 +476,7 @@ def main() -> None:
 
     pages.page("views/graph.py")
 
-    print("\nbare queries (vlpgraph.analysis, no Streamlit; each opens its own connection):", flush=True)
+    print("\nbare queries (vlpgraph.results.analysis, no Streamlit; each opens its own connection):", flush=True)
     queries = bare_queries(store, args.repeats, compare, other)
     for page, items in queries.items():
         for name, f, med in items:

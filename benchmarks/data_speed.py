@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vlpgraph.nodes.datasets import shapes
-from vlpgraph.ports import BuildContext, default_collate
+from vlpgraph.engine.ports import BuildContext, default_collate
 
 STEP_SAMPLES_PER_S = 300.0
 

@@ -13,7 +13,7 @@ memory, ...) puts its error in its row and the next part runs. Exit status 1 whe
 Parts (one or more rows of the table each):
 
 a. ``graphs/clip_baseline.yaml`` at its ``gpu`` profile (ViT 384 wide, 12 deep, 64 px images, patch 8;
-   text 384 x 6; batch 512; bf16 autocast), trained through ``vlpgraph.train.fit`` for ``--steps-a``
+   text 384 x 6; batch 512; bf16 autocast), trained through ``vlpgraph.execution.train.fit`` for ``--steps-a``
    steps from the real data loader (nothing saved). The data set is shrunk to what those steps read
    (``shapes.train_size`` = batch x steps; the model and the step are the profile's).
 b. A ViT-B/16-sized CLIP step, as OpenCLIP's ViT-B-16: vision 224 px, patch 16, width 768, depth 12,
@@ -279,7 +279,7 @@ def step_times(step: Callable[[], None], n: int) -> list[float]:
 
 
 class EngineSteps:
-    """Times ``vlpgraph.train.fit`` on one compiled job: K steps per call, nothing saved, every step
+    """Times ``vlpgraph.execution.train.fit`` on one compiled job: K steps per call, nothing saved, every step
     logged; a step lasts from one ``on_step`` call to the next with the device synchronised at each
     (fit's own ``compute_s`` metric does not wait for the GPU)."""
 
@@ -290,7 +290,7 @@ class EngineSteps:
 
     def run(self, steps: int) -> list[float]:
         """Seconds of steps 2..steps of one fit call (the first step allocates AdamW's state)."""
-        from vlpgraph.train import Hooks, fit
+        from vlpgraph.execution.train import Hooks, fit
 
         marks: list[float] = []
 
@@ -306,7 +306,7 @@ class EngineSteps:
 
     def flops(self) -> int:
         """Matmul FLOPs of one engine step (one fit call of one step under FlopCounterMode)."""
-        from vlpgraph.train import fit
+        from vlpgraph.execution.train import fit
 
         with self._steps(1):
             return count_flops(lambda: fit(self.job, self.seed, None), self.job.modules)
@@ -336,7 +336,7 @@ class HandLoop:
 
     def __init__(self, job, seed: int, full_steps: int):
         from vlpgraph.nodes.objectives import itc as itc_mod
-        from vlpgraph.train import Collate, cosine_with_warmup, param_groups, plan_warmup
+        from vlpgraph.execution.train import Collate, cosine_with_warmup, param_groups, plan_warmup
 
         objectives = list(job.objectives.values())
         if len(objectives) != 1 or not isinstance(objectives[0], itc_mod.ITC):
@@ -352,8 +352,8 @@ class HandLoop:
 
     def loss_check(self) -> tuple[float, float]:
         """(engine objective's loss, hand loss) on the first training batch, no gradient."""
-        from vlpgraph.ports import Forward
-        from vlpgraph.train import autocast_for, to_device
+        from vlpgraph.engine.ports import Forward
+        from vlpgraph.execution.train import autocast_for, to_device
 
         p, device = self.job.params, self.job.device
         batch = to_device(self.collate([self.job.data.train[i] for i in range(p.batch_size)]), device)
@@ -366,7 +366,7 @@ class HandLoop:
         """Seconds of steps 2..steps, each from the end of the step before (synchronised) to its own end."""
         from torch.utils.data import DataLoader
 
-        from vlpgraph.train import EpochBatches, autocast_for, to_device
+        from vlpgraph.execution.train import EpochBatches, autocast_for, to_device
 
         p, device = self.job.params, self.job.device
         loader = DataLoader(self.job.data.train, batch_sampler=EpochBatches(len(self.job.data.train), p.batch_size, self.seed, 0, steps),
@@ -405,7 +405,7 @@ class Bench:
 
     def experiment(self, graph: Path, sets: list[tuple[str, object]] = ()):
         """``graph`` at its gpu profile with ``sets`` and this bench's extra sets for it."""
-        from vlpgraph.sweep import load_experiment
+        from vlpgraph.engine.sweep import load_experiment
 
         return load_experiment(graph, sets=[*sets, *self.sets.get(graph.stem, [])], profile="gpu")
 
@@ -426,7 +426,7 @@ class Bench:
 
     def compile_first(self, graph: Path, sets: list[tuple[str, object]], variant: str | None = None):
         """(trial, plan) of the first trial of ``graph`` at its gpu profile (of ``variant`` if given)."""
-        from vlpgraph.compile import compile_trial
+        from vlpgraph.engine.compile import compile_trial
 
         exp = self.experiment(graph, sets)
         trials = [t for t in exp.trials if variant is None or t.variant == variant]
@@ -456,10 +456,10 @@ class Bench:
 
     # b ------------------------------------------------------------------------------------------
     def part_b(self) -> list[Row]:
-        from vlpgraph.compile import compile_trial
+        from vlpgraph.engine.compile import compile_trial
         from vlpgraph.layers.attention import resolve_backend, set_attention_backend
-        from vlpgraph.sweep import load_experiment
-        from vlpgraph.train import autocast_for, param_groups
+        from vlpgraph.engine.sweep import load_experiment
+        from vlpgraph.execution.train import autocast_for, param_groups
 
         a = self.args
         size = self.vit_b16
@@ -536,7 +536,7 @@ class Bench:
 
     # c ------------------------------------------------------------------------------------------
     def part_c(self) -> list[Row]:
-        from vlpgraph.train import plan_steps
+        from vlpgraph.execution.train import plan_steps
 
         a = self.args
         trial, plan = self.clip_plan()

@@ -6,7 +6,7 @@ on graphs/lcl.yaml's own towers and data.
 Three variants of ``graphs/lcl.yaml`` (seed 0, ``train.max_steps`` = K, nothing saved) — ``clip`` (ITC on
 64 pairs a step), ``lcl_pairs`` (objective.lcl on documents of one image, 64 a step) and ``lcl`` (on
 interleaved documents of 1-6 images, 18 a step: ~63 images) — run back to back for K steps per round
-through ``vlpgraph.train.fit``, so load from other processes affects them alike; per-step compute is the
+through ``vlpgraph.execution.train.fit``, so load from other processes affects them alike; per-step compute is the
 ``compute_s`` metric fit logs, the first step of each fit call (fresh AdamW state) left out. Images per
 step are counted at the vision tower's input (a forward hook), so the comparison is per image as well
 as per step. Printed:
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vlpgraph.compile import compile_trial
-from vlpgraph.sweep import load_experiment
-from vlpgraph.train import Hooks, fit
+from vlpgraph.engine.compile import compile_trial
+from vlpgraph.engine.sweep import load_experiment
+from vlpgraph.execution.train import Hooks, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH = ROOT / "graphs" / "lcl.yaml"

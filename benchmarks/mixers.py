@@ -14,7 +14,7 @@ store cache:
 
 Every mixer runs with ``ramp_epochs: 0`` and ``stop_fraction: 1.0`` and ``steps: summed`` so that
 every timed step mixes (the defaults would skip step 0 and the last third of the run). Each round
-runs every variant for K steps through ``vlpgraph.train.fit`` (``max_steps=K``, nothing saved), the
+runs every variant for K steps through ``vlpgraph.execution.train.fit`` (``max_steps=K``, nothing saved), the
 variants back to back, so load from other processes on the machine affects them alike; per-step
 compute is the ``compute_s`` metric fit logs. The first step of each fit call (fresh AdamW state) is
 left out. Ratios are variant / itc of the per-round medians, then the median over rounds; on a
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from vlpgraph.compile import compile_trial
-from vlpgraph.ports import Forward
-from vlpgraph.sweep import load_experiment
-from vlpgraph.train import Collate, Hooks, fit, to_device
+from vlpgraph.engine.compile import compile_trial
+from vlpgraph.engine.ports import Forward
+from vlpgraph.engine.sweep import load_experiment
+from vlpgraph.execution.train import Collate, Hooks, fit, to_device
 
 GRAPH = """\
 graph: mixer_bench

@@ -5,7 +5,7 @@
 The shipped study's four variants (``clip``: ITC; ``mae``: masked image modelling; ``captioner``: a
 caption decoder on the full image; ``mug``: MAE + the caption decoder on the masked encoding of the same
 forward) are compiled from ``graphs/mug.yaml`` (seed 0, ``train.max_steps`` = K, nothing saved) and run
-back to back for K steps per round through ``vlpgraph.train.fit``, so load from other processes on the
+back to back for K steps per round through ``vlpgraph.execution.train.fit``, so load from other processes on the
 machine affects them alike; per-step compute is the ``compute_s`` metric fit logs, the first step of each
 fit call (fresh AdamW state) left out. Printed:
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from vlpgraph.compile import compile_trial
-from vlpgraph.sweep import load_experiment
-from vlpgraph.train import Hooks, fit
+from vlpgraph.engine.compile import compile_trial
+from vlpgraph.engine.sweep import load_experiment
+from vlpgraph.execution.train import Hooks, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAPH = ROOT / "graphs" / "mug.yaml"

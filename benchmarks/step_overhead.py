@@ -9,7 +9,7 @@ temperature) on the same batches (the same ``EpochBatches`` sampler, ``Collate``
 settings, so repeat r of either side sees the same K batches) with the same AdamW settings
 (``train.param_groups``, betas, weight decay, warmup+cosine ``LambdaLR``) and the same gradient clip:
 
-- engine: ``vlpgraph.train.fit(job, seed, checkpoints=None, hooks)`` with ``max_steps=K``,
+- engine: ``vlpgraph.execution.train.fit(job, seed, checkpoints=None, hooks)`` with ``max_steps=K``,
   ``log_every=1``, ``checkpoint_every=0``, ``eval_every=0``. ``checkpoints=None`` writes nothing.
   Per-step times are the ``data_wait_s`` and ``compute_s`` metrics fit itself logs (through
   ``Hooks.on_metrics``); the whole ``fit`` call is also timed from outside, and what it spends
@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from vlpgraph.compile import compile_trial
+from vlpgraph.engine.compile import compile_trial
 from vlpgraph.nodes.objectives import itc as itc_mod
-from vlpgraph.ports import Forward
-from vlpgraph.spec import parse_set
-from vlpgraph.sweep import load_experiment
-from vlpgraph.train import (
+from vlpgraph.engine.ports import Forward
+from vlpgraph.engine.spec import parse_set
+from vlpgraph.engine.sweep import load_experiment
+from vlpgraph.execution.train import (
     Collate,
     EpochBatches,
     Hooks,

@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 
 from tests.conftest import tiny_graph
-from vlpgraph.compile import compile_trial
+from vlpgraph.engine.compile import compile_trial
 from vlpgraph.errors import Interrupted, TrialFailed
-from vlpgraph.ports import Objective, VisionTower
-from vlpgraph.registry import In, Params, register
-from vlpgraph.sweep import load_experiment
-from vlpgraph.train import Checkpointer, Hooks, fit
+from vlpgraph.engine.ports import Objective, VisionTower
+from vlpgraph.engine.registry import In, Params, register
+from vlpgraph.engine.sweep import load_experiment
+from vlpgraph.execution.train import Checkpointer, Hooks, fit
 
 
 class ProbeParams(Params):

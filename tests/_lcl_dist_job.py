@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from tests.test_lcl import RANK_DOCS, make_batch, make_lcl, named_grads
-from vlpgraph import ports
+from vlpgraph.engine import ports
 
 
 def main(folder: Path) -> None:

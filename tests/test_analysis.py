@@ -1,4 +1,4 @@
-"""vlpgraph.analysis (the app's queries) and vlpgraph.plots on stores whose values are known by hand."""
+"""vlpgraph.results.analysis (the app's queries) and vlpgraph.results.plots on stores whose values are known by hand."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import SYN_FRACTIONS, SYN_SEEDS, SYN_STEPS, SYN_VARIANTS, syn_rsum, syn_wall
-from vlpgraph import analysis, plots
+from vlpgraph.results import analysis, plots
 from vlpgraph.errors import UserError
 from vlpgraph.layers.patches import _box_masks
 from vlpgraph.store import Store

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import tiny_graph
 from vlpgraph.cli import main
 from vlpgraph.store import Store
-from vlpgraph.sweep import load_experiment
+from vlpgraph.engine.sweep import load_experiment
 
 MORE = "sweep:\n  seeds: [0, 1]\nprofiles:\n  two: {train.epochs: 2}\n  wide: {itc.embed_dim: 64}\n"
 

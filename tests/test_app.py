@@ -18,7 +18,7 @@ from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import ROOT, SYN_SEEDS, syn_rsum, tiny_graph
-from vlpgraph import analysis
+from vlpgraph.results import analysis
 from vlpgraph.cli import main
 from vlpgraph.store import Store
 

@@ -1,6 +1,6 @@
 """The Samples page on VLMixer's rows: a test caption mixed by cross-modal CutMix ('cmc', evaluator.mixing) with
 its regions in place of the words they replaced, and the probes' test items ('qa', 'nlvr') with the model's
-answer beside the true one; the pure helpers in vlpgraph.analysis behind them."""
+answer beside the true one; the pure helpers in vlpgraph.results.analysis behind them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from tests.test_app_samples import capture_media, caption_rows, open_samples, pixels, run, start, text
-from vlpgraph import analysis
+from vlpgraph.results import analysis
 from vlpgraph.layers.patches import png_bytes
 from vlpgraph.store import Store
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.layers.decoder import CaptionTransformer, caption_loss
 from vlpgraph.layers.tokenizer import WordPieceTokenizer, train_wordpiece

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vlpgraph import registry
+from vlpgraph.engine import registry
 from vlpgraph.cli import main
-from vlpgraph.registry import Params, register
+from vlpgraph.engine.registry import Params, register
 
 EXPECTED = {"dataset.shapes", "dataset.captions", "encoder.vit", "encoder.text", "objective.itc",
             "trainer", "evaluator.retrieval", "evaluator.zeroshot",
@@ -61,6 +61,6 @@ def test_nodes_unknown_kind(capsys):
 
 
 def test_every_role_has_a_colour_on_the_graph_page():
-    from vlpgraph.plots import ROLE_COLOURS
+    from vlpgraph.results.plots import ROLE_COLOURS
 
     assert set(registry.ROLES) <= set(ROLE_COLOURS)  # a role without a colour is not drawn at all

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.errors import UserError
 from vlpgraph.layers.tokenizer import WordPieceTokenizer, train_wordpiece
 from vlpgraph.nodes.encoders.text import TextParams, build_bert

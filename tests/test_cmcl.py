@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.test_cmc import ctx, make_batch, make_captions, make_mixer
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.errors import UserError
 from vlpgraph.nodes.objectives import cmcl as cmcl_mod
 from vlpgraph.nodes.objectives import mlm as mlm_mod
@@ -169,7 +169,7 @@ def vlmixer_job(tmp_path, max_steps: int):
 
 
 def test_trainer_trains_the_mixer_and_a_resumed_run_mixes_the_same(tmp_path):
-    from vlpgraph import train
+    from vlpgraph.execution import train
     from vlpgraph.errors import Interrupted
 
     job, mixer = vlmixer_job(tmp_path, 4)

@@ -18,7 +18,7 @@ import vlpgraph.nodes.datasets.captions as captions_mod
 import vlpgraph.nodes.evaluators.retrieval as retrieval_mod
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BuildContext
+from vlpgraph.engine.ports import BuildContext
 from vlpgraph.store import Store
 
 GRAPH = """\

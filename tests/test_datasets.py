@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from vlpgraph import registry
+from vlpgraph.engine import registry
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BOXES, CLASSES, LABELS, PAIRED, SCENES, BuildContext, default_collate
+from vlpgraph.engine.ports import BOXES, CLASSES, LABELS, PAIRED, SCENES, BuildContext, default_collate
 
 import vlpgraph.nodes.datasets.captions as captions_mod
 import vlpgraph.nodes.datasets.shapes as shapes_mod

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.test_lcl import DOCS, make_batch, make_lcl
-from vlpgraph import analysis, ports
+from vlpgraph.results import analysis
+from vlpgraph.engine import ports
 from vlpgraph.layers.interleaved import build_sequences
 from vlpgraph.nodes.datasets import shapes
 from vlpgraph.nodes.evaluators import documents as docs_mod
@@ -171,7 +172,7 @@ def test_shapes_held_out_documents_are_the_test_scenes(tmp_path):
 
 
 def test_the_kind_is_registered_against_document_objectives():
-    from vlpgraph import registry
+    from vlpgraph.engine import registry
     kind = registry.get("evaluator.documents")
     assert kind.inputs["objective"].type_tuple == (ports.DocumentModel,)
     assert ports.INTERLEAVED in kind.inputs["data"].needs

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlpgraph import registry
+from vlpgraph.engine import registry
 from vlpgraph.layers import tokenizer as tokmod
 from vlpgraph.cli import main
-from vlpgraph.ports import BuildContext
+from vlpgraph.engine.ports import BuildContext
 from vlpgraph.store import Store
 
 VIT = {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "heads": 2}

@@ -11,12 +11,12 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
-from vlpgraph import registry
+from vlpgraph.engine import registry
 from vlpgraph.layers import attention
 from vlpgraph.layers import tokenizer as tokmod
 from vlpgraph.layers.attention import set_attention_backend
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BuildContext, PairedData, TextTower, Tokenizer, VisionTower
+from vlpgraph.engine.ports import BuildContext, PairedData, TextTower, Tokenizer, VisionTower
 
 TOL = 1e-5
 CUDA = torch.cuda.is_available()

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_graph
-from vlpgraph import registry
+from vlpgraph.engine import registry
 from vlpgraph.cli import main
-from vlpgraph.ports import Objective, VisionTower
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.ports import Objective, VisionTower
+from vlpgraph.engine.registry import In, Params, register
 from vlpgraph.store import Store
-from vlpgraph.sweep import load_experiment
+from vlpgraph.engine.sweep import load_experiment
 
 
 def losses(store: Store, run_id: str) -> list[tuple[int, float]]:

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from vlpgraph import evaluation, ports, registry
+from vlpgraph.nodes.evaluators import evaluation
+from vlpgraph.engine import ports, registry
 from vlpgraph.errors import TrialFailed
 from vlpgraph.nodes.evaluators import retrieval as retrieval_mod
 from vlpgraph.nodes.evaluators import zeroshot as zeroshot_mod

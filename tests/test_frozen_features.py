@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from vlpgraph import registry
-from vlpgraph.evaluation import frozen_image_tokens, weights_digest
-from vlpgraph.ports import BuildContext
+from vlpgraph.engine import registry
+from vlpgraph.nodes.evaluators.evaluation import frozen_image_tokens, weights_digest
+from vlpgraph.engine.ports import BuildContext
 
 SHAPES = {"train_size": 300, "test_size": 90, "image_size": 32}
 

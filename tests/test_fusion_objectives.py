@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.layers.attention import set_attention_backend
 from vlpgraph.errors import UserError
 from vlpgraph.layers.fusion import FusionTower, TokenHead

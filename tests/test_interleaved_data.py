@@ -13,11 +13,11 @@ from PIL import Image
 
 import vlpgraph.nodes.datasets.interleaved as inter_mod
 import vlpgraph.nodes.datasets.shapes as shapes_mod
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
-from vlpgraph.ports import INTERLEAVED, BuildContext
-from vlpgraph.registry import In, Params
+from vlpgraph.engine.ports import INTERLEAVED, BuildContext
+from vlpgraph.engine.registry import In, Params
 
 SMALL = dict(train_size=120, test_size=16, image_size=16, max_objects=2)
 
@@ -182,7 +182,7 @@ def test_collate_produces_the_contracts_batch(tmp_path):
     assert batch["doc_layout"] == [it["layout"] for it in items]
     assert batch["sample_ids"].tolist() == [0, 1, 2, 3, 4]
     # the trainer's Collate does not tokenise documents; paired splits collate as before
-    from vlpgraph.train import Collate
+    from vlpgraph.execution.train import Collate
 
     class Tok:
         def __call__(self, caps):

@@ -16,10 +16,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 import vlpgraph.nodes.datasets.interleaved as inter_mod
-from vlpgraph import registry, shards
+from vlpgraph.engine import registry
+from vlpgraph.files import shards
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BuildContext
+from vlpgraph.engine.ports import BuildContext
 from vlpgraph.store import Store
 
 PATTERN = "sh/shard-{000000..000002}.tar"  # 8 documents packed 3 to a shard
@@ -133,7 +134,7 @@ def test_a_document_keeps_its_jsonl_line_so_its_placement(tmp_path):
     root = write_docs(tmp_path, bad=False)
     pack(root)
     from_jsonl = inter_mod.read_documents(root / "docs.jsonl", root / "imgs")
-    from_shards, problems, source = inter_mod.read_shard_documents(PATTERN, root)
+    from_shards, problems, source = shards.read_shard_documents(PATTERN, root)
     assert not problems and source == root / PATTERN
     lines = [d.line for d in from_jsonl]
     assert [d.line for d in from_shards] == lines == [2, 3, 4, 6, 7, 8, 9, 10]
@@ -148,7 +149,7 @@ def test_a_document_keeps_its_jsonl_line_so_its_placement(tmp_path):
     for k in range(3):
         path = root / "sh" / f"shard-{k:06d}.tar"
         rewrite_members(path, lambda name: name.endswith(".line"), None)
-    docs, _, _ = inter_mod.read_shard_documents(PATTERN, root)
+    docs, _, _ = shards.read_shard_documents(PATTERN, root)
     assert [d.line for d in docs] == list(range(1, 9))
 
 

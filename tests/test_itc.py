@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.nodes.objectives import itc as itc_mod
 from vlpgraph.nodes.objectives.itc import ITC, ITCParams, contrastive_loss, gather_with_grad
 

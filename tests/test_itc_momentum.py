@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.test_itc import make_batch, make_itc
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.nodes.objectives.itc import (
     ITC,
     ITCParams,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.layers import interleaved as seqs
 from vlpgraph.layers.interleaved import Sequences
 from vlpgraph.nodes.heads import attentive_pool as pool_mod

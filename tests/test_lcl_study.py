@@ -9,7 +9,7 @@ from tests.conftest import ROOT
 from vlpgraph.cli import main
 from vlpgraph.nodes.datasets import shapes
 from vlpgraph.store import Store
-from vlpgraph.sweep import load_experiment
+from vlpgraph.engine.sweep import load_experiment
 
 GRAPH = str(ROOT / "graphs" / "lcl.yaml")
 WEIGHTS = {"gen_only": (1.0, 0.0), "con_only": (0.0, 1.0), "lcl": (1.0, 0.1),

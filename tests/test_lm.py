@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlpgraph import registry
+from vlpgraph.engine import registry
 from vlpgraph.layers import attention
 from vlpgraph.layers import tokenizer as tokmod
 from vlpgraph.layers.interleaved import IGNORE, build_sequences, place_visual
-from vlpgraph.ports import BuildContext, LanguageModel, PairedData
+from vlpgraph.engine.ports import BuildContext, LanguageModel, PairedData
 
 registry.load_builtin_kinds()
 

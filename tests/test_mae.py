@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
 from vlpgraph.layers import masking
 from vlpgraph.nodes.encoders.vit import ViTParams, build_vit

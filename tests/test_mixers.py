@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from tests.test_itc import FakeText, FakeVision
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.layers import mixing
 from vlpgraph.errors import TrialFailed
 from vlpgraph.nodes.mixers import cutmix as cutmix_mod
@@ -497,7 +497,7 @@ nodes:
 
 def test_timix_scorer_input_is_type_checked(tmp_path):
     from vlpgraph.errors import UserError
-    from vlpgraph.sweep import load_experiment
+    from vlpgraph.engine.sweep import load_experiment
 
     path = tmp_path / "g.yaml"
     path.write_text(GRAPH.format(mixer="mixer.timix", mixer_inputs="scorer: text"))
@@ -507,9 +507,9 @@ def test_timix_scorer_input_is_type_checked(tmp_path):
 
 @pytest.mark.slow
 def test_trainer_takes_a_separate_mixed_step(tmp_path):
-    from vlpgraph.compile import compile_trial
-    from vlpgraph.sweep import load_experiment
-    from vlpgraph.train import Hooks, fit
+    from vlpgraph.engine.compile import compile_trial
+    from vlpgraph.engine.sweep import load_experiment
+    from vlpgraph.execution.train import Hooks, fit
 
     path = tmp_path / "g.yaml"
     path.write_text(GRAPH.format(mixer="mixer.cutmix", mixer_inputs=""))

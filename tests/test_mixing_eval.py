@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tests.test_unpaired_data import shapes
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
 from vlpgraph.layers.tokenizer import WordPieceTokenizer, train_wordpiece

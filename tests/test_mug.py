@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import ROOT
 from vlpgraph.cli import main
 from vlpgraph.store import Store
-from vlpgraph.sweep import load_experiment
+from vlpgraph.engine.sweep import load_experiment
 
 GRAPH = str(ROOT / "graphs" / "mug.yaml")
 VARIANTS = ["clip", "mae", "captioner", "mug"]

@@ -1,4 +1,4 @@
-"""evaluator.nlvr (the NLVR2 analogue) and its statement generator (vlpgraph.scene_tasks.nlvr_items): every
+"""evaluator.nlvr (the NLVR2 analogue) and its statement generator (vlpgraph.nodes.evaluators.scene_tasks.nlvr_items): every
 label re-derived from the statement's text by an independent parser, labels balanced overall and per type,
 the evaluator on tiny towers (weights bit-identical), validation against data without scene graphs, and a
 tiny graph with both scene evaluators through the runner and the store."""
@@ -16,7 +16,8 @@ from PIL import Image
 
 from tests.test_qa import FakeModel, ctx, random_scenes, snapshot, towers
 from tests.test_transfer import write_captions
-from vlpgraph import ports, scene_tasks
+from vlpgraph.engine import ports
+from vlpgraph.nodes.evaluators import scene_tasks
 from vlpgraph.cli import main
 from vlpgraph.nodes.datasets import shapes as shapes_mod
 from vlpgraph.nodes.evaluators import nlvr as nlvr_mod

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from tests.conftest import tiny_graph
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.errors import UserError
 from vlpgraph.nodes.encoders.vit import ViTParams, build_vit
 from vlpgraph.nodes.evaluators import grounding as grounding_mod

@@ -1,4 +1,4 @@
-"""evaluator.qa (the VQA analogue) and its question generator (vlpgraph.scene_tasks.qa_items): every answer
+"""evaluator.qa (the VQA analogue) and its question generator (vlpgraph.nodes.evaluators.scene_tasks.qa_items): every answer
 re-derived from the question's text and the scene graph by an independent parser, the answer distribution
 of each type, determinism, the evaluator on real tiny towers (weights bit-identical in every finetune
 mode), VQAv2-style files, and the refusals."""
@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from vlpgraph import ports, scene_tasks
+from vlpgraph.engine import ports
+from vlpgraph.nodes.evaluators import scene_tasks
 from vlpgraph.errors import UserError
 from vlpgraph.nodes.datasets import shapes as shapes_mod
 from vlpgraph.nodes.encoders import fusion as fusion_mod

@@ -6,9 +6,9 @@ import pytest
 from rich.console import Console
 
 from tests.conftest import tiny_graph
-from vlpgraph.report import build_report, crossing, interpolate
+from vlpgraph.results.report import build_report, crossing, interpolate
 from vlpgraph.store import Store
-from vlpgraph.sweep import load_experiment
+from vlpgraph.engine.sweep import load_experiment
 
 
 def test_crossing_interpolates_the_first_reach():

@@ -10,9 +10,9 @@ from rich.table import Table
 
 from tests.conftest import tiny_graph
 from vlpgraph.cli import main
-from vlpgraph.report import build_report
+from vlpgraph.results.report import build_report
 from vlpgraph.store import Store
-from vlpgraph.sweep import load_experiment
+from vlpgraph.engine.sweep import load_experiment
 
 # two evaluators (headlines retrieval.rsum and zeroshot.top1), three variants, three seeds, no grid
 MORE = """  zeroshot:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlpgraph import ports, registry
+from vlpgraph.engine import ports, registry
 from vlpgraph.cli import main
 
 GRAPH = """\

@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_graph
-from vlpgraph import registry, runner as runner_mod
+from vlpgraph.engine import registry
+from vlpgraph.execution import runner as runner_mod
 from vlpgraph.cli import main
 from vlpgraph.errors import Interrupted, UserError
-from vlpgraph.ports import Objective, VisionTower
-from vlpgraph.registry import In, Params, register
-from vlpgraph.report import final_values
+from vlpgraph.engine.ports import Objective, VisionTower
+from vlpgraph.engine.registry import In, Params, register
+from vlpgraph.results.report import final_values
 from vlpgraph.store import Store
-from vlpgraph.sweep import load_experiment
+from vlpgraph.engine.sweep import load_experiment
 
 CLI = [sys.executable, "-m", "vlpgraph.cli"]
 
@@ -309,7 +310,7 @@ def test_a_runner_killed_without_a_word_shows_as_stale(tmp_path, cli_env, capsys
             proc.kill()
     assert store.status(rid) == "running"  # what the store holds: nobody could write anything else
     monkeypatch.setenv("VLPGRAPH_LEASE_S", "1")
-    from vlpgraph import analysis
+    from vlpgraph.results import analysis
 
     deadline = time.time() + 60
     while analysis.runs_table(store)["status"].tolist() != ["stale"] and time.time() < deadline:

@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from vlpgraph import registry, shards
+from vlpgraph.engine import registry
+from vlpgraph.files import shards
 from vlpgraph.cli import main
-from vlpgraph.compile import compile_trial
+from vlpgraph.engine.compile import compile_trial
 from vlpgraph.errors import Interrupted, UserError
-from vlpgraph.ports import BuildContext
-from vlpgraph.sweep import load_experiment
-from vlpgraph.train import Checkpointer, Hooks, fit
+from vlpgraph.engine.ports import BuildContext
+from vlpgraph.engine.sweep import load_experiment
+from vlpgraph.execution.train import Checkpointer, Hooks, fit
 
 import vlpgraph.nodes.datasets.captions as captions_mod
 

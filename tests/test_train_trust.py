@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_graph
-from vlpgraph.compile import compile_trial
+from vlpgraph.engine.compile import compile_trial
 from vlpgraph.errors import Interrupted, TrialFailed, UserError
-from vlpgraph.sweep import load_experiment
-from vlpgraph.train import Checkpointer, Hooks, cosine_with_warmup, fit, plan_steps, plan_warmup, warmup_warning
+from vlpgraph.engine.sweep import load_experiment
+from vlpgraph.execution.train import Checkpointer, Hooks, cosine_with_warmup, fit, plan_steps, plan_warmup, warmup_warning
 
 TIMIX = ROOT / "graphs" / "timix_sweep.yaml"
 # the TiMix study at its tiny size, half the data: 8 steps, a loss row per step, no checkpoint unless asked

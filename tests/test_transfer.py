@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from tests.conftest import tiny_graph
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.errors import TrialFailed, UserError
 from vlpgraph.nodes.datasets import captions as captions_mod

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import vlpgraph.nodes.datasets.shapes as shapes_mod
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BuildContext
+from vlpgraph.engine.ports import BuildContext
 
 SMALL = dict(train_size=120, test_size=16, image_size=32, max_objects=3)
 

@@ -10,7 +10,7 @@ from tests.conftest import ROOT
 from vlpgraph.cli import main
 from vlpgraph.nodes.datasets import shapes
 from vlpgraph.store import Store
-from vlpgraph.sweep import load_experiment
+from vlpgraph.engine.sweep import load_experiment
 
 GRAPH = str(ROOT / "graphs" / "vlmixer.yaml")
 PROBES = {("qa", "accuracy"), ("nlvr", "accuracy"), ("transfer", "rsum"), ("probe", "top1")}

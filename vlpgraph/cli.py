@@ -1,4 +1,4 @@
-"""The command line (DESIGN §7): parse arguments, call the library, map errors to exit codes.
+"""The command line (docs/reference/cli.md): parse arguments, call the library, map errors to exit codes.
 
 Exit codes: 0 every trial completed; 1 some trial failed (the others still ran); 2 user error
 (bad graph, bad argument, bad data found before any trial ran, a ``--store`` that is a file; for ``runs``
@@ -61,8 +61,8 @@ def _wide(out: Console) -> Console:
 
 
 def _load(args):
-    from vlpgraph.spec import parse_set
-    from vlpgraph.sweep import load_experiment
+    from vlpgraph.engine.spec import parse_set
+    from vlpgraph.engine.sweep import load_experiment
 
     sets = [parse_set(s) for s in (getattr(args, "set", None) or [])]
     exp = load_experiment(args.graph, sets=sets, profile=getattr(args, "profile", None))
@@ -83,7 +83,7 @@ def _load(args):
 
 
 def cmd_run(args, out: Console, err: Console) -> int:
-    from vlpgraph.runner import (Runner, exit_code, init_distributed, resolve_device, shutdown_distributed,
+    from vlpgraph.execution.runner import (Runner, exit_code, init_distributed, resolve_device, shutdown_distributed,
                                  stop_on_signals, trial_label)
     from vlpgraph.store import Store
 
@@ -101,7 +101,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
         return 0
     store = Store(_store_dir(args))
     if rank == 0:
-        from vlpgraph.sweep import data_changes
+        from vlpgraph.engine.sweep import data_changes
 
         for line in data_changes(exp, store):  # edited data: say why trials that ran before train again
             err.print(line, highlight=False, markup=False)
@@ -111,7 +111,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
             with stop_on_signals(runner):  # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
                 outcomes = runner.run(exp)
         else:
-            from vlpgraph.executors import RayExecutor
+            from vlpgraph.execution.executors import RayExecutor
 
             # Ray first: ray.init installs a SIGTERM handler of its own, which ours must replace
             with RayExecutor(runner, args.device, **ray_executor) as executor, stop_on_signals(runner):
@@ -153,7 +153,7 @@ def _ray_options(args) -> dict | None:
         return None
     if args.dry_run:
         return None
-    from vlpgraph.executors import TrialResources, import_ray
+    from vlpgraph.execution.executors import TrialResources, import_ray
 
     import_ray()
     if jobs and args.address:
@@ -225,9 +225,9 @@ def _type_name(annotation) -> str:
 
 
 def cmd_nodes(args, out: Console, err: Console) -> int:
-    from vlpgraph import registry
+    from vlpgraph.engine import registry
     from vlpgraph.errors import did_you_mean
-    from vlpgraph.graph import port_name
+    from vlpgraph.engine.graph import port_name
 
     kinds = registry.kinds()
     out = _wide(out)
@@ -313,8 +313,8 @@ def cmd_runs(args, out: Console, err: Console) -> int:
 
 
 def cmd_report(args, out: Console, err: Console) -> int:
-    from vlpgraph.report import build_report
-    from vlpgraph.spec import parse_set
+    from vlpgraph.results.report import build_report
+    from vlpgraph.engine.spec import parse_set
 
     store = _existing_store(args)
     exp = _load(args)
@@ -325,12 +325,17 @@ def cmd_report(args, out: Console, err: Console) -> int:
     return 0
 
 
-APP_MAIN = Path(__file__).resolve().parents[1] / "app" / "main.py"
+def app_main() -> Path:
+    """The app's entry script: the package ``vlpgraph.app`` (the repository's app/ folder, installed
+    with the package by pyproject's package-dir), wherever it was installed."""
+    import vlpgraph.app
+
+    return Path(vlpgraph.app.__file__).resolve().parent / "main.py"
 
 
 def app_command(store: Path, host: str, port: int) -> list[str]:
     """The `streamlit run` command line that serves the app (no browser, no telemetry, no file watcher)."""
-    return [sys.executable, "-m", "streamlit", "run", str(APP_MAIN),
+    return [sys.executable, "-m", "streamlit", "run", str(app_main()),
             "--server.address", host, "--server.port", str(port), "--server.headless", "true",
             "--server.fileWatcherType", "none", "--server.runOnSave", "false",
             "--browser.gatherUsageStats", "false", "--global.developmentMode", "false",
@@ -341,9 +346,6 @@ def cmd_app(args, out: Console, err: Console) -> int:
     import socket
 
     store = _store_dir(args).expanduser().resolve()
-    if not APP_MAIN.exists():
-        raise UserError(f"the app's files are not beside this installation ({APP_MAIN} is missing): "
-                        "`vlpgraph app` runs from a source checkout installed with `pip install -e .`")
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: expected 1-65535")
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
@@ -361,10 +363,10 @@ def cmd_app(args, out: Console, err: Console) -> int:
 
 def cmd_data_pack(args, out: Console, err: Console) -> int:
     """``vlpgraph data pack SOURCE --out DIR``: WebDataset shards of an annotations file or of interleaved
-    documents (vlpgraph/shards.py)."""
+    documents (vlpgraph/files/shards.py)."""
     from rich.progress import track
 
-    from vlpgraph.shards import pack
+    from vlpgraph.files.shards import pack
 
     source = Path(args.source).expanduser()
     images = Path(args.images).expanduser() if args.images else None

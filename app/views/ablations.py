@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-import common
-from vlpgraph import analysis, plots
+from vlpgraph.app import common
+from vlpgraph.results import analysis, plots
 from vlpgraph.store import Store
 
 

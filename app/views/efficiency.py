@@ -4,8 +4,8 @@ variant with a ±std band, and where each variant reaches the baseline's full-da
 import pandas as pd
 import streamlit as st
 
-import common
-from vlpgraph import analysis, plots
+from vlpgraph.app import common
+from vlpgraph.results import analysis, plots
 from vlpgraph.store import Store
 
 

@@ -4,8 +4,8 @@ mixed samples (image, partner, mixed image, λ) a mixer made."""
 import pandas as pd
 import streamlit as st
 
-import common
-from vlpgraph import analysis, plots
+from vlpgraph.app import common
+from vlpgraph.results import analysis, plots
 from vlpgraph.store import Store
 
 

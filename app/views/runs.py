@@ -3,8 +3,8 @@
 import pandas as pd
 import streamlit as st
 
-import common
-from vlpgraph import analysis, plots
+from vlpgraph.app import common
+from vlpgraph.results import analysis, plots
 
 st.title("Runs")
 common.require_runs()

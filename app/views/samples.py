@@ -9,8 +9,8 @@ reference, info)."""
 
 import streamlit as st
 
-import common
-from vlpgraph import analysis, plots
+from vlpgraph.app import common
+from vlpgraph.results import analysis, plots
 
 NONE = "(none)"
 ALL_VARIANTS = "(all variants)"

@@ -13,5 +13,5 @@
 - :mod:`.distributed`: cross-rank gathers with gradient for losses over the global batch (``torchrun``)
 
 A block used by one node kind only stays in that node's module; node modules never import each other,
-so what two of them share lives here (or, for evaluators, in :mod:`vlpgraph.evaluation`).
+so what two of them share lives here (or, for evaluators, in :mod:`vlpgraph.nodes.evaluators.evaluation`).
 """

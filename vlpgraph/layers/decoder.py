@@ -1,6 +1,6 @@
 """A causal caption decoder conditioned on image tokens (CoCa's text decoder, MUG's caption decoder).
 
-:class:`CaptionTransformer` implements :class:`vlpgraph.ports.CaptionDecoder`; ``decoder.caption`` builds
+:class:`CaptionTransformer` implements :class:`vlpgraph.engine.ports.CaptionDecoder`; ``decoder.caption`` builds
 it, ``objective.caption`` trains it and ``evaluator.captioning`` trains a fresh one on a frozen encoder.
 Layout (pre-LN, as CoCa / open_clip's multimodal decoder)::
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.layers.fusion import Attention
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vlpgraph.layers.attention import attend
-from vlpgraph.ports import Forward, TextTower, VisionTower
+from vlpgraph.engine.ports import Forward, TextTower, VisionTower
 
 LN_EPS = 1e-12  # BERT's layer_norm_eps
 

@@ -3,7 +3,7 @@
 A document is a list of sentences and images in reading order. :func:`build_sequences` turns a batch of
 them into token ids in which every image is a block ``<soi> <img>×n <eoi>``; :func:`place_visual`
 replaces the ``<img>`` placeholders' embeddings by the image's visual tokens. The layout of a batch is
-the one the interleaved data's ``collate`` produces (see the contract in vlpgraph.ports, PairedData with
+the one the interleaved data's ``collate`` produces (see the contract in vlpgraph.engine.ports, PairedData with
 capability ``interleaved``): ``doc_texts``, ``doc_layout``, ``image_doc``, ``image_index``.
 """
 

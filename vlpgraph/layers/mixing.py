@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import Field
 
 from vlpgraph.errors import TrialFailed
-from vlpgraph.registry import Params
+from vlpgraph.engine.registry import Params
 
 # --------------------------------------------------------------------------------- random draws
 

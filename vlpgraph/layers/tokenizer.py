@@ -1,4 +1,4 @@
-"""A WordPiece tokenizer (HuggingFace ``tokenizers``) behind the :class:`vlpgraph.ports.Tokenizer` interface.
+"""A WordPiece tokenizer (HuggingFace ``tokenizers``) behind the :class:`vlpgraph.engine.ports.Tokenizer` interface.
 
 BERT-style: NFD + lowercase + accent stripping (``BertNormalizer``), whitespace and punctuation
 splitting (``BertPreTokenizer``), WordPiece with ``##`` continuations, ``[CLS] text [SEP]``.
@@ -27,7 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from vlpgraph.errors import UserError
-from vlpgraph.ports import Tokenizer
+from vlpgraph.engine.ports import Tokenizer
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -217,7 +217,7 @@ def node_wordpiece(tokenizer_file: str | None, data, vocab_size: int, ctx, who: 
     """The WordPiece a node with a tokenizer uses (encoder.text, encoder.lm, decoder.caption): the local
     ``tokenizer_file`` (relative to the graph file's folder) when given, else one trained on ``data``'s
     training captions and cached by content hash. ``who``: "node 'x' (kind)" for the error without data."""
-    from vlpgraph.checkpoints import resolve_path
+    from vlpgraph.files.local import resolve_path
 
     if tokenizer_file:
         return load_tokenizer_file(resolve_path(tokenizer_file, ctx.base_dir))

@@ -8,8 +8,8 @@ from pydantic import Field
 from torch import nn
 
 from vlpgraph.errors import UserError
-from vlpgraph.ports import BuildContext, CaptionDecoder, Model, Objective, PairedData, TextTower
-from vlpgraph.registry import In, Params, register, size_of
+from vlpgraph.engine.ports import BuildContext, CaptionDecoder, Model, Objective, PairedData, TextTower
+from vlpgraph.engine.registry import In, Params, register, size_of
 
 
 class TrainerParams(Params):

@@ -13,7 +13,7 @@ column (an annotation's or its image entry's key in COCO) holds each sample's cl
 integer; empty or absent: no label).
 
 Shards (param ``shards``, e.g. ``data/shard-{000000..000009}.tar``) are plain ``.tar`` files that
-``vlpgraph data pack`` writes from any of those formats (vlpgraph/shards.py): one sample per row, its
+``vlpgraph data pack`` writes from any of those formats (vlpgraph/files/shards.py): one sample per row, its
 image's bytes, caption and row. They give the same samples, in the same order, as the folder they
 were packed from (so the same sample ids, held-out split and batches), with bad images skipped and
 counted the same way.
@@ -37,14 +37,14 @@ from pydantic import Field
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from vlpgraph import shards
-# The reader is shared with dataset.unpaired's test split (vlpgraph/annotations.py); its names stay importable here.
-from vlpgraph.annotations import Record, _fail, drop_bad_images, drop_empty_captions, read_annotations  # noqa: F401
-from vlpgraph.checkpoints import resolve_path, sha256_of
+from vlpgraph.files import shards
+# The reader is shared with dataset.unpaired's test split (vlpgraph/files/annotations.py); its names stay importable here.
+from vlpgraph.files.annotations import Record, _fail, drop_bad_images, drop_empty_captions, read_annotations  # noqa: F401
+from vlpgraph.files.local import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import stats_fingerprint, to_rgb
-from vlpgraph.ports import BOXES, LABELS, PAIRED, BuildContext, PairedData
-from vlpgraph.registry import Params, register
+from vlpgraph.files.imagefiles import stats_fingerprint, to_rgb
+from vlpgraph.engine.ports import BOXES, LABELS, PAIRED, BuildContext, PairedData
+from vlpgraph.engine.registry import Params, register
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
 STD = (0.26862954, 0.26130258, 0.27577711)

@@ -9,7 +9,7 @@ before or right after its matched sentence with probability ``image_first_p`` / 
 trial and every ``train_fraction``.
 
 Shards (param ``shards``, e.g. ``data/shard-{000000..000009}.tar``) hold one sample per document (its
-JSON, its images ``KEY.0.jpg``, ``KEY.1.png``, ... and its line in the .jsonl; vlpgraph/shards.py). They
+JSON, its images ``KEY.0.jpg``, ``KEY.1.png``, ... and its line in the .jsonl; vlpgraph/files/shards.py). They
 are streamed once at build (every image checked as it passes, bad ones skipped and counted as the
 folder's are) and then read by index, each image in place in its shard; a document from shards is the
 document of the .jsonl it was packed from (same texts, same images, same line, so the same placement),
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +35,14 @@ from PIL import Image
 from pydantic import Field
 from torchvision.transforms import v2
 
-from vlpgraph import shards
-from vlpgraph.annotations import Member
-from vlpgraph.checkpoints import resolve_path, sha256_of
+from vlpgraph.files import shards
+from vlpgraph.files.annotations import Member
+from vlpgraph.files.local import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import bad_images, skip_bad_images, stats_fingerprint, to_rgb
-from vlpgraph.ports import INTERLEAVED, BuildContext, PairedData, collate_documents, default_collate
-from vlpgraph.registry import Params, register
+from vlpgraph.files.documents import Document, drop_bad, read_documents
+from vlpgraph.files.imagefiles import stats_fingerprint, to_rgb
+from vlpgraph.engine.ports import INTERLEAVED, BuildContext, PairedData, collate_documents, default_collate
+from vlpgraph.engine.registry import Params, register
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, as dataset.captions
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -95,118 +95,6 @@ class InterleavedParams(Params):
             out.append(("random_resized_crop_scale", f"must satisfy 0 < lo <= hi <= 1 (got [{lo}, {hi}])"))
         out += shards.source_problems(self, "an MMC4-style .jsonl and its images")
         return out
-
-
-@dataclass
-class Document:
-    """One line of the file: ``texts`` (whitespace-normalised sentences), ``images`` [(path, matched
-    sentence index)] in the file's order, ``line`` (1-based, for messages and the placement draws).
-    A document read from shards has the line it had in the .jsonl it was packed from, its image names
-    as ``images`` and their bytes as ``members`` (parallel to ``images``; None: read the files), and
-    ``where`` names its sample in messages (default: ``line N``)."""
-
-    texts: list[str]
-    images: list[tuple[Path, int]]
-    line: int
-    members: list[Member | None] | None = None
-    where: str = ""
-
-    def named(self) -> str:
-        return self.where or f"line {self.line}"
-
-    def sources(self) -> list[Path | Member]:
-        """Where each image's bytes are: its file, or its shard member."""
-        return [img for img, _ in self.images] if self.members is None else list(self.members)
-
-
-# ------------------------------------------------------------------------------------------ reading
-
-
-def parse_document(obj, where: str, images_root: Path | None) -> tuple[list[str], list[tuple[Path, int]]]:
-    """(sentences, [(image path, matched sentence index)]) of one document object (a .jsonl line or a
-    shard sample's JSON); relative image names resolve against ``images_root`` (None: kept as named).
-    A malformed document is a ``UserError`` starting with ``where``."""
-    texts, info = (obj.get("text_list"), obj.get("image_info")) if isinstance(obj, dict) else (None, None)
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not isinstance(info, list):
-        raise UserError(f"{where}: expected an object with 'text_list' (a list of strings) and 'image_info' (a list)")
-    images = []
-    for im in info:
-        name = im.get("image_name") if isinstance(im, dict) else None
-        k = im.get("matched_text_index") if isinstance(im, dict) else None
-        if not isinstance(name, str) or not name.strip() or not isinstance(k, int) or isinstance(k, bool):
-            raise UserError(f"{where}: every 'image_info' entry needs 'image_name' (a path) and "
-                            "'matched_text_index' (an integer)")
-        if not 0 <= k < len(texts):
-            raise UserError(f"{where}: matched_text_index {k} is outside text_list (0..{len(texts) - 1})")
-        img = Path(name)
-        images.append((img if img.is_absolute() or images_root is None else images_root / img, k))
-    return [" ".join(t.split()) for t in texts], images
-
-
-def read_documents(path: Path, images_root: Path) -> list[Document]:
-    """The documents of an MMC4-style JSONL file; a malformed line is a ``UserError`` naming it."""
-    if not path.is_file():
-        raise UserError(f"{path}: annotations file not found")
-    if path.suffix.lower() != ".jsonl":
-        raise UserError(f"{path}: unsupported format '{path.suffix}' (expected an MMC4-style .jsonl)")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})") from None
-    docs = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        docs.append(Document(*parse_document(obj, f"{path}:{n}", images_root), n))
-    if not docs:
-        raise UserError(f"{path}: no documents")
-    return docs
-
-
-def read_shard_documents(pattern: str, base_dir: Path) -> tuple[list[Document], dict[Path, str], Path]:
-    """(the documents of WebDataset shards, {image name: why} for their missing or unreadable images,
-    the pattern resolved, which names them in messages), read by :func:`vlpgraph.shards.read_document_samples`
-    (images checked as they stream past) and parsed as .jsonl lines are. Each image is its name in
-    ``image_info`` (which names it in messages, as a folder's file name does), read from its member."""
-    samples, source = shards.read_document_samples(pattern, base_dir)
-    docs, problems = [], {}
-    for s in samples:
-        texts, images = parse_document(s.row, f"{source}: {s.where}", None)
-        for (img, _), why in zip(images, s.problems):
-            if why:
-                problems.setdefault(img, why)
-        docs.append(Document(texts, images, s.line, members=s.images, where=s.where))
-    return docs, problems, source
-
-
-def drop_bad(docs: list[Document], ann: Path, max_bad_fraction: float, log,
-             problems: dict[Path, str] | None = None) -> list[Document]:
-    """Documents without their missing/unreadable images (counted and judged by
-    :func:`vlpgraph.imagefiles.bad_images`, as dataset.captions does; ``problems`` ({image: why}) when
-    they are known already, as for shards, whose images were checked as they streamed past); a document
-    left with no image is dropped, and counted in a warning."""
-    if problems is None:
-        bad = bad_images((img for d in docs for img, _ in d.images), ann, max_bad_fraction, log)
-    else:
-        bad = problems
-        skip_bad_images(bad, len({img for d in docs for img, _ in d.images}), ann, max_bad_fraction, log)
-    kept = []
-    for d in docs:
-        keep = [j for j, (img, _) in enumerate(d.images) if img not in bad]
-        if keep:
-            members = None if d.members is None else [d.members[j] for j in keep]
-            kept.append(Document(d.texts, [d.images[j] for j in keep], d.line, members, d.where))
-    if len(kept) < len(docs):
-        dropped = [d.named() for d in docs if not [1 for img, _ in d.images if img not in bad]]
-        shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
-        log(f"warning: {ann}: dropped {len(dropped)} of {len(docs)} documents left without a readable image: {shown}")
-    if not kept:
-        raise UserError(f"{ann}: no document has a readable image")
-    return kept
 
 
 @dataclass
@@ -455,7 +343,7 @@ def build(params: InterleavedParams, inputs: dict, ctx: BuildContext) -> PairedD
     def read(source: str, test: bool) -> tuple[list[Document], Path]:
         """Usable documents of the .jsonl or shards, and the path that names them in messages."""
         if p.shards:
-            docs, problems, named = read_shard_documents(source, ctx.base_dir)
+            docs, problems, named = shards.read_shard_documents(source, ctx.base_dir)
         else:
             ann, root, test_ann = resolve_paths(p, ctx.base_dir)
             named, problems = (test_ann if test else ann), None  # None: drop_bad opens the files

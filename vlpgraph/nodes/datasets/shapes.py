@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator, model_serializer
 
-from vlpgraph import ports
-from vlpgraph.gallery import BoxGallery
-from vlpgraph.ports import (
+from vlpgraph.engine import ports
+from vlpgraph.files.gallery import BoxGallery
+from vlpgraph.engine.ports import (
     BOXES, CLASSES, GALLERY, INTERLEAVED, LABELS, PAIRED, SCENES, UNPAIRED, BuildContext, PairedData, ZeroShotSet,
     collate_documents, collate_unpaired, default_collate,
 )
-from vlpgraph.registry import Params, register
+from vlpgraph.engine.registry import Params, register
 
 # Bump when the generator's output changes: it is part of the cache key.
 GENERATOR_VERSION = 1

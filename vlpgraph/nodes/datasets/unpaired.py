@@ -9,7 +9,7 @@
   ``id``/``name``): each box of an image-corpus image becomes a region of its category's concept (the
   category name); it provides the ``gallery`` capability.
 - ``test_annotations``: a paired COCO-captions ``.json`` (or ``.jsonl``/``.csv`` manifest) read as
-  dataset.captions reads it (vlpgraph/annotations.py): the test split every evaluator uses.
+  dataset.captions reads it (vlpgraph/files/annotations.py): the test split every evaluator uses.
 
 Relative paths resolve against the graph file's folder. The node's identity covers the files' content and
 the named images' sizes and mtimes, as dataset.captions's.
@@ -28,13 +28,13 @@ from PIL import Image
 from pydantic import Field
 from torchvision.transforms import v2
 
-from vlpgraph.annotations import Record, drop_bad_images, drop_empty_captions, read_annotations
-from vlpgraph.checkpoints import resolve_path, sha256_of
+from vlpgraph.files.annotations import Record, drop_bad_images, drop_empty_captions, read_annotations
+from vlpgraph.files.local import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.gallery import BoxGallery
-from vlpgraph.imagefiles import bad_images, stats_fingerprint, to_rgb
-from vlpgraph.ports import GALLERY, UNPAIRED, BuildContext, PairedData, collate_unpaired, default_collate
-from vlpgraph.registry import Params, register
+from vlpgraph.files.gallery import BoxGallery
+from vlpgraph.files.imagefiles import bad_images, stats_fingerprint, to_rgb
+from vlpgraph.engine.ports import GALLERY, UNPAIRED, BuildContext, PairedData, collate_unpaired, default_collate
+from vlpgraph.engine.registry import Params, register
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, as dataset.captions
 STD = (0.26862954, 0.26130258, 0.27577711)

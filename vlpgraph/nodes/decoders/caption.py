@@ -8,13 +8,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vlpgraph.checkpoints import files_fingerprint
+from vlpgraph.files.local import files_fingerprint
 from vlpgraph.errors import UserError
 from vlpgraph.layers.attention import resolve_backend
 from vlpgraph.layers.decoder import CaptionTransformer
 from vlpgraph.layers.tokenizer import WordPieceTokenizer, node_wordpiece
-from vlpgraph.ports import BuildContext, PairedData, VisionTower
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.ports import BuildContext, PairedData, VisionTower
+from vlpgraph.engine.registry import In, Params, register
 
 Backend = Literal["auto", "sdpa", "math", "xformers"]
 

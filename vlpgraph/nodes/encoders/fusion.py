@@ -11,8 +11,8 @@ from pydantic import Field
 from vlpgraph.layers.attention import resolve_backend
 from vlpgraph.errors import UserError
 from vlpgraph.layers.fusion import FusionTower
-from vlpgraph.ports import BuildContext, TextTower, VisionTower
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.ports import BuildContext, TextTower, VisionTower
+from vlpgraph.engine.registry import In, Params, register
 
 Backend = Literal["auto", "sdpa", "math", "xformers"]
 

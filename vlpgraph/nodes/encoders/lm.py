@@ -12,12 +12,12 @@ from pydantic import Field
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
-from vlpgraph.checkpoints import files_fingerprint, load_matching, read_state_dict, resolve_path
+from vlpgraph.files.local import files_fingerprint, load_matching, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.layers.attention import resolve_backend, transformers_attention_name
 from vlpgraph.layers.tokenizer import IMAGE_TOKENS, WordPieceTokenizer, node_wordpiece
-from vlpgraph.ports import BuildContext, LanguageModel, PairedData
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.ports import BuildContext, LanguageModel, PairedData
+from vlpgraph.engine.registry import In, Params, register
 
 Backend = Literal["auto", "sdpa", "math", "xformers"]
 
@@ -70,7 +70,7 @@ def facts(p: LMParams, base_dir) -> dict:
 
 
 class LlamaLM(LanguageModel):
-    """transformers ``LlamaModel`` as a :class:`vlpgraph.ports.LanguageModel`; ``.model`` is the Llama,
+    """transformers ``LlamaModel`` as a :class:`vlpgraph.engine.ports.LanguageModel`; ``.model`` is the Llama,
     ``.lm_head`` the untied output projection (None when tied). ``attention_backend`` switches the
     attention backend in place."""
 

@@ -9,12 +9,12 @@ import torch
 from pydantic import Field
 from transformers import BertConfig, BertModel
 
-from vlpgraph.checkpoints import files_fingerprint, load_matching, read_state_dict, resolve_path
+from vlpgraph.files.local import files_fingerprint, load_matching, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.layers.attention import resolve_backend, transformers_attention_name
 from vlpgraph.layers.tokenizer import WordPieceTokenizer, node_wordpiece
-from vlpgraph.ports import BuildContext, PairedData, TextTower
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.ports import BuildContext, PairedData, TextTower
+from vlpgraph.engine.registry import In, Params, register
 
 Backend = Literal["auto", "sdpa", "math", "xformers"]
 

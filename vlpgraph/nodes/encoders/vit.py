@@ -8,11 +8,11 @@ import torch
 from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
-from vlpgraph.checkpoints import files_fingerprint, load_matching, read_state_dict, resolve_path
+from vlpgraph.files.local import files_fingerprint, load_matching, read_state_dict, resolve_path
 from vlpgraph.errors import UserError
 from vlpgraph.layers.attention import RoutedAttention, resolve_backend, route_timm_attention
-from vlpgraph.ports import BuildContext, PairedData, VisionTower
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.ports import BuildContext, PairedData, VisionTower
+from vlpgraph.engine.registry import In, Params, register
 
 Backend = Literal["auto", "sdpa", "math", "xformers"]
 

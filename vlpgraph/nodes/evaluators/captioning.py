@@ -11,13 +11,13 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
-from vlpgraph.evaluation import evaluation_mode, frozen_image_tokens, seeded, tokenizer_for
+from vlpgraph.nodes.evaluators.evaluation import evaluation_mode, frozen_image_tokens, seeded, tokenizer_for
 from vlpgraph.layers.attention import resolve_backend
 from vlpgraph.layers.decoder import CaptionTransformer, caption_loss
 from vlpgraph.layers.patches import png_bytes
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 Backend = Literal["auto", "sdpa", "math", "xformers"]
 

@@ -8,11 +8,11 @@ import math
 import torch
 from pydantic import Field
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
-from vlpgraph.evaluation import evaluation_mode, to_device
+from vlpgraph.nodes.evaluators.evaluation import evaluation_mode, to_device
 from vlpgraph.layers.patches import png_bytes
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class DocumentsParams(Params):

@@ -9,9 +9,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed
-from vlpgraph.evaluation import evaluation_mode, to_device, tokenize
+from vlpgraph.nodes.evaluators.evaluation import evaluation_mode, to_device, tokenize
 from vlpgraph.layers.patches import (
     batch_patch_labels,
     chance_pointing,
@@ -20,7 +20,7 @@ from vlpgraph.layers.patches import (
     resolve_topk,
     topk_iou,
 )
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class GroundingParams(Params):

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed, UserError
-from vlpgraph.evaluation import (FrozenTokens, first_hit_ranks, frozen_image_tokens, minibatches,
+from vlpgraph.nodes.evaluators.evaluation import (FrozenTokens, first_hit_ranks, frozen_image_tokens, minibatches,
                                  recall_at, seeded, split_labels)
 from vlpgraph.layers.pooling import AttentivePool
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class LinearProbeParams(Params):

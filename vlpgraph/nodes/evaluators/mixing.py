@@ -7,10 +7,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
-from vlpgraph.evaluation import evaluation_mode, seeded, to_device, tokenize
-from vlpgraph.registry import In, Params, register
+from vlpgraph.nodes.evaluators.evaluation import evaluation_mode, seeded, to_device, tokenize
+from vlpgraph.engine.registry import In, Params, register
 
 # The step the evaluation draws are made at: training steps are >= 0, so they never coincide.
 EVAL_STEP = -1

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
-from vlpgraph import ports
-from vlpgraph.evaluation import seeded
+from vlpgraph.engine import ports
+from vlpgraph.nodes.evaluators.evaluation import seeded
 from vlpgraph.layers.fusion import FusionTower
 from vlpgraph.layers.patches import png_bytes
-from vlpgraph.registry import In, register
-from vlpgraph.scene_tasks import (NLVR_TYPES, NLVRItem, ProbeParams, ProbeSet, Vocab, accuracy_by_type,
+from vlpgraph.engine.registry import In, register
+from vlpgraph.nodes.evaluators.scene_tasks import (NLVR_TYPES, NLVRItem, ProbeParams, ProbeSet, Vocab, accuracy_by_type,
                                   check_fusion_param, check_towers, majority_answers, nlvr_items, side_by_side,
                                   split_scenes, train_probe)
 
@@ -127,7 +127,7 @@ def build(params: NLVRParams, inputs: dict, ctx: ports.BuildContext) -> NLVREval
     statement type, and the majority-label baseline, ~0.5 by construction).
 
     Statements (no official code exists for the shapes analogue; everything here is assumed), from the two
-    images' scene graphs (vlpgraph.scene_tasks.nlvr_items): ``both`` ("both images contain a red circle",
+    images' scene graphs (vlpgraph.nodes.evaluators.scene_tasks.nlvr_items): ``both`` ("both images contain a red circle",
     also "a red shape", "a circle"), ``one`` ("exactly one image contains ..."), ``compare`` ("the left image
     has more shapes than the right image", fewer, the same number) and ``total`` ("there are exactly two
     squares in total", the true count or one off). Each image of a split is the left image of

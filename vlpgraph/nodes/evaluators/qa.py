@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from pydantic import Field, field_validator
 
-from vlpgraph import ports
-from vlpgraph.checkpoints import resolve_path, sha256_of
+from vlpgraph.engine import ports
+from vlpgraph.files.local import resolve_path, sha256_of
 from vlpgraph.errors import UserError
-from vlpgraph.evaluation import seeded
+from vlpgraph.nodes.evaluators.evaluation import seeded
 from vlpgraph.layers.fusion import FusionTower
 from vlpgraph.layers.patches import png_bytes
-from vlpgraph.registry import In, register
-from vlpgraph.scene_tasks import (QA_TYPES, ProbeParams, ProbeSet, QAItem, Vocab, accuracy_by_type, check_fusion_param,
+from vlpgraph.engine.registry import In, register
+from vlpgraph.nodes.evaluators.scene_tasks import (QA_TYPES, ProbeParams, ProbeSet, QAItem, Vocab, accuracy_by_type, check_fusion_param,
                                   check_towers, majority_answers, qa_items, split_scenes, train_probe)
 
 JSON_PARAMS = ("questions", "annotations", "train_questions", "train_annotations")
@@ -209,7 +209,7 @@ def build(params: QAParams, inputs: dict, ctx: ports.BuildContext) -> QAEvaluato
     majority-answer baseline of each type).
 
     Questions (no official code exists for the shapes analogue; everything here is assumed): from each
-    image's scene graph, one question of each type in ``types`` that applies to it (vlpgraph.scene_tasks):
+    image's scene graph, one question of each type in ``types`` that applies to it (vlpgraph.nodes.evaluators.scene_tasks):
     count ("how many red shapes are there?"), colour ("what colour is the circle?", only when one object
     has that shape), shape ("what shape is the red object?"), size ("what size is the red circle?"),
     exists ("is there a blue square?", yes / no equally likely, half the no's near misses) and relation

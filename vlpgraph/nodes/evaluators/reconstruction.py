@@ -6,11 +6,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from vlpgraph import ports
-from vlpgraph.evaluation import evaluation_mode, seeded, to_device
+from vlpgraph.engine import ports
+from vlpgraph.nodes.evaluators.evaluation import evaluation_mode, seeded, to_device
 from vlpgraph.layers.masking import masked_patch_errors, norm_pix_targets, paint_masked, paste_reconstruction, patchify
 from vlpgraph.layers.patches import png_bytes
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 # The step the evaluation masks are drawn at: training steps are >= 0, so they never coincide.
 EVAL_STEP = -1

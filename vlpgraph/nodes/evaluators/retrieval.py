@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
-from vlpgraph.evaluation import embed_split, first_hit_ranks, recall_at
+from vlpgraph.nodes.evaluators.evaluation import embed_split, first_hit_ranks, recall_at
 # shared with evaluator.transfer_retrieval (node modules never import each other)
-from vlpgraph.evaluation import recall_ks_degenerate as degenerate
-from vlpgraph.evaluation import recall_ks_refusal as _refusal
-from vlpgraph.evaluation import recall_ks_too_large as too_large
-from vlpgraph.registry import In, Params, register, size_of
+from vlpgraph.nodes.evaluators.evaluation import recall_ks_degenerate as degenerate
+from vlpgraph.nodes.evaluators.evaluation import recall_ks_refusal as _refusal
+from vlpgraph.nodes.evaluators.evaluation import recall_ks_too_large as too_large
+from vlpgraph.engine.registry import In, Params, register, size_of
 
 
 class RetrievalParams(Params):

@@ -11,14 +11,14 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
-from vlpgraph.evaluation import (first_hit_ranks, frozen_image_tokens, minibatches, recall_at,
+from vlpgraph.nodes.evaluators.evaluation import (first_hit_ranks, frozen_image_tokens, minibatches, recall_at,
                                  recall_ks_degenerate, recall_ks_refusal, recall_ks_too_large, seeded,
                                  tokenizer_for)
 from vlpgraph.layers.attention import transformers_attention_name
 from vlpgraph.layers.pooling import AttentivePool
-from vlpgraph.registry import In, Params, register, size_of
+from vlpgraph.engine.registry import In, Params, register, size_of
 
 
 class TransferRetrievalParams(Params):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field, field_validator
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed
-from vlpgraph.evaluation import embed_split, embed_texts, first_hit_ranks, recall_at
-from vlpgraph.registry import In, Params, register
+from vlpgraph.nodes.evaluators.evaluation import embed_split, embed_texts, first_hit_ranks, recall_at
+from vlpgraph.engine.registry import In, Params, register
 
 
 class ZeroShotParams(Params):

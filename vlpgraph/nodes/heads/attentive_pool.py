@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
 from vlpgraph.layers.pooling import AttentivePool
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class AttentivePoolParams(Params):

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
 from vlpgraph.layers.patches import znormalize
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class PatchSimilarityParams(Params):

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
 from vlpgraph.layers.patches import znormalize
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class TPPParams(Params):

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed, UserError
 from vlpgraph.layers.fusion import word_embeddings
 from vlpgraph.layers.masking import sample_seed
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class CMCParams(Params):

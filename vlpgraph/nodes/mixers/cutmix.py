@@ -9,9 +9,9 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.layers import mixing
-from vlpgraph.registry import register
+from vlpgraph.engine.registry import register
 
 
 class CutMixParams(mixing.PairMixParams):

@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.layers import mixing
-from vlpgraph.registry import register
+from vlpgraph.engine.registry import register
 
 
 class MixupParams(mixing.PairMixParams):

@@ -11,10 +11,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed
 from vlpgraph.layers import mixing
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class TiMixParams(Params):

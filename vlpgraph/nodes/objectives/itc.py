@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.layers.distributed import gather_with_grad, world
 from vlpgraph.layers.temperature import LearnedTemperature, check_temperature_range
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 # ------------------------------------------------------------------------------------ the loss
 

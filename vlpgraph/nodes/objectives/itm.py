@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
 from vlpgraph.layers.fusion import FusionTower
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 ALBEF_EPS = 1e-4  # ALBEF adds this to the softmax weights before zeroing the positives
 

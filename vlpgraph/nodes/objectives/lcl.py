@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed, UserError
 from vlpgraph.layers import interleaved as sequences
 from vlpgraph.layers.distributed import gather_rows_with_grad
 from vlpgraph.layers.temperature import LearnedTemperature, check_temperature_range
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 

@@ -12,11 +12,11 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed, UserError
 from vlpgraph.layers.attention import RoutedAttention, route_timm_attention
 from vlpgraph.layers.masking import masked_patch_errors, norm_pix_targets, num_visible, patchify, random_masking
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 class MAEParams(Params):

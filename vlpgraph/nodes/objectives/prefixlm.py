@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
 from vlpgraph.layers.fusion import FusionTower, TokenHead, word_embeddings
-from vlpgraph.registry import In, Params, register
+from vlpgraph.engine.registry import In, Params, register
 
 
 def continuation_table(tokenizer) -> torch.Tensor | None:

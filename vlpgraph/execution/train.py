@@ -28,9 +28,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from vlpgraph.checkpoints import sha256_of
+from vlpgraph.files.local import sha256_of
 from vlpgraph.errors import Interrupted, TrialFailed, UserError
-from vlpgraph.ports import Forward, Model, Tokenizer
+from vlpgraph.engine.ports import Forward, Model, Tokenizer
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -5,7 +5,7 @@ and test splits) and dataset.unpaired (its paired test split). Node modules neve
 the reader lives here. Formats: see dataset.captions. Bad files are ``UserError``s naming the file (and
 the line or annotation); missing/unreadable images and empty captions are skipped and counted
 (:func:`drop_bad_images`, :func:`drop_empty_captions`) up to ``max_bad_fraction``. WebDataset shards
-(vlpgraph/shards.py) hold the same rows, one JSON member per sample, and become records through the
+(vlpgraph/files/shards.py) hold the same rows, one JSON member per sample, and become records through the
 same checks (:func:`records_from_rows`).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import bad_images, skip_bad_images
+from vlpgraph.files.imagefiles import bad_images, skip_bad_images
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def raw_rows(path: Path) -> list[dict]:
 def drop_bad_images(records: list[Record], ann: Path, max_bad_fraction: float, log,
                     problems: dict[Path, str] | None = None) -> list[Record]:
     """Records whose image exists and opens; more than ``max_bad_fraction`` bad images is an error
-    (:func:`vlpgraph.imagefiles.bad_images`). ``problems`` ({image: why}) when they are known already
+    (:func:`vlpgraph.files.imagefiles.bad_images`). ``problems`` ({image: why}) when they are known already
     (shard samples are checked as they stream past): then no file is opened here."""
     if problems is None:
         bad = bad_images((r.image for r in records), ann, max_bad_fraction, log)

@@ -51,10 +51,10 @@ import torch
 from rich.console import Console
 
 from vlpgraph.errors import UserError
-from vlpgraph.runner import Runner, TrialOutcome, resolve_device, step_display, trial_label, trial_progress
+from vlpgraph.execution.runner import Runner, TrialOutcome, resolve_device, step_display, trial_label, trial_progress
 from vlpgraph.store import Store
-from vlpgraph.sweep import Experiment, Trial
-from vlpgraph.train import Checkpointer
+from vlpgraph.engine.sweep import Experiment, Trial
+from vlpgraph.execution.train import Checkpointer
 
 INSTALL_HINT = "pip install -e '.[ray]'"
 WORKER_WRITES = ("start_run", "finish_run", "log_metrics", "delete_metrics_after", "log_evaluation", "set_document")

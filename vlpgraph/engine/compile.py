@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 
 from vlpgraph.errors import TrialFailed, UserError
-from vlpgraph.ports import BuildContext, Evaluator, Model
-from vlpgraph.sweep import Trial
+from vlpgraph.engine.ports import BuildContext, Evaluator, Model
+from vlpgraph.engine.sweep import Trial
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """YAML -> a checked graph document, with the file line of every key kept for error messages.
 
-This module knows the *shape* of a graph file (DESIGN §2): ``graph``, ``nodes``, ``sweep``,
+This module knows the *shape* of a graph file (docs/reference/graph-file.md): ``graph``, ``nodes``, ``sweep``,
 ``profiles``; it does not know node kinds (graph.py checks those). Every problem found is collected
 into an :class:`Problems` list so the user sees all of them at once.
 """

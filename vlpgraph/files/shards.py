@@ -36,10 +36,11 @@ import webdataset as wds
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from vlpgraph.annotations import Member, Record, raw_rows, read_annotations, records_from_rows
-from vlpgraph.checkpoints import resolve_path
+from vlpgraph.files.documents import Document, parse_document, read_documents
+from vlpgraph.files.annotations import Member, Record, raw_rows, read_annotations, records_from_rows
+from vlpgraph.files.local import resolve_path
 from vlpgraph.errors import UserError
-from vlpgraph.imagefiles import image_problem, stats_fingerprint
+from vlpgraph.files.imagefiles import image_problem, stats_fingerprint
 
 # member extensions taken as a sample's image, in this order of preference
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
@@ -210,6 +211,22 @@ def read_document_samples(pattern: str, base_dir: Path | None) -> tuple[list[Doc
     return docs, source
 
 
+def read_shard_documents(pattern: str, base_dir: Path) -> tuple[list[Document], dict[Path, str], Path]:
+    """(the documents of WebDataset shards, {image name: why} for their missing or unreadable images,
+    the pattern resolved, which names them in messages), read by :func:`vlpgraph.files.read_document_samples`
+    (images checked as they stream past) and parsed as .jsonl lines are. Each image is its name in
+    ``image_info`` (which names it in messages, as a folder's file name does), read from its member."""
+    samples, source = read_document_samples(pattern, base_dir)
+    docs, problems = [], {}
+    for s in samples:
+        texts, images = parse_document(s.row, f"{source}: {s.where}", None)
+        for (img, _), why in zip(images, s.problems):
+            if why:
+                problems.setdefault(img, why)
+        docs.append(Document(texts, images, s.line, members=s.images, where=s.where))
+    return docs, problems, source
+
+
 def source_problems(p, annotations_are: str) -> list[tuple[str, str]]:
     """The param problems of a reader with a folder source (``annotations``, ``images``,
     ``test_annotations``) or a shard source (``shards``, ``test_shards``): exactly one source, and no
@@ -277,8 +294,6 @@ def _samples(source: Path, root: Path) -> list[tuple[dict, str | None, list[tupl
     ``KEY.1.png``, ... (its sentences are in the row's ``text_list``) and whose line in the .jsonl is
     kept (dataset.interleaved draws each document's image placement from it)."""
     if is_documents(source):
-        from vlpgraph.nodes.datasets.interleaved import read_documents  # the one MMC4 reader
-
         docs = read_documents(source, root)
         lines = source.read_text(encoding="utf-8-sig").splitlines()  # as read_documents numbers them
         return [(json.loads(lines[doc.line - 1]), None, [(f"{i}.", path) for i, (path, _) in enumerate(doc.images)],

@@ -2,7 +2,7 @@
 
 Input: the ``nodes:`` mapping of one resolved graph (a variant with its grid values applied).
 Output: a :class:`Graph` whose nodes carry validated params, a topological order and content hashes.
-Every problem is added to a :class:`~vlpgraph.spec.Problems`; nothing is built here.
+Every problem is added to a :class:`~vlpgraph.engine.spec.Problems`; nothing is built here.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import networkx as nx
 from pydantic import ValidationError
 
 import vlpgraph
-from vlpgraph import registry
+from vlpgraph.engine import registry
 from vlpgraph.errors import did_you_mean
-from vlpgraph.registry import NodeKind, Params
-from vlpgraph.spec import Problems
+from vlpgraph.engine.registry import NodeKind, Params
+from vlpgraph.engine.spec import Problems
 
 
 @dataclass
@@ -63,7 +63,7 @@ class Graph:
 def port_name(cls: type) -> str:
     """The port type a class implements (``VisionTower`` for a ViT tower class), for messages."""
     for c in cls.__mro__:
-        if c.__module__ == "vlpgraph.ports":
+        if c.__module__ == "vlpgraph.engine.ports":
             return c.__name__
     return cls.__name__
 
@@ -241,7 +241,7 @@ def canonical(value: Any) -> str:
 
 
 def assign_hashes(graph: Graph) -> None:
-    """hash(node) = sha256(kind, canonical params, inputs' hashes, package version) (DESIGN §3), plus
+    """hash(node) = sha256(kind, canonical params, inputs' hashes, package version) (docs/architecture.md, "Identity"), plus
     the node's fingerprint for kinds that read files: edited data is different data."""
     for name in graph.order:
         node = graph.nodes[name]

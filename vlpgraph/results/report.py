@@ -21,10 +21,10 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from vlpgraph.analysis import crossing, format_cell, interpolate  # noqa: F401  (one copy, shared with the app)
+from vlpgraph.results.analysis import crossing, format_cell, interpolate  # noqa: F401  (one copy, shared with the app)
 from vlpgraph.errors import UserError, did_you_mean
 from vlpgraph.store import Store
-from vlpgraph.sweep import Experiment, Trial
+from vlpgraph.engine.sweep import Experiment, Trial
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
@@ -237,8 +237,8 @@ def matching_profiles(exp: Experiment, stored_ids: set[str], sets: list[tuple[st
                       profile: str | None = None) -> list[str | None]:
     """The file's profiles (None: no profile) other than ``profile`` whose expanded trials include a
     stored run id, with the same ``sets``; profiles that do not expand cleanly are skipped."""
-    from vlpgraph.spec import load_yaml
-    from vlpgraph.sweep import load_experiment
+    from vlpgraph.engine.spec import load_yaml
+    from vlpgraph.engine.sweep import load_experiment
 
     data, _ = load_yaml(exp.file)
     names = list((data.get("profiles") or {}) if isinstance(data, dict) else {})

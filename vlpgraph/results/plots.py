@@ -1,4 +1,4 @@
-"""Plotly figures for the analysis app, built from vlpgraph.analysis' tables.
+"""Plotly figures for the analysis app, built from vlpgraph.results.analysis' tables.
 
 Pure functions (data in, ``go.Figure`` out): the app caches them per store version, and tests
 check what they draw without a browser.
@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from PIL import Image
 
-from vlpgraph.analysis import ema, pointing
+from vlpgraph.results.analysis import ema, pointing
 
 PALETTE = ["#636EFA", "#EF553B", "#00CC96", "#AB63FA", "#FFA15A", "#19D3F3", "#FF6692", "#B6E880", "#FF97FF", "#FECB52"]
 ROLE_COLOURS = {  # node role -> colour on the graph page (every registry.ROLES entry: a role without one is not drawn)

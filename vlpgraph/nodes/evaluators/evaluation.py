@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed
 
 
@@ -281,7 +281,7 @@ def seeded(ctx: ports.BuildContext) -> Iterator[torch.Generator]:
     """A light head's random draws, a pure function of (trial seed, evaluator node): the global torch RNG
     is forked (what training draws next is untouched, evaluation mid-training included) and seeded from
     them; also yields a CPU generator with the same seed for samplers and shuffles."""
-    from vlpgraph.compile import node_seed
+    from vlpgraph.engine.compile import node_seed
 
     seed = node_seed(ctx.seed, ctx.node)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from vlpgraph.errors import did_you_mean
-from vlpgraph.graph import Graph, bind, canonical
-from vlpgraph.spec import Problems, apply_dotted, deep_merge, load_yaml, parse_graph_document, split_dotted
+from vlpgraph.engine.graph import Graph, bind, canonical
+from vlpgraph.engine.spec import Problems, apply_dotted, deep_merge, load_yaml, parse_graph_document, split_dotted
 
 DEFAULT_VARIANT = "default"
 
@@ -30,7 +30,7 @@ class Trial:
 
     @property
     def run_id(self) -> str:
-        """The trial's identity: its trainer's content hash plus the seed (DESIGN §3)."""
+        """The trial's identity: its trainer's content hash plus the seed (docs/architecture.md, "Identity")."""
         return f"{self.graph.nodes[self.graph.trainer].hash[:16]}-s{self.seed}"
 
     def flat_params(self) -> dict[str, Any]:

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from vlpgraph import ports
+from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed, UserError
-from vlpgraph.evaluation import frozen_image_tokens, minibatches
-from vlpgraph.registry import Params
+from vlpgraph.nodes.evaluators.evaluation import frozen_image_tokens, minibatches
+from vlpgraph.engine.registry import Params
 
 QA_TYPES = ("count", "colour", "shape", "exists", "relation", "size")
 NLVR_TYPES = ("both", "one", "compare", "total")

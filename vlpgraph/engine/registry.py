@@ -152,7 +152,7 @@ def register(
     if role not in ROLES:
         raise ValueError(f"kind {name!r}: role {role!r} is not one of {ROLES}")
     if not issubclass(params, Params):
-        raise TypeError(f"kind {name!r}: params must subclass vlpgraph.registry.Params")
+        raise TypeError(f"kind {name!r}: params must subclass vlpgraph.engine.registry.Params")
     provides_fn = provides if callable(provides) else (lambda p, _c=frozenset(provides): _c)
     requires_fn = requires if callable(requires) else (lambda p, inputs, _c=frozenset(requires): _c)
 

@@ -2,7 +2,7 @@
 weights_only), a param's path resolved against the graph file's folder, and the sha256 of a file
 (the fingerprints that make what a node reads part of its identity, and checkpoint verification).
 
-Shared by node kinds, which must not import each other, and by train.py. Never touches the network.
+Shared by node kinds, which must not import each other, by the file readers and by the training loop. Never touches the network.
 """
 
 from __future__ import annotations

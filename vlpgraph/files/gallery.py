@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlpgraph.ports import Gallery
+from vlpgraph.engine.ports import Gallery
 
 
 class BoxGallery(Gallery):

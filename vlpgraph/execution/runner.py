@@ -33,12 +33,12 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vlpgraph.compile import Plan, compile_trial
+from vlpgraph.engine.compile import Plan, compile_trial
 from vlpgraph.errors import Interrupted, TrialFailed, UserError
-from vlpgraph.ports import BuildContext
+from vlpgraph.engine.ports import BuildContext
 from vlpgraph.store import Store, lease_s
-from vlpgraph.sweep import Experiment, Trial
-from vlpgraph.train import Checkpointer, Hooks, fit
+from vlpgraph.engine.sweep import Experiment, Trial
+from vlpgraph.execution.train import Checkpointer, Hooks, fit
 
 
 @dataclass
@@ -205,7 +205,7 @@ class Runner:
 
     def _skipped(self, trial: Trial, row: dict) -> TrialOutcome:
         """The outcome of a trial already completed. The number of processes is not part of a trial's
-        identity (DESIGN §3: trainer hash + seed), but it sets the global batch (batch_size per
+        identity (trainer hash + seed: docs/architecture.md, "Identity"), but it sets the global batch (batch_size per
         process × processes): a trial completed with another number of processes is kept, and said."""
         done_with = row.get("processes")
         if done_with and int(done_with) != self.world:

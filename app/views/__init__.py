@@ -1,0 +1,1 @@
+"""The app's pages, each run by Streamlit as a script."""
