@@ -96,7 +96,7 @@ def test_vit_shapes_and_inherited_image_size(tmp_path):
     assert v.grid_size == (6, 6) and v(torch.randn(1, 3, 48, 48)).shape == (1, 37, 32)
     with pytest.raises(UserError, match="48 px"):
         build_vit(tmp_path, inputs={"data": FakeData(image_size=48)}, image_size=32, **TINY_VIT)
-    with pytest.raises(UserError, match="not divisible"):
+    with pytest.raises(UserError, match="patch_size 4 does not divide the image size 30"):
         build_vit(tmp_path, inputs={"data": FakeData(image_size=30)}, **TINY_VIT)
 
 

@@ -37,25 +37,41 @@ class ViTParams(Params):
         found = []
         if self.width % self.heads:
             found.append(("width", f"width ({self.width}) must be divisible by heads ({self.heads})"))
-        if self.image_size is not None and self.image_size % self.patch_size:
-            found.append(("patch_size", f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"))
+        if self.image_size is not None:  # known from the params alone: a params error, as early as it can be
+            _, problem = image_size_problem(self, None)
+            found += [problem] if problem else []
         return found
 
 
+DEFAULT_IMAGE_SIZE = 32  # without image_size and without data
+
+
+def image_size_problem(p: ViTParams, data_size: int | None, data_name: str = "") -> tuple[int, tuple[str, str] | None]:
+    """(the image size S the tower is built for, the one problem with it or None): S is ``image_size``,
+    else the data's image size, else 32; it must equal the data's size when both are given, and
+    ``patch_size`` must divide it. The one check of patch_size against the image size, run by
+    validation (:func:`check`, with the size the data declares before building) and by :func:`build`."""
+    named = f" '{data_name}'" if data_name else ""
+    if p.image_size is not None and data_size is not None and p.image_size != data_size:
+        return p.image_size, ("image_size", f"image_size {p.image_size} but its data{named} makes {data_size} px "
+                                            "images (leave image_size out to inherit it)")
+    size = p.image_size or data_size or DEFAULT_IMAGE_SIZE
+    if size % p.patch_size:
+        if p.image_size is not None:
+            return size, ("patch_size", f"image_size ({size}) must be divisible by patch_size ({p.patch_size})")
+        return size, ("patch_size", f"patch_size {p.patch_size} does not divide the image size {size}"
+                                    + (f" of its data{named}" if data_size else ""))
+    return size, None
+
+
 def check(p: ViTParams, inputs: dict) -> list[tuple[str, str]]:
-    """The image size the data makes (when known before building) against image_size and patch_size."""
-    found = []
-    for data in inputs.get("data", []):
-        size = data.get("image_size")
-        if size is None:
-            continue
-        if p.image_size is not None and p.image_size != size:
-            found.append(("image_size", f"image_size {p.image_size} but its data '{data['node']}' makes {size} px "
-                                        "images (leave image_size out to inherit it)"))
-        elif p.image_size is None and size % p.patch_size:
-            found.append(("patch_size", f"patch_size {p.patch_size} does not divide the image size {size} of its "
-                                        f"data '{data['node']}'"))
-    return found
+    """The image size against patch_size and the data's image size (when the data knows it before building)."""
+    data = inputs.get("data", [])
+    sizes = [(d["image_size"], d["node"]) for d in data if d.get("image_size") is not None]
+    if not data:
+        sizes = [(None, "")]  # no data input: the default size
+    problems = [image_size_problem(p, size, name)[1] for size, name in sizes]
+    return [found for found in problems if found]
 
 
 def fingerprint(p: ViTParams, base_dir) -> dict | None:
@@ -204,19 +220,10 @@ def build(params: ViTParams, inputs: dict, ctx: BuildContext) -> ViTTower:
     resampled if its grid differs. The checkpoint's content hash is part of the node's hash.
     Never downloads.
     """
-    data = inputs.get("data")
-    image_size = params.image_size
-    if image_size is None:
-        image_size = int(getattr(data, "image_size", None) or 32)
-    elif data is not None and getattr(data, "image_size", image_size) != image_size:
-        raise UserError(
-            f"node '{ctx.node}' (encoder.vit): image_size {image_size} but its data makes "
-            f"{data.image_size} px images (leave image_size out to inherit it)"
-        )
-    if image_size % params.patch_size:
-        raise UserError(
-            f"node '{ctx.node}' (encoder.vit): image size {image_size} is not divisible by patch_size {params.patch_size}"
-        )
+    data_size = getattr(inputs.get("data"), "image_size", None)
+    image_size, problem = image_size_problem(params, int(data_size) if data_size else None)
+    if problem:
+        raise UserError(f"node '{ctx.node}' (encoder.vit): {problem[1]}")
     if params.attention == "xformers":
         try:
             resolve_backend("xformers", ctx.device, torch.bfloat16)

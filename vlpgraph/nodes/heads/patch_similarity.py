@@ -31,8 +31,8 @@ class PatchSimilarity(ports.PatchScorer):
         self._towers = (vision, text)
         self.text_pool = params.text_pool
         self.grid_size = tuple(vision.grid_size)
-        self.patch_size = getattr(vision, "patch_size", None)
-        self.num_prefix_tokens = int(getattr(vision, "num_prefix_tokens", 1))
+        self.patch_size = int(vision.patch_size)  # declared by the VisionTower port
+        self.num_prefix_tokens = int(vision.num_prefix_tokens)
 
     def patch_scores(self, fwd: ports.Forward, images_key: str = "images") -> torch.Tensor:
         """[B, S, S] z-normalised cosine similarities. Memoised in ``fwd``."""

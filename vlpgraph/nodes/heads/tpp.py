@@ -63,8 +63,8 @@ class TextAwarePatchPredictor(ports.PatchScorer):
         self.text_pool = params.text_pool
         self.detach_text = params.detach_text
         self.grid_size = tuple(vision.grid_size)
-        self.patch_size = getattr(vision, "patch_size", None)
-        self.num_prefix_tokens = int(getattr(vision, "num_prefix_tokens", 1))
+        self.patch_size = int(vision.patch_size)  # declared by the VisionTower port
+        self.num_prefix_tokens = int(vision.num_prefix_tokens)
         c, ct = int(vision.width), int(text.width)
         self.width = c
         self.norm = nn.LayerNorm(c)
