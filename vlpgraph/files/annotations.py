@@ -54,7 +54,8 @@ class Record:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _fail(path: Path, what: str) -> UserError:
+def file_error(path: Path, what: str) -> UserError:
+    """A UserError naming the file first, as every data error does."""
     return UserError(f"{path}: {what}")
 
 
@@ -66,12 +67,12 @@ def _parse_boxes(value, path: Path, where: str) -> list[list[float]]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise _fail(path, f"{where}: 'boxes' is not a JSON list ({e.msg})") from None
+            raise file_error(path, f"{where}: 'boxes' is not a JSON list ({e.msg})") from None
     ok = isinstance(value, list) and all(
         isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in value
     )
     if not ok:
-        raise _fail(path, f"{where}: 'boxes' must be a list of [x0, y0, x1, y1] (got {str(value)[:60]})")
+        raise file_error(path, f"{where}: 'boxes' must be a list of [x0, y0, x1, y1] (got {str(value)[:60]})")
     return [[float(v) for v in b] for b in value]
 
 
@@ -80,20 +81,20 @@ def _check_columns(path: Path, columns: list[str], want_boxes: bool) -> None:
     for col in ("image", "caption") + (("boxes",) if want_boxes else ()):
         if col not in columns:
             hint = " (set boxes: false, or add a boxes column)" if col == "boxes" else ""
-            raise _fail(path, f"no '{col}' column (columns: {listed}){hint}")
+            raise file_error(path, f"no '{col}' column (columns: {listed}){hint}")
 
 
 def _rows_coco(path: Path, data, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
         data.get("annotations"), list
     ):
-        raise _fail(path, "not a COCO-captions file (expected an object with 'images' and 'annotations' lists)")
+        raise file_error(path, "not a COCO-captions file (expected an object with 'images' and 'annotations' lists)")
     files: dict = {}
     image_boxes: dict = {}
     image_labels: dict = {}
     for im in data["images"]:
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
-            raise _fail(path, "every entry of 'images' needs 'id' and 'file_name'")
+            raise file_error(path, "every entry of 'images' needs 'id' and 'file_name'")
         files[im["id"]] = im["file_name"]
         if "boxes" in im:
             image_boxes[im["id"]] = im["boxes"]
@@ -112,12 +113,12 @@ def _rows_coco(path: Path, data, want_boxes: bool, label_column: str | None = No
     for n, a in enumerate(anns):
         where = f"annotation {n}"
         if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
-            raise _fail(path, f"{where}: needs 'image_id' and 'caption'")
+            raise file_error(path, f"{where}: needs 'image_id' and 'caption'")
         if a["image_id"] not in files:
-            raise _fail(path, f"{where}: image_id {a['image_id']!r} is not in 'images'")
+            raise file_error(path, f"{where}: image_id {a['image_id']!r} is not in 'images'")
         boxes = a.get("boxes", image_boxes.get(a["image_id"])) if want_boxes else None
         if want_boxes and boxes is None:
-            raise _fail(path, f"{where}: no 'boxes' (on the annotation or its image)")
+            raise file_error(path, f"{where}: no 'boxes' (on the annotation or its image)")
         label = a.get(label_column, image_labels.get(a["image_id"])) if label_column else None
         rows.append((files[a["image_id"]], a["caption"], boxes, where, label))
     return rows
@@ -157,7 +158,7 @@ def _rows_csv(path: Path, text: str, want_boxes: bool, label_column: str | None 
             for r in reader
         ]
     except csv.Error as e:
-        raise _fail(path, f"not a readable CSV ({e})") from None
+        raise file_error(path, f"not a readable CSV ({e})") from None
 
 
 def _parse_label(value, path: Path, where: str, column: str) -> str | None:
@@ -169,7 +170,7 @@ def _parse_label(value, path: Path, where: str, column: str) -> str | None:
         return value.strip()
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    raise _fail(path, f"{where}: '{column}' must be a class name (a string or an integer), got {str(value)[:60]}")
+    raise file_error(path, f"{where}: '{column}' must be a class name (a string or an integer), got {str(value)[:60]}")
 
 
 def read_annotations(path: Path, images_root: Path, want_boxes: bool, label_column: str | None = None) -> list[Record]:
@@ -177,21 +178,21 @@ def read_annotations(path: Path, images_root: Path, want_boxes: bool, label_colu
     Captions are whitespace-normalised; empty ones are kept here (see :func:`drop_empty_captions`).
     With ``label_column`` each record's ``label`` is that column's class name (None where empty)."""
     if path.is_dir():
-        raise _fail(path, "is a directory, expected an annotations file (.json, .jsonl or .csv)")
+        raise file_error(path, "is a directory, expected an annotations file (.json, .jsonl or .csv)")
     if not path.is_file():
-        raise _fail(path, "annotations file not found")
+        raise file_error(path, "annotations file not found")
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl", ".csv"):
-        raise _fail(path, f"unsupported annotations format '{suffix}' (expected .json, .jsonl or .csv)")
+        raise file_error(path, f"unsupported annotations format '{suffix}' (expected .json, .jsonl or .csv)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        raise _fail(path, f"cannot read ({e})") from None
+        raise file_error(path, f"cannot read ({e})") from None
     if suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise _fail(path, f"not valid JSON (line {e.lineno}: {e.msg})") from None
+            raise file_error(path, f"not valid JSON (line {e.lineno}: {e.msg})") from None
         rows = _rows_coco(path, data, want_boxes, label_column)
     elif suffix == ".jsonl":
         rows = _rows_jsonl(path, text, want_boxes, label_column)
@@ -209,9 +210,9 @@ def records_from_rows(rows: list[tuple], path: Path | str, images_root: Path | N
     paths: dict[str, Path] = {}  # one Path per image (COCO has ~5 captions an image; Path() is slow)
     for n, (image, caption, boxes, where, label) in enumerate(rows):
         if not isinstance(image, str) or not image.strip():
-            raise _fail(path, f"{where}: 'image' must be a non-empty path")
+            raise file_error(path, f"{where}: 'image' must be a non-empty path")
         if not isinstance(caption, str):
-            raise _fail(path, f"{where}: 'caption' must be a string")
+            raise file_error(path, f"{where}: 'caption' must be a string")
         if image not in paths:
             img = Path(image)
             paths[image] = img if img.is_absolute() or images_root is None else images_root / img
@@ -226,7 +227,7 @@ def records_from_rows(rows: list[tuple], path: Path | str, images_root: Path | N
             )
         )
     if not records:
-        raise _fail(path, "no samples")
+        raise file_error(path, "no samples")
     return records
 
 

@@ -39,7 +39,7 @@ from torchvision.transforms import v2
 
 from vlpgraph.files import shards
 # The reader is shared with dataset.unpaired's test split (vlpgraph/files/annotations.py); its names stay importable here.
-from vlpgraph.files.annotations import Record, _fail, drop_bad_images, drop_empty_captions, read_annotations  # noqa: F401
+from vlpgraph.files.annotations import Record, file_error, drop_bad_images, drop_empty_captions, read_annotations
 from vlpgraph.files.local import resolve_path, sha256_of
 from vlpgraph.errors import UserError
 from vlpgraph.files.imagefiles import stats_fingerprint, to_rgb
@@ -113,7 +113,7 @@ def hold_out_by_image(records: list[Record], test_size: int, path: Path) -> tupl
     train = [r for r in records if r.image not in test_images]
     test = [r for r in records if r.image in test_images]
     if not train:
-        raise _fail(path, f"only {len(records)} usable samples: test_size={test_size} leaves none for training")
+        raise file_error(path, f"only {len(records)} usable samples: test_size={test_size} leaves none for training")
     return train, test
 
 
@@ -209,12 +209,12 @@ def class_indices(train: list[Record], test: list[Record], ann: Path,
     numeric = all(name.lstrip("-").isdigit() for name in found)
     names = sorted(found, key=int) if numeric else sorted(found)
     if not names:
-        raise _fail(ann, f"label_column '{column}': no training sample has a value in that column (is it named right?)")
+        raise file_error(ann, f"label_column '{column}': no training sample has a value in that column (is it named right?)")
     index = {name: i for i, name in enumerate(names)}
     unseen = sorted({r.label for r in test if r.label is not None and r.label not in index})
     if unseen:
         shown = ", ".join(repr(u) for u in unseen[:10]) + (f" and {len(unseen) - 10} more" if len(unseen) > 10 else "")
-        raise _fail(ann, f"label_column '{column}': {len(unseen)} test label(s) never seen in training: {shown}")
+        raise file_error(ann, f"label_column '{column}': {len(unseen)} test label(s) never seen in training: {shown}")
     as_index = lambda records: [index[r.label] if r.label is not None else -1 for r in records]
     return names, as_index(train), as_index(test)
 
