@@ -15,10 +15,10 @@ def test_committed_catalog_is_the_generated_one():
     if committed != generated:
         old, new = committed.splitlines(), generated.splitlines()
         first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
-        shown = lambda lines: lines[first] if first < len(lines) else "(end of file)"  # noqa: E731
+        was = old[first] if first < len(old) else "(end of file)"
+        now = new[first] if first < len(new) else "(end of file)"
         raise AssertionError(f"{catalog.PATH} is out of date: run {catalog.COMMAND} and commit the result "
-                             f"(first difference at line {first + 1}: committed {shown(old)!r}, "
-                             f"generated {shown(new)!r})")
+                             f"(first difference at line {first + 1}: committed {was!r}, generated {now!r})")
 
 
 def test_catalog_documents_every_builtin_kind_once():

@@ -155,15 +155,15 @@ def markdown(kinds: dict[str, NodeKind] | None = None) -> str:
         "",
         f"<!-- Generated from the node registry by {COMMAND}; do not edit by hand. -->",
         "",
-        f"Every node kind vlpgraph ships, generated from the registry (`{COMMAND}` writes this page; a test "
-        "fails when it differs from the code). `vlpgraph nodes` lists the same kinds and `vlpgraph nodes KIND` "
-        "prints one of them. How a graph file uses them: [the graph file](graph-file.md); how to add one: "
-        "[writing a node kind](../writing-a-node-kind.md).",
+        (f"Every node kind vlpgraph ships, generated from the registry (`{COMMAND}` writes this page; a test "
+         "fails when it differs from the code). `vlpgraph nodes` lists the same kinds and `vlpgraph nodes KIND` "
+         "prints one of them. How a graph file uses them: [the graph file](graph-file.md); how to add one: "
+         "[writing a node kind](../writing-a-node-kind.md)."),
         "",
-        "Inputs name the port types they accept (`VisionTower`, `PairedData`, ...: the interfaces in "
-        "`vlpgraph/engine/ports.py`); validation checks every edge against them. *list*: the input takes a list "
-        "of node names. *needs*: capabilities the upstream data must provide. Types and defaults are written as "
-        "Python writes them: `None` is YAML's `null`, `True` its `true`, a tuple a YAML list.",
+        ("Inputs name the port types they accept (`VisionTower`, `PairedData`, ...: the interfaces in "
+         "`vlpgraph/engine/ports.py`); validation checks every edge against them. *list*: the input takes a list "
+         "of node names. *needs*: capabilities the upstream data must provide. Types and defaults are written as "
+         "Python writes them: `None` is YAML's `null`, `True` its `true`, a tuple a YAML list."),
         "",
         "| kind | output | what it does |",
         "|---|---|---|",
