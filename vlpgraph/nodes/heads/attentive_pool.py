@@ -55,7 +55,7 @@ def build(params: AttentivePoolParams, inputs: dict, ctx: ports.BuildContext) ->
     is the tower's (Cv, not a param): the objective projects the visual tokens to the language model's
     width itself.
 
-    Deviation from LCL's official code (METHODS.md): METHODS.md records only "one learned query,
+    Deviation from LCL's official code: the method's description gives only "one learned query,
     cross-attention over patches"; this block is ``layers.pooling.AttentivePool`` as it stands (PyTorch
     default Linear init, query normal(0, 0.02), no norm or MLP after the attention).
     """

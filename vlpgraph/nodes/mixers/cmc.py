@@ -1,4 +1,4 @@
-"""mixer.cmc: cross-modal CutMix (VLMixer, Wang et al. 2022; METHODS.md "VLMixer").
+"""mixer.cmc: cross-modal CutMix (VLMixer, Wang et al. 2022).
 
 Words of a sentence that name a visual concept of the data's gallery are replaced, span by span with
 probability p, by visual tokens of an image region of that concept; objective.mlm and objective.cmcl

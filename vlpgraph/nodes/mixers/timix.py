@@ -1,4 +1,4 @@
-"""mixer.timix: text-aware image mixing (TiMix, Jiang et al. 2023; METHODS.md "Mixing, per batch").
+"""mixer.timix: text-aware image mixing (TiMix, Jiang et al. 2023).
 
 Image i's least text-relevant r×r patch window is replaced by its partner's most text-relevant one,
 and image i's soft target over the batch's captions mixes the un-mixed prediction of both images.

@@ -1,4 +1,4 @@
-"""objective.cmcl: cross-modal CutMix contrastive loss (VLMixer's CMCL; METHODS.md "VLMixer").
+"""objective.cmcl: cross-modal CutMix contrastive loss (VLMixer's CMCL).
 
 A sentence and its cross-modal CutMix view (mixer.cmc) are a positive pair; the other sentences of the
 batch and their views are the negatives.

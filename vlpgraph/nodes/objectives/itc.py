@@ -368,7 +368,7 @@ class ITC(LearnedTemperature, ports.Objective, ports.Embedder):
         return terms
 
     def mixed_loss(self, fwd: ports.Forward, batch: dict, mixed: ports.MixedBatch) -> torch.Tensor:
-        """γ · mix_weight · contrastive_loss(mixed images, captions, soft targets) (METHODS.md TiMix 6-7).
+        """γ · mix_weight · contrastive_loss(mixed images, captions, soft targets) (TiMix's mixed loss).
 
         The mixed images go into the batch under this objective's ``mixed_key`` and through the image
         tower once (memoised separately from the un-mixed pass); the captions' embeddings are the

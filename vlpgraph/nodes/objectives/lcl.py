@@ -212,7 +212,7 @@ class LCL(LearnedTemperature, ports.DocumentModel):
     },
 )
 def build(params: LCLParams, inputs: dict, ctx: ports.BuildContext) -> LCL:
-    """LCL: L = gen_weight·L_gen + con_weight·L_con over interleaved documents (METHODS.md, LCL).
+    """LCL: L = gen_weight·L_gen + con_weight·L_con over interleaved documents.
 
     Each step: the batch's images (every image of every document, ``batch["images"]``) through the
     vision tower (the step's shared pass), CLS dropped, through the pooler -> z [M, Cv] and n = P visual
@@ -237,7 +237,7 @@ def build(params: LCLParams, inputs: dict, ctx: ports.BuildContext) -> LCL:
     loss; the gather's backward sums each rank's copy into the rows' owner and the trainer's gradient
     average then gives exactly the global loss's gradient. 'lcl_gen' is each rank's own tokens.
 
-    Deviations from LCL's official code (METHODS.md): the rule "``<soi>`` at position 0 has no context"
+    Deviations from LCL's official code: the rule "``<soi>`` at position 0 has no context"
     is applied, by default, to the first position after [CLS], because the sequences here start with
     [CLS] (`exclude_bos_only`); τ itself is the learned parameter, clamped as in objective.itc
     (CLIP learns log(1/τ), init 1/0.07, clamped at 1/τ = 100: `temperature_min` 0.01 is that bound);

@@ -193,7 +193,7 @@ def build(params: MAEParams, inputs: dict, ctx: ports.BuildContext) -> MAE:
     goes through attend(), LayerNorm, Linear to patch x patch x 3 pixels) predicts every patch; loss
     'mae' = mean squared error over the masked patches only (the mean over each patch's values, then
     over the masked patches), with each target patch standardised by its own mean and variance when
-    `norm_pix`. Images are batch['images'], never a mixer's output. Deviations from MAE (METHODS.md):
+    `norm_pix`. Images are batch['images'], never a mixer's output. Deviations from MAE:
     the decoder is scaled down by default (2 blocks x 64 wide, 4 heads; the reference is 8 x 512, 16
     heads); the sin-cos position table is timm's build_sincos2d_pos_embed (MAE's frequencies, its
     channels in another order); masks come from a hash per sample instead of torch.rand on the batch.

@@ -210,7 +210,7 @@ def build(params: MLMParams, inputs: dict, ctx: ports.BuildContext) -> MLM:
     Only the remaining word positions are masked (visual tokens, [CLS], [SEP] and padding never are) —
     "MLM on the remaining words of the mixed sentence" — and the text tower reads the masked mixed
     sentence from embeddings (forward_embeds), visual tokens in place; the same head predicts the words
-    from the tower's output. Reading of METHODS.md: VLMixer's MLM runs in its single-stream encoder over
+    from the tower's output. Reading of VLMixer: its MLM runs in its single-stream encoder over
     the mixed sentence alone, so here the text tower is that encoder: no fusion encoder and no image,
     since unpaired data has no image paired with the sentence. With a mixer at p = 0 this is plain
     text-only BERT MLM (the "MLM only" unpaired baseline).
