@@ -289,6 +289,18 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def column_types_of(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, tuple[str, str]]:
+    """lower(name) -> (name, type) for table's columns (DuckDB identifiers are case-insensitive), read
+    from the catalog on an open connection (e.g. inside Store.read)."""
+    rows = con.execute(
+        "SELECT column_name, data_type FROM duckdb_columns() "
+        "WHERE table_name = ? AND schema_name = 'main' AND database_name = current_database() "
+        "ORDER BY column_index",
+        [table],
+    ).fetchall()
+    return {name.lower(): (name, dtype) for name, dtype in rows}
+
+
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
     """{node: {param: value}} -> {"node.param": value}; dict/list values stay whole (stored as JSON)."""
     flat: dict[str, Any] = {}
@@ -595,8 +607,13 @@ class Store:
                 self.stats["last_write_s"] = dt
                 self.stats["max_write_s"] = max(self.stats["max_write_s"], dt)
 
-    def _read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
-        """Run fn on a short-lived read-only connection (an empty in-memory schema if no file yet)."""
+    def read(self, fn: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """Run ``fn(con)`` on a short-lived read-only connection and return what it returns.
+
+        Waits for other processes like every read (and raises StoreLockTimeout after the timeout).
+        ``fn`` must fetch everything it needs before it returns: the connection is closed right
+        after. A store with no database file yet (or one whose first writer died before creating
+        the tables) reads as an empty in-memory schema; nothing is created on disk."""
         with self._lock:
             t0 = time.perf_counter()
             try:
@@ -623,17 +640,6 @@ class Store:
                 self.stats["reads"] += 1
                 self.stats["last_read_s"] = dt
                 self.stats["max_read_s"] = max(self.stats["max_read_s"], dt)
-
-    @staticmethod
-    def _column_types(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, tuple[str, str]]:
-        """lower(name) -> (name, type) for table's columns (DuckDB identifiers are case-insensitive)."""
-        rows = con.execute(
-            "SELECT column_name, data_type FROM duckdb_columns() "
-            "WHERE table_name = ? AND schema_name = 'main' AND database_name = current_database() "
-            "ORDER BY column_index",
-            [table],
-        ).fetchall()
-        return {name.lower(): (name, dtype) for name, dtype in rows}
 
     # ---------------------------------------------------------------- writer API
 
@@ -701,7 +707,7 @@ class Store:
     def _param_columns(self, con, flat_params: Mapping[str, Any]) -> list[tuple[str, Any]]:
         """Make sure every param has a column of a type that can hold its value (adding or widening
         columns); returns (column, value to store) pairs."""
-        columns = self._column_types(con, "runs")
+        columns = column_types_of(con, "runs")
         param_cols: list[tuple[str, Any]] = []
         for name, raw in flat_params.items():
             kind = _param_kind(raw)
@@ -1018,12 +1024,12 @@ class Store:
         """Column names of a table, in order (for runs: core columns, then flattened params)."""
         if table not in TABLES:
             raise UserError(f"unknown table {table!r}; tables: {', '.join(TABLES)}{did_you_mean(table, TABLES)}")
-        return self._read(lambda con: [n for n, _ in self._column_types(con, table).values()])
+        return self.read(lambda con: [n for n, _ in column_types_of(con, table).values()])
 
     def column_types(self, table: str = "runs") -> dict[str, str]:
         if table not in TABLES:
             raise UserError(f"unknown table {table!r}; tables: {', '.join(TABLES)}{did_you_mean(table, TABLES)}")
-        return self._read(lambda con: dict(self._column_types(con, table).values()))
+        return self.read(lambda con: dict(column_types_of(con, table).values()))
 
     def param_columns(self) -> list[str]:
         """The flattened hyper-parameter columns of runs (those with a dot)."""
@@ -1032,7 +1038,7 @@ class Store:
     def _where_sql(self, con, table: str, where: Mapping[str, Any] | None) -> tuple[str, list[Any]]:
         if not where:
             return "", []
-        columns = self._column_types(con, table)
+        columns = column_types_of(con, table)
         clauses, values = [], []
         for key, value in where.items():
             found = columns.get(str(key).lower())
@@ -1053,16 +1059,16 @@ class Store:
             clause, values = self._where_sql(con, "runs", where)
             return _rows(con.execute(
                 f"SELECT * FROM runs{clause} ORDER BY created_at NULLS LAST, run_id", values))
-        return self._read(q)
+        return self.read(q)
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         validate_run_id(run_id)
-        rows = self._read(lambda con: _rows(con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])))
+        rows = self.read(lambda con: _rows(con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id])))
         return rows[0] if rows else None
 
     def status(self, run_id: str) -> str | None:
         validate_run_id(run_id)
-        row = self._read(lambda con: con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone())
+        row = self.read(lambda con: con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone())
         return row[0] if row else None
 
     def metrics(self, run_id: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -1072,7 +1078,7 @@ class Store:
         if name is not None:
             sql += " AND name = ?"
             values.append(name)
-        return self._read(lambda con: _rows(con.execute(sql + " ORDER BY step, name", values)))
+        return self.read(lambda con: _rows(con.execute(sql + " ORDER BY step, name", values)))
 
     def evals(self, run_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
         sql, values = "SELECT * FROM evals", []
@@ -1081,7 +1087,7 @@ class Store:
             if not values:
                 return []
             sql += f" WHERE run_id IN ({', '.join('?' * len(values))})"
-        return self._read(lambda con: _rows(con.execute(sql + " ORDER BY run_id, evaluator, metric, step", values)))
+        return self.read(lambda con: _rows(con.execute(sql + " ORDER BY run_id, evaluator, metric, step", values)))
 
     def completed_evals(self, run_id: str, hashes: Mapping[str, str] | None = None) -> set[tuple[str, int]]:
         """{(evaluator, step)} that already have results for this run (to skip on re-run).
@@ -1090,7 +1096,7 @@ class Store:
         which was written by that same evaluator count: an edited evaluator's, or one whose rows
         carry no hash (written before the store recorded it), are not completed."""
         validate_run_id(run_id)
-        rows = self._read(lambda con: con.execute(
+        rows = self.read(lambda con: con.execute(
             "SELECT evaluator, step, list(DISTINCT evaluator_hash) FROM evals WHERE run_id = ? GROUP BY ALL",
             [run_id]).fetchall())
         if hashes is None:
@@ -1108,7 +1114,7 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             values.append(int(limit))
-        return self._read(lambda con: _rows(con.execute(sql, values)))
+        return self.read(lambda con: _rows(con.execute(sql, values)))
 
     def samples(self, run_id: str, step: int | None = None, kind: str | None = None,
                 evaluator: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
@@ -1124,15 +1130,15 @@ class Store:
         if limit is not None:
             sql += " LIMIT ?"
             values.append(int(limit))
-        return self._read(lambda con: _rows(con.execute(sql, values)))
+        return self.read(lambda con: _rows(con.execute(sql, values)))
 
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         """A read-only query with bound parameters (the connection is read-only and has no file access)."""
-        return self._read(lambda con: _rows(con.execute(sql, params or [])))
+        return self.read(lambda con: _rows(con.execute(sql, params or [])))
 
     def query_df(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None):
         """Like query, as a pandas DataFrame (for the app)."""
-        return self._read(lambda con: con.execute(sql, params or []).df())
+        return self.read(lambda con: con.execute(sql, params or []).df())
 
 
 FILTER_OPS = ("in", "contains", "between", "=", "!=", ">=", "<=")
