@@ -14,9 +14,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from vlpgraph import store as store_mod
 from vlpgraph.errors import UserError
 from vlpgraph.store import Store, StoreLockTimeout, flatten_params
+from vlpgraph.store import writes as store_writes
 
 HERE = Path(__file__).resolve().parent
 
@@ -161,7 +161,7 @@ def test_patch_scores_roundtrip_and_replace(tmp_path):
 def test_a_failing_write_leaves_nothing(tmp_path, monkeypatch):
     s = Store(tmp_path)
     _start(s, "r", {"train.lr": 0.1})
-    monkeypatch.setattr(store_mod, "_INSERT_CHUNK", 2)  # several statements in one transaction
+    monkeypatch.setattr(store_writes, "INSERT_CHUNK", 2)  # several statements in one transaction
     rows = [dict(step=i, epoch=0, name="loss", value=1.0) for i in range(4)]
     rows.append(dict(step=10**30, epoch=0, name="loss", value=1.0))  # overflows BIGINT in DuckDB
     with pytest.raises(Exception):

@@ -31,7 +31,9 @@ import numpy as np
 import pandas as pd
 
 from vlpgraph.errors import UserError, did_you_mean
-from vlpgraph.store import STALE, STATUSES, Store, filter_clause, lease_cutoff, quote_ident, status_sql, validate_run_id
+from vlpgraph.store import (
+    STALE, STATUSES, Store, column_types_of, filter_clause, lease_cutoff, quote_ident, status_sql, validate_run_id,
+)
 
 Filter = tuple[str, str, Any]
 # Core columns the runs page shows before the swept params.
@@ -50,7 +52,7 @@ def lower_is_better(name: str) -> bool:
 
 
 def _runs_columns(con) -> dict[str, tuple[str, str]]:
-    return Store._column_types(con, "runs")
+    return column_types_of(con, "runs")
 
 
 def _column(columns: dict[str, tuple[str, str]], name: str) -> tuple[str, str]:
@@ -78,7 +80,7 @@ def where_sql(columns: dict[str, tuple[str, str]], filters: Iterable[Filter], al
 def _runs(con, alias: str = "r") -> str:
     """``runs`` as readers see it (FROM clause text): status 'stale' for a running run whose runner
     fell silent longer than the lease (see vlpgraph.store.shown_status)."""
-    status = status_sql(Store._column_types(con, "runs"), "runs", lease_cutoff())
+    status = status_sql(column_types_of(con, "runs"), "runs", lease_cutoff())
     return f"(SELECT * REPLACE ({status} AS status) FROM runs) {alias}"
 
 
@@ -86,7 +88,7 @@ def _evals(con) -> str:
     """``evals`` without the rows an older version of an evaluator wrote (FROM clause text, alias e):
     an evaluator's rows of a run are those with the hash of its latest evaluation of that run (rows
     without a hash, from stores older than the column, are kept)."""
-    if "evaluator_hash" not in Store._column_types(con, "evals"):
+    if "evaluator_hash" not in column_types_of(con, "evals"):
         return "evals e"
     return ("(SELECT x.* FROM evals x JOIN (SELECT run_id, evaluator, arg_max(evaluator_hash, step) AS h FROM evals "
             "GROUP BY run_id, evaluator) c ON c.run_id = x.run_id AND c.evaluator = x.evaluator "
@@ -102,7 +104,7 @@ def _df(con, sql: str, values: Sequence[Any] = ()) -> pd.DataFrame:
 
 def overview(store: Store) -> dict[str, Any]:
     """Counts by graph and status, newest graph first (one small query)."""
-    rows = store._read(lambda con: [dict(zip(("graph", "status", "n", "newest"), row)) for row in con.execute(
+    rows = store.read(lambda con: [dict(zip(("graph", "status", "n", "newest"), row)) for row in con.execute(
         f"SELECT graph, status, count(*) AS n, max(created_at) AS newest FROM {_runs(con)} GROUP BY graph, status").fetchall()])
     graphs: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -138,7 +140,7 @@ def distinct_values(store: Store, columns: Sequence[str], filters: Sequence[Filt
             out[c] = None if len(rows) > limit else [v for (v,) in rows]
         return out
 
-    return store._read(q)
+    return store.read(q)
 
 
 def swept_columns(store: Store, filters: Sequence[Filter] = ()) -> list[str]:
@@ -154,7 +156,7 @@ def swept_columns(store: Store, filters: Sequence[Filter] = ()) -> list[str]:
             "SELECT " + ", ".join(f"min(r.{quote_ident(p)}) IS DISTINCT FROM max(r.{quote_ident(p)})" for p in params)
             + f" FROM {_runs(con)} WHERE TRUE{where}", values).fetchone()
         return [p for p, v in zip(params, varies) if v]
-    return store._read(q)
+    return store.read(q)
 
 
 def eval_metrics(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
@@ -163,13 +165,13 @@ def eval_metrics(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
     def q(con):
         cols = _runs_columns(con)
         where, values = where_sql(cols, filters)
-        has_flag = "headline" in Store._column_types(con, "evals")
+        has_flag = "headline" in column_types_of(con, "evals")
         flag = "bool_or(coalesce(e.headline, FALSE))" if has_flag else "FALSE"
         return _df(con, f"SELECT e.evaluator || '.' || e.metric AS name, {flag} AS headline, "
                         "count(DISTINCT e.run_id) AS runs "
                         f"FROM {_evals(con)} JOIN {_runs(con)} ON r.run_id = e.run_id WHERE TRUE{where} "
                         f"GROUP BY 1 ORDER BY 1", values)
-    return store._read(q)
+    return store.read(q)
 
 
 def headline_metrics(metrics: pd.DataFrame) -> list[str]:
@@ -234,7 +236,7 @@ def runs_table(store: Store, filters: Sequence[Filter] = (), metrics: Sequence[s
         order = [*RUN_COLUMNS, *params, *metrics, *RUN_TAIL_COLUMNS]  # metrics before the bookkeeping
         return frame[[c for c in order if c in frame.columns]]
 
-    return store._read(q)
+    return store.read(q)
 
 
 def run_labels(table: pd.DataFrame, params: Sequence[str] = ()) -> dict[str, str]:
@@ -373,7 +375,7 @@ def aggregate(store: Store, metric: str, rows: str, cols: str | None = None,
                "coalesce(stddev_samp(r.wall_s), 0) AS wall_std, avg(r.wall_s) AS wall_s "
                f"FROM r WHERE r.v IS NOT NULL{where} GROUP BY 1, 2 ORDER BY 1 NULLS LAST, 2 NULLS LAST")
         return _df(con, sql, bound + values)
-    return store._read(q)
+    return store.read(q)
 
 
 def format_cell(mean: float, std: float, n: int, digits: int = 3) -> str:
@@ -458,7 +460,7 @@ def patch_runs(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
                         f"FROM patch_scores p JOIN {_runs(con)} ON r.run_id = p.run_id WHERE TRUE{where} "
                         "GROUP BY p.run_id, p.evaluator, p.kind ORDER BY created_at, p.run_id, p.evaluator, p.kind",
                    values)
-    return store._read(q)
+    return store.read(q)
 
 
 def patch_samples(store: Store, run_id: str, evaluator: str, kind: str = "heatmap") -> pd.DataFrame:
@@ -522,7 +524,7 @@ def graph_runs(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
         where, values = where_sql(_runs_columns(con), filters)
         return _df(con, f"SELECT r.run_id, r.graph, r.variant, r.seed FROM {_runs(con)} WHERE TRUE{where} "
                         "ORDER BY r.created_at DESC, r.run_id", values)
-    return store._read(q)
+    return store.read(q)
 
 
 # --------------------------------------------------------------------------- samples
@@ -539,7 +541,7 @@ def sample_runs(store: Store, filters: Sequence[Filter] = ()) -> pd.DataFrame:
                         "count(DISTINCT s.sample_id) AS samples, string_agg(DISTINCT s.kind, ', ' ORDER BY s.kind) AS kinds "
                         f"FROM samples s JOIN {_runs(con)} ON r.run_id = s.run_id WHERE TRUE{where} "
                         "GROUP BY s.run_id ORDER BY created_at, s.run_id", values)
-    return store._read(q)
+    return store.read(q)
 
 
 def sample_steps(store: Store, run_id: str) -> list[int]:
