@@ -83,8 +83,11 @@ def _load(args):
 
 
 def cmd_run(args, out: Console, err: Console) -> int:
-    from vlpgraph.execution.runner import (Runner, exit_code, init_distributed, resolve_device, shutdown_distributed,
-                                 stop_on_signals, trial_label)
+    from vlpgraph.execution.display import trial_label
+    from vlpgraph.execution.executor import exit_code, stop_on_signals
+    from vlpgraph.execution.ranks import init_distributed, resolve_device, shutdown_distributed
+    from vlpgraph.execution.scheduler import Scheduler
+    from vlpgraph.execution.sequential import SequentialExecutor
     from vlpgraph.store import Store
 
     ray_executor = _ray_options(args)  # before anything slow: a missing extra or a bad flag is exit 2 at once
@@ -105,17 +108,18 @@ def cmd_run(args, out: Console, err: Console) -> int:
 
         for line in data_changes(exp, store):  # edited data: say why trials that ran before train again
             err.print(line, highlight=False, markup=False)
-    runner = Runner(store, device, err, rank=rank)
+    scheduler = Scheduler(store, device, err, rank=rank)
     try:
         if ray_executor is None:
-            with stop_on_signals(runner):  # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
-                outcomes = runner.run(exp)
+            executor = SequentialExecutor(scheduler)
         else:
-            from vlpgraph.execution.executors import RayExecutor
+            from vlpgraph.execution.ray_executor import RayExecutor
 
-            # Ray first: ray.init installs a SIGTERM handler of its own, which ours must replace
-            with RayExecutor(runner, args.device, **ray_executor) as executor, stop_on_signals(runner):
-                outcomes = executor.run(exp)
+            executor = RayExecutor(scheduler, args.device, **ray_executor)
+        # the executor first: ray.init installs a SIGTERM handler of its own, which ours must replace.
+        # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
+        with executor, stop_on_signals(executor):
+            outcomes = executor.run(exp)
     finally:
         shutdown_distributed()
     by_status = {s: [o for o in outcomes if o.status == s] for s in ("failed", "interrupted")}
@@ -133,10 +137,10 @@ def cmd_run(args, out: Console, err: Console) -> int:
         if failed:
             err.print("running again retries the failed trials (completed ones are skipped), but a failure that does not "
                       f"depend on chance fails the same way until the graph or the data changes: {again}", highlight=False)
-        if runner.stop_signal:
-            err.print(f"stopped by {runner.stop_signal}; the same command resumes: {again}", highlight=False)
-    if runner.stop_signal and (interrupted or len(outcomes) < len(exp.trials)):
-        return exit_code(runner.stop_signal)
+        if executor.stop_signal:
+            err.print(f"stopped by {executor.stop_signal}; the same command resumes: {again}", highlight=False)
+    if executor.stop_signal and (interrupted or len(outcomes) < len(exp.trials)):
+        return exit_code(executor.stop_signal)
     return 1 if failed else 0
 
 
@@ -153,7 +157,7 @@ def _ray_options(args) -> dict | None:
         return None
     if args.dry_run:
         return None
-    from vlpgraph.execution.executors import TrialResources, import_ray
+    from vlpgraph.execution.ray_executor import TrialResources, import_ray
 
     import_ray()
     if jobs and args.address:
