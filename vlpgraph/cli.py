@@ -394,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def graph_args(sp, sets=True):
         sp.add_argument("graph", help="the graph file (YAML)")
-        sp.add_argument("--profile", help="a named override set from the file's profiles:")
+        sp.add_argument("--profile", metavar="NAME",
+                        help="apply one named set of overrides from the graph file's profiles section "
+                             "(e.g. tiny or gpu); --set wins over it")
         sp.add_argument("--variant", action="append", metavar="NAME", help="only this sweep variant (repeatable)")
         if sets:
             sp.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE", help="override a param (repeatable)")
@@ -428,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("show", help="print the DAG of each variant")
     graph_args(sp)
-    sp.add_argument("--format", choices=["text", "dot"], default="text")
+    sp.add_argument("--format", choices=["text", "dot"], default="text",
+                    help="text: one line per node with its inputs (default); dot: Graphviz DOT to render")
     sp.set_defaults(fn=cmd_show)
 
     sp = sub.add_parser("nodes", help="the node catalog: kinds, ports, params")
@@ -439,8 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(sp)
     sp.add_argument("--graph", help="only runs of this graph name")
     sp.add_argument("--status", choices=["queued", "running", "stale", "completed", "failed", "interrupted"],
-                    help="stale: marked running, but its runner gave no sign of life for longer than the lease "
-                         "($VLPGRAPH_LEASE_S, default 60 s): it died without a word (SIGKILL, a lost node)")
+                    help="only runs in this state; stale: marked running, but its runner gave no sign of life "
+                         "for longer than the lease ($VLPGRAPH_LEASE_S, default 60 s): it died without a word "
+                         "(SIGKILL, a lost node)")
     sp.set_defaults(fn=cmd_runs)
 
     sp = sub.add_parser("report", help="a metric by variant x varied param, mean ± std over seeds")
