@@ -101,6 +101,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
     if args.dry_run:
         for i, t in enumerate(exp.trials, 1):
             out.print(f"[{i}/{len(exp.trials)}] {trial_label(t)}  run_id={t.run_id}", highlight=False)
+        _dry_run_skips(exp, Store(_store_dir(args)), out)
         return 0
     store = Store(_store_dir(args))
     if rank == 0:
@@ -142,6 +143,21 @@ def cmd_run(args, out: Console, err: Console) -> int:
     if executor.stop_signal and (interrupted or len(outcomes) < len(exp.trials)):
         return exit_code(executor.stop_signal)
     return 1 if failed else 0
+
+
+def _dry_run_skips(exp, store, out: Console) -> None:
+    """``run --dry-run``'s last lines: the trials a run would skip as completed in ``store``. Reads
+    only; a store that does not exist has none."""
+    from vlpgraph.execution.display import trial_label
+    from vlpgraph.execution.scheduler import completed_trials
+
+    done = {t.run_id for t in completed_trials(store, exp)}
+    n = len(exp.trials)
+    for i, t in enumerate(exp.trials, 1):
+        if t.run_id in done:
+            out.print(f"[{i}/{n}] {trial_label(t)}: already completed ({t.run_id}), would be skipped", highlight=False)
+    where = f"in {store.root}" if store.exists() else f"(no store at {store.root} yet)"
+    out.print(f"{len(done)} of {n} trial(s) would be skipped as already completed {where}", highlight=False)
 
 
 def _ray_options(args) -> dict | None:
@@ -408,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     graph_args(sp)
     store_arg(sp)
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    sp.add_argument("--dry-run", action="store_true", help="list the trials and their run ids; train nothing")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="list the trials and their run ids, and which of them the store holds completed (a run "
+                         "skips those); train nothing, write nothing")
     sp.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
                     help="sequential: one trial after another in this process (default); ray: every pending trial as "
                          "a Ray task, as many at once as the cluster fits (needs the extra: pip install -e '.[ray]'; "
