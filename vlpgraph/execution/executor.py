@@ -27,16 +27,17 @@ class Executor(ABC):
             outcomes = executor.run(exp)
 
     Entering sets up what the executor needs (a Ray cluster, say) and leaving tears it down; the
-    base class needs neither."""
+    base class needs neither. Enter it before stop_on_signals: setting up may install signal
+    handlers of its own (ray.init does), which must not replace the run's."""
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler = scheduler
 
     @abstractmethod
     def run(self, exp: Experiment) -> list[TrialOutcome]:
-        """Run every trial of ``exp`` not yet done (skipping completed ones, leaving those other
-        live runners hold to them); returns one outcome per trial this executor finished or
-        skipped, in the order they ended. After ``request_stop`` running trials checkpoint and are
+        """Run every trial of ``exp`` not yet done (skipping completed ones; a trial another live
+        runner holds is not run here unless that runner falls silent); returns one outcome per
+        trial this executor finished or skipped, in the order they ended. After ``request_stop`` running trials checkpoint and are
         recorded as interrupted, no new one starts, and the rest get no outcome."""
 
     def request_stop(self, reason: str) -> None:
@@ -56,6 +57,8 @@ class Executor(ABC):
 
 
 class Stoppable(Protocol):
+    """What stop_on_signals asks of its target (an Executor, a Scheduler)."""
+
     def request_stop(self, reason: str) -> None: ...
 
 
