@@ -103,7 +103,7 @@ def test_asking_for_ray_without_it_installed_exits_2_with_the_install_hint(tmp_p
 
 
 def test_trial_resources_are_parsed_and_bad_ones_refused(capsys):
-    from vlpgraph.execution.executors import TrialResources
+    from vlpgraph.execution.ray_executor import TrialResources
 
     assert TrialResources.parse("cpu=2,gpu=1") == TrialResources(2.0, 1.0)
     assert TrialResources.parse("gpu=0.5") == TrialResources(1.0, 0.5)
@@ -113,7 +113,7 @@ def test_trial_resources_are_parsed_and_bad_ones_refused(capsys):
 
 
 def test_a_worker_that_cannot_see_the_store_fails_clearly(tmp_path):
-    from vlpgraph.execution.executors import run_trial
+    from vlpgraph.execution.ray_executor import run_trial
 
     exp = load_experiment(tiny_graph(tmp_path))
     with pytest.raises(UserError, match="cannot see the store directory .* shared filesystem"):

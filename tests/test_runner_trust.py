@@ -15,7 +15,7 @@ import torch
 
 from tests.conftest import ROOT, tiny_graph
 from vlpgraph.engine import registry
-from vlpgraph.execution import runner as runner_mod
+from vlpgraph.execution import trial as runner_mod
 from vlpgraph.cli import main
 from vlpgraph.errors import Interrupted, UserError
 from vlpgraph.engine.ports import Objective, VisionTower

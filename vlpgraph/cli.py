@@ -83,8 +83,11 @@ def _load(args):
 
 
 def cmd_run(args, out: Console, err: Console) -> int:
-    from vlpgraph.execution.runner import (Runner, exit_code, init_distributed, resolve_device, shutdown_distributed,
-                                 stop_on_signals, trial_label)
+    from vlpgraph.execution.display import trial_label
+    from vlpgraph.execution.executor import exit_code, stop_on_signals
+    from vlpgraph.execution.ranks import init_distributed, resolve_device, shutdown_distributed
+    from vlpgraph.execution.scheduler import Scheduler
+    from vlpgraph.execution.sequential import SequentialExecutor
     from vlpgraph.store import Store
 
     ray_executor = _ray_options(args)  # before anything slow: a missing extra or a bad flag is exit 2 at once
@@ -98,6 +101,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
     if args.dry_run:
         for i, t in enumerate(exp.trials, 1):
             out.print(f"[{i}/{len(exp.trials)}] {trial_label(t)}  run_id={t.run_id}", highlight=False)
+        _dry_run_skips(exp, Store(_store_dir(args)), out)
         return 0
     store = Store(_store_dir(args))
     if rank == 0:
@@ -105,17 +109,18 @@ def cmd_run(args, out: Console, err: Console) -> int:
 
         for line in data_changes(exp, store):  # edited data: say why trials that ran before train again
             err.print(line, highlight=False, markup=False)
-    runner = Runner(store, device, err, rank=rank)
+    scheduler = Scheduler(store, device, err, rank=rank)
     try:
         if ray_executor is None:
-            with stop_on_signals(runner):  # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
-                outcomes = runner.run(exp)
+            executor = SequentialExecutor(scheduler)
         else:
-            from vlpgraph.execution.executors import RayExecutor
+            from vlpgraph.execution.ray_executor import RayExecutor
 
-            # Ray first: ray.init installs a SIGTERM handler of its own, which ours must replace
-            with RayExecutor(runner, args.device, **ray_executor) as executor, stop_on_signals(runner):
-                outcomes = executor.run(exp)
+            executor = RayExecutor(scheduler, args.device, **ray_executor)
+        # the executor first: ray.init installs a SIGTERM handler of its own, which ours must replace.
+        # SIGTERM/SIGINT: checkpoint, record the trial as interrupted, stop
+        with executor, stop_on_signals(executor):
+            outcomes = executor.run(exp)
     finally:
         shutdown_distributed()
     by_status = {s: [o for o in outcomes if o.status == s] for s in ("failed", "interrupted")}
@@ -133,11 +138,26 @@ def cmd_run(args, out: Console, err: Console) -> int:
         if failed:
             err.print("running again retries the failed trials (completed ones are skipped), but a failure that does not "
                       f"depend on chance fails the same way until the graph or the data changes: {again}", highlight=False)
-        if runner.stop_signal:
-            err.print(f"stopped by {runner.stop_signal}; the same command resumes: {again}", highlight=False)
-    if runner.stop_signal and (interrupted or len(outcomes) < len(exp.trials)):
-        return exit_code(runner.stop_signal)
+        if executor.stop_signal:
+            err.print(f"stopped by {executor.stop_signal}; the same command resumes: {again}", highlight=False)
+    if executor.stop_signal and (interrupted or len(outcomes) < len(exp.trials)):
+        return exit_code(executor.stop_signal)
     return 1 if failed else 0
+
+
+def _dry_run_skips(exp, store, out: Console) -> None:
+    """``run --dry-run``'s last lines: the trials a run would skip as completed in ``store``. Reads
+    only; a store that does not exist has none."""
+    from vlpgraph.execution.display import trial_label
+    from vlpgraph.execution.scheduler import completed_trials
+
+    done = {t.run_id for t in completed_trials(store, exp)}
+    n = len(exp.trials)
+    for i, t in enumerate(exp.trials, 1):
+        if t.run_id in done:
+            out.print(f"[{i}/{n}] {trial_label(t)}: already completed ({t.run_id}), would be skipped", highlight=False)
+    where = f"in {store.root}" if store.exists() else f"(no store at {store.root} yet)"
+    out.print(f"{len(done)} of {n} trial(s) would be skipped as already completed {where}", highlight=False)
 
 
 def _ray_options(args) -> dict | None:
@@ -153,7 +173,7 @@ def _ray_options(args) -> dict | None:
         return None
     if args.dry_run:
         return None
-    from vlpgraph.execution.executors import TrialResources, import_ray
+    from vlpgraph.execution.ray_executor import TrialResources, import_ray
 
     import_ray()
     if jobs and args.address:
@@ -390,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def graph_args(sp, sets=True):
         sp.add_argument("graph", help="the graph file (YAML)")
-        sp.add_argument("--profile", help="a named override set from the file's profiles:")
+        sp.add_argument("--profile", metavar="NAME",
+                        help="apply one named set of overrides from the graph file's profiles section "
+                             "(e.g. tiny or gpu); --set wins over it")
         sp.add_argument("--variant", action="append", metavar="NAME", help="only this sweep variant (repeatable)")
         if sets:
             sp.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE", help="override a param (repeatable)")
@@ -402,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     graph_args(sp)
     store_arg(sp)
     sp.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    sp.add_argument("--dry-run", action="store_true", help="list the trials and their run ids; train nothing")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="list the trials and their run ids, and which of them the store holds completed (a run "
+                         "skips those); train nothing, write nothing")
     sp.add_argument("--executor", choices=["sequential", "ray"], default="sequential",
                     help="sequential: one trial after another in this process (default); ray: every pending trial as "
                          "a Ray task, as many at once as the cluster fits (needs the extra: pip install -e '.[ray]'; "
@@ -424,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("show", help="print the DAG of each variant")
     graph_args(sp)
-    sp.add_argument("--format", choices=["text", "dot"], default="text")
+    sp.add_argument("--format", choices=["text", "dot"], default="text",
+                    help="text: one line per node with its inputs (default); dot: Graphviz DOT to render")
     sp.set_defaults(fn=cmd_show)
 
     sp = sub.add_parser("nodes", help="the node catalog: kinds, ports, params")
@@ -435,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     store_arg(sp)
     sp.add_argument("--graph", help="only runs of this graph name")
     sp.add_argument("--status", choices=["queued", "running", "stale", "completed", "failed", "interrupted"],
-                    help="stale: marked running, but its runner gave no sign of life for longer than the lease "
-                         "($VLPGRAPH_LEASE_S, default 60 s): it died without a word (SIGKILL, a lost node)")
+                    help="only runs in this state; stale: marked running, but its runner gave no sign of life "
+                         "for longer than the lease ($VLPGRAPH_LEASE_S, default 60 s): it died without a word "
+                         "(SIGKILL, a lost node)")
     sp.set_defaults(fn=cmd_runs)
 
     sp = sub.add_parser("report", help="a metric by variant x varied param, mean ± std over seeds")

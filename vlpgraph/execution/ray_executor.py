@@ -1,7 +1,7 @@
-"""Running a sweep's trials on Ray (``vlpgraph run GRAPH --executor ray`` / ``--jobs N``).
+"""The Ray executor: a sweep's trials as Ray tasks (``vlpgraph run GRAPH --executor ray`` / ``--jobs N``).
 
-The sequential executor (``Runner.run``, the default) trains one trial after another in the
-command's own process and never imports Ray. This module is imported only when Ray is asked for.
+The sequential executor (vlpgraph.execution.sequential, the default) trains one trial after another
+in the command's own process and never imports Ray. This module is imported only when Ray is asked for.
 
 How the work is split:
 
@@ -11,15 +11,16 @@ How the work is split:
   claimed trial, applies the rows its workers send, shows one progress bar per running trial and
   records what happened to each.
 - A **worker** (a Ray task, sized by ``--trial-resources``) compiles, trains and evaluates one trial
-  with the runner's own code (``Runner._run_one``), but its store is a ``StoreProxy``: every write
-  becomes a message in one ``Mailbox`` (a small Ray actor) that the driver drains. Checkpoints, tokenizers
-  and data caches are files under the store directory, which every worker must see (a shared
-  filesystem); a worker checks that first (the driver's marker file) and fails clearly otherwise.
+  with the same ``TrialJob`` as the sequential executor, reporting through a ``MailboxSink``: every
+  store write, note and step becomes a message in one ``Mailbox`` (a small Ray actor) that the driver
+  drains. Checkpoints, tokenizers and data caches are files under the store directory, which every
+  worker must see (a shared filesystem); a worker checks that first (the driver's marker file) and
+  fails clearly otherwise.
 
 The message protocol (tuples in the mailbox, in the order one worker produced them):
 
 - ``("store", run_id, method, args, kwargs)``: call ``Store.method(*args, **kwargs)`` on the driver;
-  ``method`` is one of ``WORKER_WRITES`` (start_run, finish_run, log_metrics, delete_metrics_after,
+  ``method`` is one of ``STORE_WRITES`` (start_run, finish_run, log_metrics, delete_metrics_after,
   log_evaluation, set_document). Every one of them replaces by key, so a retried trial writes the
   same rows again, never beside the old ones.
 - ``("step", run_id, step, total, loss, samples_per_s, batch_size)``: move the trial's progress bar.
@@ -27,9 +28,9 @@ The message protocol (tuples in the mailbox, in the order one worker produced th
 
 A worker's put returns once the mailbox holds the message, so when a task's result is ready every
 message it sent is in the mailbox: the driver drains it before it looks at a result. Before each
-checkpoint a worker waits until the driver has written every message it sent (``Mailbox.wait_applied``):
-a checkpoint is never ahead of the store, so a driver killed with rows still in the mailbox loses
-nothing that the resumed trial does not log again.
+checkpoint a worker waits until the driver has written every message it sent (its sink's
+``before_checkpoint``, ``Mailbox.wait_applied``): a checkpoint is never ahead of the store, so a
+driver killed with rows still in the mailbox loses nothing that the resumed trial does not log again.
 
 Failures: a worker process that dies (SIGKILL, lost node) makes Ray run the task again, up to
 ``max_retries`` times; the new attempt resumes from the trial's last checkpoint (its first write,
@@ -42,22 +43,21 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
-from vlpgraph.errors import UserError
-from vlpgraph.execution.runner import Runner, TrialOutcome, resolve_device, step_display, trial_label, trial_progress
-from vlpgraph.store import Store
 from vlpgraph.engine.sweep import Experiment, Trial
-from vlpgraph.execution.train import Checkpointer
+from vlpgraph.errors import UserError
+from vlpgraph.execution.display import SweepDisplay, trial_label
+from vlpgraph.execution.executor import Executor
+from vlpgraph.execution.ranks import resolve_device
+from vlpgraph.execution.scheduler import Scheduler
+from vlpgraph.execution.trial import STORE_WRITES, Claim, TrialJob, TrialOutcome, TrialSink
 
 INSTALL_HINT = "pip install -e '.[ray]'"
-WORKER_WRITES = ("start_run", "finish_run", "log_metrics", "delete_metrics_after", "log_evaluation", "set_document")
 MARKER_DIR = ".ray"  # under the store: the driver's marker and stop files
 
 
@@ -138,91 +138,55 @@ class Mailbox:
 # ----------------------------------------------------------------------------------- worker side
 
 
-class StoreProxy:
-    """What a worker's runner sees as its store: the store's paths (shared filesystem) and its
-    write methods, each of which becomes a message to the driver. Reading is not offered: the
-    driver decides what a trial needs before it dispatches it."""
+class MailboxSink(TrialSink):
+    """A Ray worker's sink: every store write, note and step becomes a message to the driver (in
+    ``mailbox``, a Mailbox actor); the job stops (checkpoint, Interrupted) once the driver's
+    ``stop_file`` appears."""
 
-    def __init__(self, root: Path, mailbox, run_id: str):
-        self._paths = Store(root)  # paths only: a Store holds no connection and this one never opens one
-        self.root = self._paths.root
-        self._mailbox = mailbox
-        self._run_id = run_id
-        self._last = 0  # the number of this worker's last message
+    def __init__(self, mailbox, run_id: str, stop_file: Path):
+        self.mailbox = mailbox
+        self.run_id = run_id
+        self.stop_file = stop_file
+        self.stop_signal: str | None = None
+        self.last = 0  # the number of this worker's last message
+        self.last_step_at = 0.0
 
     def send(self, msg: tuple) -> None:
         import ray
 
-        self._last = ray.get(self._mailbox.put.remote(msg))
+        self.last = ray.get(self.mailbox.put.remote(msg))
 
-    def flush(self, timeout: float = 600.0) -> None:
+    def write(self, method: str, *args, **kwargs) -> None:
+        if method not in STORE_WRITES:
+            raise ValueError(f"a Ray worker sends the driver {', '.join(STORE_WRITES)}, not Store.{method}")
+        self.send(("store", self.run_id, method, args, kwargs))
+
+    def note(self, message: str) -> None:
+        self.send(("note", self.run_id, message))
+
+    def step(self, step: int, total: int, loss: float, samples_per_s: float, batch_size: int) -> None:
+        # a put is a round trip to the mailbox actor: a few a second are enough for a progress bar
+        now = time.monotonic()
+        if now - self.last_step_at >= 0.25 or step == total:
+            self.last_step_at = now
+            self.send(("step", self.run_id, step, total, loss, samples_per_s, batch_size))
+
+    def stop_reason(self) -> str | None:
+        if self.stop_signal is None and self.stop_file.exists():  # one stat per step
+            self.stop_signal = self.stop_file.read_text().strip() or "the driver"
+        return self.stop_signal
+
+    def before_checkpoint(self, timeout: float = 600.0) -> None:
         """Wait until the driver has written every message this worker sent."""
         import ray
 
-        ray.get(self._mailbox.wait_applied.remote(self._last), timeout=timeout)
-
-    def run_dir(self, run_id: str, *, create: bool = False) -> Path:
-        return self._paths.run_dir(run_id, create=create)
-
-    def cache_dir(self, key: str, *, create: bool = False) -> Path:
-        return self._paths.cache_dir(key, create=create)
-
-    def __getattr__(self, name: str):
-        if name not in WORKER_WRITES:
-            raise AttributeError(f"a Ray worker's store offers {', '.join(WORKER_WRITES)} (writes the driver makes), not {name}")
-        return lambda *args, **kwargs: self.send(("store", self._run_id, name, args, kwargs))
+        ray.get(self.mailbox.wait_applied.remote(self.last), timeout=timeout)
 
 
-class WorkerRunner(Runner):
-    """The runner inside a Ray task: trains one claimed trial; reports steps and notes as messages;
-    stops (checkpoint, Interrupted) when the driver's stop file appears."""
-
-    def __init__(self, proxy: StoreProxy, device: torch.device, run_id: str, stop_file: Path):
-        super().__init__(proxy, device, Console(stderr=True, quiet=True))
-        self.proxy = proxy
-        self._run_id = run_id
-        self._stop_file = stop_file
-
-    def _checkpointer(self, run_id: str) -> Checkpointer:
-        return _FlushingCheckpointer(self.proxy, super()._checkpointer(run_id).dir)
-
-    def _step_reporter(self, plan, progress, task):
-        last, batch = [0.0], plan.model.params.batch_size
-
-        def on_step(step: int, total: int, loss: float, sps: float) -> None:
-            # a put is a round trip to the mailbox actor: a few a second are enough for a progress bar
-            now = time.monotonic()
-            if now - last[0] >= 0.25 or step == total:
-                last[0] = now
-                self.proxy.send(("step", self._run_id, step, total, loss, sps, batch))
-
-        return on_step
-
-    def _should_stop_training(self) -> bool:
-        if self.stop_signal is None and self._stop_file.exists():  # one stat per step
-            self.stop_signal = self._stop_file.read_text().strip() or "the driver"
-        return self.stop_signal is not None
-
-    def _log(self, message: str) -> None:
-        self.proxy.send(("note", self._run_id, message))
-
-
-class _FlushingCheckpointer(Checkpointer):
-    """Saves only after the driver has written every row sent so far (the rows up to this step)."""
-
-    def __init__(self, proxy: StoreProxy, directory: Path):
-        super().__init__(directory)
-        self.proxy = proxy
-
-    def save(self, *args, **kwargs) -> Path:
-        self.proxy.flush()
-        return super().save(*args, **kwargs)
-
-
-def run_trial(exp: Experiment, trial: Trial, run: dict, store_root: str, marker: str, device: str,
+def run_trial(exp: Experiment, trial: Trial, claim: Claim, store_root: str, marker: str, device: str,
               threads: int, mailbox) -> dict:
-    """The body of one Ray task: train and evaluate ``trial`` (claimed by the driver; ``run`` is
-    what the driver's claim found), sending every store write to ``mailbox`` (a Mailbox actor). Returns the outcome as
+    """The body of one Ray task: train and evaluate ``trial`` (claimed by the driver, which found
+    ``claim``), sending every store write to ``mailbox`` (a Mailbox actor). Returns the outcome as
     a dict (status, wall_s, error, metrics). Raises UserError when this worker cannot see the store
     directory (the driver's ``marker`` file is not there)."""
     root = Path(store_root)
@@ -231,27 +195,26 @@ def run_trial(exp: Experiment, trial: Trial, run: dict, store_root: str, marker:
                         f"{root} (no {marker} there): checkpoints and caches live under it, so every node must mount "
                         "it at the same path (a shared filesystem)")
     torch.set_num_threads(max(1, threads))
-    runner = WorkerRunner(StoreProxy(root, mailbox, trial.run_id), resolve_device(device), trial.run_id,
-                          root / Path(marker).parent / "stop")
-    o = runner._run_one(exp, trial, run, None, None)
+    sink = MailboxSink(mailbox, trial.run_id, root / Path(marker).parent / "stop")
+    o = TrialJob(exp, trial, claim, sink, root=root, device=resolve_device(device)).run()
     return {"status": o.status, "wall_s": o.wall_s, "error": o.error, "metrics": o.metrics}
 
 
 # ----------------------------------------------------------------------------------- driver side
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     """Runs a sweep's trials as Ray tasks, as many at once as the cluster fits; the driver writes
-    the store. ``address``: a running cluster's address (None: ``$RAY_ADDRESS`` if set, else a
-    local Ray started here; ``jobs`` sizes it to that many trials at once). ``max_retries``: how many
-    times a trial whose worker died is run again (from its checkpoint)."""
+    the store. ``device_name``: ``--device`` as given. ``address``: a running cluster's address
+    (None: ``$RAY_ADDRESS`` if set, else a local Ray started here; ``jobs`` sizes it to that many
+    trials at once). ``max_retries``: how many times a trial whose worker died is run again (from
+    its checkpoint). Enter it before ``stop_on_signals``: ray.init installs its own SIGTERM
+    handler, which would end the driver at once instead of stopping the trials at a checkpoint."""
 
-    def __init__(self, runner: Runner, device_name: str, *, address: str | None = None, jobs: int | None = None,
+    def __init__(self, scheduler: Scheduler, device_name: str, *, address: str | None = None, jobs: int | None = None,
                  resources: TrialResources = TrialResources(), max_retries: int = 2):
+        super().__init__(scheduler)
         self.ray = import_ray()
-        self.runner = runner
-        self.store: Store = runner.store
-        self.console = runner.console
         # where a worker trains: --device auto means the GPU Ray gave the task (it sets CUDA_VISIBLE_DEVICES),
         # or the CPU when a trial asks for none (never a GPU that Ray did not hand out)
         self.device_name = ("cuda" if resources.gpu else "cpu") if device_name == "auto" else device_name
@@ -259,7 +222,6 @@ class RayExecutor:
         self.jobs = jobs
         self.resources = resources
         self.max_retries = max_retries
-        self._shown: dict[str, object] = {}  # run_id -> its step_display
 
     # -------------------------------------------------------------------------------- cluster
 
@@ -290,13 +252,11 @@ class RayExecutor:
     # -------------------------------------------------------------------------------- the sweep
 
     def __enter__(self) -> "RayExecutor":
-        """Join or start Ray, and leave the marker file workers look for. Enter it before
-        ``stop_on_signals``: ray.init installs its own SIGTERM handler, which would end the driver
-        at once instead of stopping the trials at a checkpoint."""
+        """Join or start Ray, and leave the marker file workers look for."""
         self._started = self._connect()
-        self._marker_dir = self.store.root / MARKER_DIR / secrets.token_hex(4)
+        self._marker_dir = self.scheduler.store.root / MARKER_DIR / secrets.token_hex(4)
         self._marker_dir.mkdir(parents=True, exist_ok=True)
-        (self._marker_dir / "driver").write_text(f"{self.runner.owner}\n")
+        (self._marker_dir / "driver").write_text(f"{self.scheduler.owner}\n")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -310,19 +270,13 @@ class RayExecutor:
             self.ray.shutdown()
 
     def run(self, exp: Experiment) -> list[TrialOutcome]:
-        """Run every trial not yet done; one outcome per trial this driver finished or skipped, in
-        the order they ended (as ``Runner.run``). Stops early after ``runner.request_stop``: running
-        trials checkpoint and are recorded as interrupted, the others stay queued. Call it inside
-        ``with executor:``."""
-        return self._sweep(exp, self._marker_dir)
-
-    def _sweep(self, exp: Experiment, marker_dir: Path) -> list[TrialOutcome]:
-        ray, runner, store = self.ray, self.runner, self.store
-
+        """As ``Executor.run``; call it inside ``with executor:``. After ``request_stop`` running
+        trials checkpoint and are recorded as interrupted, the others stay queued."""
+        ray, s, marker_dir = self.ray, self.scheduler, self._marker_dir
+        store = s.store
         n = len(exp.trials)
         number = {t.run_id: i for i, t in enumerate(exp.trials, 1)}
-        for t in exp.trials:
-            runner._start(exp, t, status="queued", if_absent=True)
+        s.queue(exp)
         capacity = self._capacity()
         mailbox = ray.remote(num_cpus=0)(Mailbox).remote()
         exp_ref = ray.put(exp)
@@ -332,65 +286,62 @@ class RayExecutor:
         threads = max(1, int(self.resources.cpu))
         pending = list(exp.trials)
         running: dict = {}  # ObjectRef -> (trial, when it was submitted)
-        bars: dict[str, int] = {}  # run_id -> progress task id
         outcomes: list[TrialOutcome] = []
         announced: dict[str, str] = {}
-        beating = _Heartbeats(store, runner.owner, runner.heartbeat_every)
-        self.console.print(f"  Ray: {capacity} trial(s) at once ({self.resources.cpu:g} CPU"
-                           + (f", {self.resources.gpu:g} GPU" if self.resources.gpu else "") + " each)", highlight=False)
-        with trial_progress(self.console) as progress, beating:
+        # the workers write nothing themselves, so the driver beats for them (as before, without a
+        # warning when another runner took one over: the worker trains on either way)
+        beating = s.heartbeats(warn_taken_over=False)
+        s.console.print(f"  Ray: {capacity} trial(s) at once ({self.resources.cpu:g} CPU"
+                        + (f", {self.resources.gpu:g} GPU" if self.resources.gpu else "") + " each)", highlight=False)
+        with SweepDisplay(s.console) as display, beating:
             stop_written = False
             while pending or running:
-                if runner.stop_signal and not stop_written:  # running trials checkpoint and stop; no new ones
-                    (marker_dir / "stop").write_text(runner.stop_signal)
+                if s.stop_signal and not stop_written:  # running trials checkpoint and stop; no new ones
+                    (marker_dir / "stop").write_text(s.stop_signal)
                     stop_written = True
-                held = 0
                 for trial in list(pending):
-                    if runner.stop_signal or len(running) >= capacity:
+                    if s.stop_signal or len(running) >= capacity:
                         break
-                    row = runner._claim(exp, trial)
-                    if row.get("held"):
-                        held += 1
-                        if announced.get(trial.run_id) != row["owner"]:
-                            announced[trial.run_id] = row["owner"]
-                            runner._log(f"trial {number[trial.run_id]}/{n} {trial_label(trial)} ({trial.run_id}): another "
-                                        f"runner holds it ({row['owner']}); taken over if silent for {runner.lease:.0f}s")
+                    claim = s.claim(exp, trial)
+                    if claim.held:
+                        if announced.get(trial.run_id) != claim.owner:
+                            announced[trial.run_id] = claim.owner
+                            s.log(f"trial {number[trial.run_id]}/{n} {trial_label(trial)} ({trial.run_id}): another "
+                                  f"runner holds it ({claim.owner}); taken over if silent for {s.lease:.0f}s")
                         continue
                     pending.remove(trial)
-                    if not row["claimed"]:
-                        outcome = runner._skipped(trial, row)
+                    if not claim.claimed:
+                        outcome = s.skipped(trial, claim)
                         outcomes.append(outcome)
-                        runner._print_outcome(number[trial.run_id], n, outcome)
+                        s.print_outcome(exp, outcome)
                         continue
-                    bars[trial.run_id] = progress.add_task("", total=None, trial=f"{number[trial.run_id]}/{n}", loss="-", sps="-")
-                    ref = task.remote(exp_ref, trial, row, str(store.root), marker, self.device_name, threads, mailbox)
+                    display.add(trial.run_id, f"{number[trial.run_id]}/{n}")
+                    ref = task.remote(exp_ref, trial, claim, str(store.root), marker, self.device_name, threads, mailbox)
                     running[ref] = (trial, time.perf_counter())
                     beating.add(trial.run_id)
-                self._drain(mailbox, progress, bars)
+                self._drain(mailbox, display)
                 if not running:
-                    if pending and runner.stop_signal:
+                    if pending and s.stop_signal:
                         break
                     if pending:  # every trial left is held by another live runner: wait for them
-                        time.sleep(min(2.0, runner.lease / 4))
+                        time.sleep(min(2.0, s.lease / 4))
                     continue
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.1)
                 for ref in ready:
-                    self._drain(mailbox, progress, bars)  # every message of this task is in the mailbox by now
+                    self._drain(mailbox, display)  # every message of this task is in the mailbox by now
                     trial, t0 = running.pop(ref)
                     outcome = self._outcome(ref, trial, t0)
                     beating.discard(trial.run_id)
-                    store.release(trial.run_id, runner.owner)
-                    progress.update(bars.pop(trial.run_id), visible=False)
-                    self._shown.pop(trial.run_id, None)
+                    s.release(trial.run_id)
+                    display.remove(trial.run_id)
                     outcomes.append(outcome)
-                    runner._print_outcome(number[trial.run_id], n, outcome)
-            self._drain(mailbox, progress, bars)
-        if pending:
-            runner._log(f"stopped: {len(pending)} trial(s) not run; the same command runs them")
+                    s.print_outcome(exp, outcome)
+            self._drain(mailbox, display)
+        s.not_run(pending)
         return outcomes
 
     def _outcome(self, ref, trial: Trial, t0: float) -> TrialOutcome:
-        """The trial's outcome from its task; a task that failed outside the runner's own handling
+        """The trial's outcome from its task; a task that failed outside the job's own handling
         (its worker died more than max_retries times, the store not visible) is recorded as failed."""
         try:
             got = self.ray.get(ref)
@@ -404,10 +355,9 @@ class RayExecutor:
                        f"command resumes): {type(e).__name__}")
             else:
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            self.store.finish_run(trial.run_id, "failed", error=msg)
-            return TrialOutcome(trial, "failed", wall_s=time.perf_counter() - t0, error=msg)
+            return self.scheduler.failed(trial, msg, wall_s=time.perf_counter() - t0)
 
-    def _drain(self, mailbox, progress, bars: dict[str, int]) -> None:
+    def _drain(self, mailbox, display: SweepDisplay) -> None:
         """Apply every message waiting in the mailbox, in order (the driver is the store's one
         writer), then tell the mailbox how far it got (a worker about to checkpoint waits for that)."""
         through, messages = self.ray.get(mailbox.take.remote())
@@ -415,55 +365,12 @@ class RayExecutor:
             kind, run_id = msg[0], msg[1]
             if kind == "store":
                 method, args, kwargs = msg[2], msg[3], msg[4]
-                if method not in WORKER_WRITES:
+                if method not in STORE_WRITES:
                     raise RuntimeError(f"a Ray worker asked the driver for Store.{method}: not a worker's write")
-                getattr(self.store, method)(*args, **kwargs)
-            elif kind == "step" and run_id in bars:
-                step, total, loss, sps, batch = msg[2:]
-                if run_id not in self._shown:
-                    self._shown[run_id] = step_display(progress, bars[run_id], batch, self.console,
-                                                       plain=not self.console.is_terminal)
-                self._shown[run_id](step, total, loss, sps)
+                getattr(self.scheduler.store, method)(*args, **kwargs)
+            elif kind == "step":
+                display.step(run_id, *msg[2:])
             elif kind == "note":
-                self.runner._log(msg[2])
+                self.scheduler.log(msg[2])
         if messages:
             mailbox.applied.remote(through)
-
-
-class _Heartbeats:
-    """One thread that keeps the driver's claims on its running trials alive (the workers write
-    nothing themselves, so the driver beats for them)."""
-
-    def __init__(self, store: Store, owner: str, every: float):
-        self.store, self.owner, self.every = store, owner, every
-        self.run_ids: set[str] = set()
-        self._guard = threading.Lock()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="ray-heartbeats", daemon=True)
-
-    def add(self, run_id: str) -> None:
-        with self._guard:
-            self.run_ids.add(run_id)
-
-    def discard(self, run_id: str) -> None:
-        with self._guard:
-            self.run_ids.discard(run_id)
-
-    def _beat(self) -> None:
-        while not self._done.wait(self.every):
-            with self._guard:
-                ids = list(self.run_ids)
-            for run_id in ids:
-                try:
-                    self.store.heartbeat(run_id, self.owner)
-                except Exception:  # noqa: BLE001 - a busy store delays one beat; the next one retries
-                    continue
-
-    def __enter__(self) -> "_Heartbeats":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
