@@ -124,7 +124,7 @@ def build_llama(p: LMParams, tokenizer: WordPieceTokenizer) -> LlamaLM:
         tie_word_embeddings=p.tie_embeddings,
         use_cache=False,
     )
-    model = LlamaModel._from_config(cfg, attn_implementation=transformers_attention_name(p.attention))
+    model = LlamaModel._from_config(cfg, attn_implementation=transformers_attention_name(p.attention))  # noqa: SLF001  takes attn_implementation
     return LlamaLM(model, tokenizer, p.attention, p.tie_embeddings)
 
 

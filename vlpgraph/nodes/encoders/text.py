@@ -111,7 +111,7 @@ def build_bert(p: TextParams, tokenizer: WordPieceTokenizer) -> BertTower:
         pad_token_id=tokenizer.pad_id,
         use_cache=False,
     )
-    bert = BertModel._from_config(
+    bert = BertModel._from_config(  # noqa: SLF001  transformers: the form that takes attn_implementation
         cfg, attn_implementation=transformers_attention_name(p.attention), add_pooling_layer=False
     )
     return BertTower(bert, tokenizer, p.attention)

@@ -109,7 +109,7 @@ class ViTTower(VisionTower):
             want.setdefault(i % depth, []).append(b)
         vit = self.vit
         x = vit.patch_embed(images)
-        x = vit._pos_embed(x)
+        x = vit._pos_embed(x)  # noqa: SLF001  timm's own position rule (cls/reg tokens, dynamic size); no public twin
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
         out: dict[int, torch.Tensor] = {}
@@ -129,7 +129,7 @@ class ViTTower(VisionTower):
         if ids_keep.dim() != 2 or ids_keep.shape[0] != images.shape[0]:
             raise ValueError(f"forward_masked: ids_keep must be [B, V] for {images.shape[0]} images, got {tuple(ids_keep.shape)}")
         vit = self.vit
-        x = vit._pos_embed(vit.patch_embed(images))  # [B, prefix + N, C], positions added (timm's own rule)
+        x = vit._pos_embed(vit.patch_embed(images))  # noqa: SLF001  [B, prefix + N, C], positions added by timm's own rule
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens:]
         index = ids_keep.to(patches.device).unsqueeze(-1).expand(-1, -1, patches.shape[-1])
         x = torch.cat((prefix, patches.gather(1, index)), dim=1)

@@ -89,7 +89,7 @@ class TextHead(nn.Module):
                          num_attention_heads=p.heads, intermediate_size=4 * p.width, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0, max_position_embeddings=p.max_len,
                          pad_token_id=tokenizer.pad_id, use_cache=False)
-        self.bert = BertModel._from_config(cfg, attn_implementation=transformers_attention_name("auto"),
+        self.bert = BertModel._from_config(cfg, attn_implementation=transformers_attention_name("auto"),  # noqa: SLF001
                                            add_pooling_layer=False)
         self.proj = nn.Linear(p.width, p.embed_dim)
 
