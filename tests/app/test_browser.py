@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from vlpgraph.store import Store
 
 CHROMIUM = "/usr/bin/chromium"

@@ -17,7 +17,7 @@ import pytest
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import ROOT, SYN_SEEDS, syn_rsum, tiny_graph
+from tests.helpers import ROOT, SYN_SEEDS, syn_rsum, tiny_graph
 from vlpgraph.results import analysis
 from vlpgraph.cli import main
 from vlpgraph.store import Store

@@ -14,7 +14,7 @@ from PIL import Image
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from vlpgraph.layers.patches import png_bytes
 from vlpgraph.store import Store
 

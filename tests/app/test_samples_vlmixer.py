@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tests.test_app_samples import capture_media, caption_rows, open_samples, pixels, run, start, text
+from tests.app.test_samples import capture_media, caption_rows, open_samples, pixels, run, start, text
 from vlpgraph.results import analysis
 from vlpgraph.layers.patches import png_bytes
 from vlpgraph.store import Store

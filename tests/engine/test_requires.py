@@ -103,7 +103,7 @@ def test_the_pair_treating_kinds_are_marked():
 
 @pytest.mark.parametrize("wire_data", [True, False])
 def test_lcl_on_paired_data_is_refused_at_validation(capsys, tmp_path, wire_data):
-    from tests.test_lcl_graph import GRAPH as LCL
+    from tests.nodes.objectives.test_lcl_graph import GRAPH as LCL
 
     text = LCL.replace(", pairing: interleaved", "")
     if not wire_data:  # the optional data input left out: requires still catches it

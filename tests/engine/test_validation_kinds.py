@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from vlpgraph.cli import main
-from tests.test_validation import GOOD, errors_of
+from tests.engine.test_validation import GOOD, errors_of
 
 
 def edited(*edits: tuple[str, str]) -> str:

@@ -1,7 +1,7 @@
-"""Run under torchrun by tests/test_train_trust.py: one tiny trial on 2 gloo ranks, where one rank alone
+"""Run under torchrun by tests/execution/test_train_trust.py: one tiny trial on 2 gloo ranks, where one rank alone
 meets a NaN loss (``nan`` mode: NAN_RANK, NAN_STEP) or a stop request (``stop`` mode: STOP_RANK,
 STOP_AFTER). Each rank prints what fit() raised, then meets the other at a barrier, as a sweep that
-goes on to its next trial would, and prints "done". Usage: python -m tests._dist_job MODE DIR."""
+goes on to its next trial would, and prints "done". Usage: python -m tests.execution._dist_job MODE DIR."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.conftest import tiny_graph
+from tests.helpers import tiny_graph
 from vlpgraph.engine.compile import compile_trial
 from vlpgraph.errors import Interrupted, TrialFailed
 from vlpgraph.engine.ports import Objective, VisionTower

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_graph
+from tests.helpers import ROOT, tiny_graph
 from vlpgraph.engine import registry
 from vlpgraph.cli import main
 from vlpgraph.engine.ports import Objective, VisionTower

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_graph
+from tests.helpers import ROOT, tiny_graph
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
 from vlpgraph.store import Store

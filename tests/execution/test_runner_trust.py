@@ -13,7 +13,7 @@ import duckdb
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_graph
+from tests.helpers import ROOT, tiny_graph
 from vlpgraph.engine import registry
 from vlpgraph.execution import runner as runner_mod
 from vlpgraph.cli import main

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_graph
+from tests.helpers import ROOT, tiny_graph
 from vlpgraph.engine.compile import compile_trial
 from vlpgraph.errors import Interrupted, TrialFailed, UserError
 from vlpgraph.engine.sweep import load_experiment
@@ -336,10 +336,10 @@ def test_a_checkpoint_of_another_step_plan_is_refused_not_resumed(key, value, sa
 
 
 def _torchrun(tmp_path: Path, mode: str, env: dict) -> subprocess.CompletedProcess:
-    """tests/_dist_job.py on 2 gloo ranks; a hang fails the test. torchrun starts each worker in a
+    """_dist_job.py (beside this file) on 2 gloo ranks; a hang fails the test. torchrun starts each worker in a
     session of its own, so on a hang the workers are killed by the pids they wrote."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "tests._dist_job", mode, str(tmp_path)]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "tests.execution._dist_job", mode, str(tmp_path)]
     log = tmp_path / "torchrun.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)

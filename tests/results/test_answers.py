@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import tiny_graph
+from tests.helpers import tiny_graph
 from vlpgraph.cli import main
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment

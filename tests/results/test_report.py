@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from tests.conftest import tiny_graph
+from tests.helpers import tiny_graph
 from vlpgraph.results.report import build_report, crossing, interpolate
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment

@@ -8,7 +8,7 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
-from tests.conftest import tiny_graph
+from tests.helpers import tiny_graph
 from vlpgraph.cli import main
 from vlpgraph.results.report import build_report
 from vlpgraph.store import Store

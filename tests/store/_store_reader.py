@@ -1,4 +1,4 @@
-"""Subprocess for tests/test_store.py: reads the store N times while another process writes.
+"""Subprocess for tests/store/test_store.py: reads the store N times while another process writes.
 
 usage: python _store_reader.py ROOT RUN_ID READS SLEEP_S OUT_JSON
 """

@@ -1,4 +1,4 @@
-"""Subprocess for tests/test_store.py: writes one running trial in many small transactions.
+"""Subprocess for tests/store/test_store.py: writes one running trial in many small transactions.
 
 usage: python _store_writer.py ROOT RUN_ID BATCHES ROWS_PER_BATCH SLEEP_S OUT_JSON
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from vlpgraph.cli import main
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment

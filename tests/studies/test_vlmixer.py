@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 from vlpgraph.cli import main
 from vlpgraph.nodes.datasets import shapes
 from vlpgraph.store import Store

@@ -1,5 +1,5 @@
 """evaluator.documents: objective.lcl scored on held-out interleaved documents, on the small fakes of
-tests/test_lcl.py (the real sequence builder, a fake LM and tower), and the held-out documents of
+tests/nodes/objectives/test_lcl.py (the real sequence builder, a fake LM and tower), and the held-out documents of
 dataset.shapes."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.test_lcl import DOCS, make_batch, make_lcl
+from tests.nodes.objectives.test_lcl import DOCS, make_batch, make_lcl
 from vlpgraph.results import analysis
 from vlpgraph.engine import ports
 from vlpgraph.layers.interleaved import build_sequences

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_unpaired_data import shapes
+from tests.nodes.datasets.test_unpaired import shapes
 from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_qa import FakeModel, ctx, random_scenes, snapshot, towers
-from tests.test_transfer import write_captions
+from tests.nodes.evaluators.test_qa import FakeModel, ctx, random_scenes, snapshot, towers
+from tests.nodes.evaluators.test_transfer import write_captions
 from vlpgraph.engine import ports
 from vlpgraph.nodes.evaluators import scene_tasks
 from vlpgraph.cli import main

@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import DATA
 from vlpgraph.engine import ports
 from vlpgraph.nodes.evaluators import scene_tasks
 from vlpgraph.errors import UserError
@@ -26,7 +27,6 @@ from vlpgraph.nodes.encoders import text as text_mod
 from vlpgraph.nodes.encoders import vit as vit_mod
 from vlpgraph.nodes.evaluators import qa as qa_mod
 
-DATA = Path(__file__).parent / "data"
 PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "crosses": "cross"}
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tests.conftest import tiny_graph
+from tests.helpers import tiny_graph
 from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.errors import TrialFailed, UserError

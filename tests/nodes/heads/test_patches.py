@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 from torch import nn
 
-from tests.conftest import tiny_graph
+from tests.helpers import tiny_graph
 from vlpgraph.engine import ports, registry
 from vlpgraph.errors import UserError
 from vlpgraph.nodes.encoders.vit import ViTParams, build_vit

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from tests.test_itc import FakeText, FakeVision
+from tests.nodes.objectives.test_itc import FakeText, FakeVision
 from vlpgraph.engine import ports, registry
 from vlpgraph.layers import mixing
 from vlpgraph.errors import TrialFailed

@@ -1,6 +1,6 @@
-"""Run under torchrun by tests/test_lcl.py: objective.lcl's contrastive term on 2 gloo ranks, each with
+"""Run under torchrun by tests/nodes/objectives/test_lcl.py: objective.lcl's contrastive term on 2 gloo ranks, each with
 its own documents (tests.test_lcl.RANK_DOCS) and the same weights. Each rank saves its 'lcl_con', how
-many of its images have context, and its gradients. Usage: python -m tests._lcl_dist_job DIR."""
+many of its images have context, and its gradients. Usage: python -m tests.nodes.objectives._lcl_dist_job DIR."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.test_lcl import RANK_DOCS, make_batch, make_lcl, named_grads
+from tests.nodes.objectives.test_lcl import RANK_DOCS, make_batch, make_lcl, named_grads
 from vlpgraph.engine import ports
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.test_cmc import ctx, make_batch, make_captions, make_mixer
+from tests.nodes.mixers.test_cmc import ctx, make_batch, make_captions, make_mixer
 from vlpgraph.engine import ports, registry
 from vlpgraph.errors import UserError
 from vlpgraph.nodes.objectives import cmcl as cmcl_mod

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tests.test_itc import make_batch, make_itc
+from tests.nodes.objectives.test_itc import make_batch, make_itc
 from vlpgraph.engine import ports
 from vlpgraph.nodes.objectives.itc import (
     ITC,

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.helpers import ROOT
 from vlpgraph.engine import ports, registry
 from vlpgraph.layers import interleaved as seqs
 from vlpgraph.layers.interleaved import Sequences
 from vlpgraph.nodes.heads import attentive_pool as pool_mod
 from vlpgraph.nodes.objectives import lcl as lcl_mod
 
-ROOT = Path(__file__).resolve().parents[1]
 WIDTH, LM_WIDTH = 16, 24
 
 # ------------------------------------------------------------------------------------------- fakes
@@ -325,10 +325,10 @@ RANK_DOCS = [DOCS[:2], DOCS[2:] + [(["a big blue triangle"], [("text", 0), ("ima
 @pytest.mark.timeout(180)
 def test_torchrun_contrastive_term_sees_the_global_batch(tmp_path):
     """Under torchrun (2 gloo ranks) 'lcl_con' on each rank equals the single-process term over the
-    concatenated batch, and the ranks' averaged gradients equal its gradient (tests/_lcl_dist_job.py)."""
+    concatenated batch, and the ranks' averaged gradients equal its gradient (_lcl_dist_job.py beside it)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "tests._lcl_dist_job", str(tmp_path)]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "tests.nodes.objectives._lcl_dist_job", str(tmp_path)]
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
