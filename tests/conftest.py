@@ -8,7 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, SYN_FRACTIONS, SYN_SEEDS, SYN_STEPS, SYN_VARIANTS, syn_rsum, syn_wall
+from tests.helpers import GRAPHS, SYN_FRACTIONS, SYN_SEEDS, SYN_STEPS, SYN_VARIANTS, syn_rsum, syn_wall
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """PyTorch on one thread for a module whose runs are compared bit for bit: there CPU kernels are
+    deterministic. With 2 threads, two *uninterrupted* runs of the TiMix tiny graph already differ by up
+    to 3e-6 in a ViT's qkv bias (its key part gets a gradient that is float noise, which Adam scales up to
+    lr-sized steps). A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -27,8 +41,8 @@ def app_store(tmp_path_factory) -> Path:
     from vlpgraph.cli import main
 
     root = tmp_path_factory.mktemp("app") / "store"
-    assert main(["run", str(ROOT / "graphs" / "smoke.yaml"), "--store", str(root)]) == 0
-    assert main(["run", str(ROOT / "graphs" / "timix_sweep.yaml"), "--profile", "tiny", "--store", str(root)]) == 0
+    assert main(["run", str(GRAPHS / "smoke.yaml"), "--store", str(root)]) == 0
+    assert main(["run", str(GRAPHS / "timix_sweep.yaml"), "--profile", "tiny", "--store", str(root)]) == 0
     return root
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import statistics
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
-from tests.helpers import ROOT, SYN_SEEDS, syn_rsum, tiny_graph
+from tests.helpers import ROOT, SYN_SEEDS, start_run, syn_rsum, tiny_graph
 from vlpgraph.results import analysis
 from vlpgraph.cli import main
 from vlpgraph.store import Store
@@ -307,11 +305,10 @@ sweep:
 
 
 def test_the_app_reads_while_a_sweep_writes(tmp_path, monkeypatch, cli_env):
-    graph = tiny_graph(tmp_path, more=SWEEP, epochs=2)
+    graph = tiny_graph(tmp_path, more=SWEEP, train=dict(epochs=2))
     store = tmp_path / "store"
     cli_env["VLPGRAPH_STORE"] = str(store)
-    proc = subprocess.Popen([sys.executable, "-m", "vlpgraph.cli", "run", str(graph)], env=cli_env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_run(graph, cli_env, text=True)
     at = open_app(store, monkeypatch)
     seen, reads = [], 0
     while proc.poll() is None:

@@ -5,52 +5,27 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import itc, mae, node, shapes, text, tiny_graph, trainer, vit
 from vlpgraph.engine import ports, registry
 from vlpgraph.cli import main
-
-GRAPH = """\
-graph: t
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {{train_size: 64, test_size: 32{extra}}}
-  vision:
-    kind: encoder.vit
-    params: {{image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}}
-  text:
-    kind: encoder.text
-    inputs: {{data: shapes}}
-    params: {{width: 32, depth: 1, heads: 2}}
-  mix:
-    kind: mixer.cutmix
-  itc:
-    kind: objective.itc
-    inputs: {{vision: vision, text: text{itc_inputs}}}
-  mae:
-    kind: objective.mae
-    inputs: {{vision: vision}}
-    params: {{decoder_width: 32, decoder_depth: 1, decoder_heads: 2}}
-  train:
-    kind: trainer
-    inputs: {{data: shapes, objectives: [{objectives}]}}
-    params: {{epochs: 1, batch_size: 16}}
-"""
 
 ITC_LINE = 17  # the line of "kind: objective.itc"
 MIX_LINE = 15  # the line of "kind: mixer.cutmix"
 
 
-def validate(capsys, tmp_path, extra="", objectives="itc, mae", itc_inputs=""):
-    path = tmp_path / "g.yaml"
-    path.write_text(GRAPH.format(extra=extra, objectives=objectives, itc_inputs=itc_inputs))
+def validate(capsys, tmp_path, objectives=("itc", "mae"), mixer=None, **data):
+    """`vlpgraph validate` of ITC (its mixer input wired to ``mixer``, a mixer.cutmix) and MAE on shapes with
+    the params ``data``: (exit code, error lines with the file named G)."""
+    path = tiny_graph(tmp_path, "g.yaml", graph="t", nodes={
+        "shapes": shapes(**data), "vision": vit(), "text": text(), "mix": node("mixer.cutmix"), "itc": itc(mixer=mixer),
+        "mae": mae(), "train": trainer(*objectives)})
     rc = main(["validate", str(path)])
     err = capsys.readouterr().err
     return rc, [ln.replace(str(path), "G") for ln in err.strip().splitlines() if ln]
 
 
 def test_itc_is_refused_on_unpaired_data_with_file_and_line(capsys, tmp_path):
-    rc, lines = validate(capsys, tmp_path, extra=", pairing: unpaired")
+    rc, lines = validate(capsys, tmp_path, pairing="unpaired")
     assert rc == 2
     assert lines == [
         f"vlpgraph: G:{ITC_LINE}: node 'itc' (objective.itc): needs paired data (it treats each image and caption "
@@ -61,7 +36,7 @@ def test_itc_is_refused_on_unpaired_data_with_file_and_line(capsys, tmp_path):
 
 def test_itc_is_refused_on_interleaved_data(capsys, tmp_path):
     # the gap issue 10 left: interleaved shapes provide documents, not pairs
-    rc, lines = validate(capsys, tmp_path, extra=", pairing: interleaved")
+    rc, lines = validate(capsys, tmp_path, pairing="interleaved")
     assert rc == 2
     assert lines == [
         f"vlpgraph: G:{ITC_LINE}: node 'itc' (objective.itc): needs paired data (it treats each image and caption "
@@ -71,18 +46,18 @@ def test_itc_is_refused_on_interleaved_data(capsys, tmp_path):
 
 
 def test_paired_data_is_accepted_and_pair_free_objectives_train_on_unpaired_data(capsys, tmp_path):
-    rc, lines = validate(capsys, tmp_path, itc_inputs=", mixer: mix")
+    rc, lines = validate(capsys, tmp_path, mixer="mix")
     assert rc == 0, lines
-    rc, lines = validate(capsys, tmp_path, extra=", pairing: unpaired", objectives="mae")
+    rc, lines = validate(capsys, tmp_path, ["mae"], pairing="unpaired")
     assert rc == 0, lines  # MAE reads images only
 
 
 def test_every_violation_is_reported_at_once_with_the_other_problems(capsys, tmp_path):
     # the mixer is reached through itc's input; a misspelt param elsewhere is reported alongside
-    rc, lines = validate(capsys, tmp_path, extra=", pairing: unpaired, train_sise: 3", itc_inputs=", mixer: mix")
+    rc, lines = validate(capsys, tmp_path, mixer="mix", pairing="unpaired", train_sise=3)
     assert rc == 2
     assert any("unknown param 'train_sise'" in ln for ln in lines), lines
-    rc, lines = validate(capsys, tmp_path, extra=", pairing: unpaired", itc_inputs=", mixer: mix")
+    rc, lines = validate(capsys, tmp_path, mixer="mix", pairing="unpaired")
     assert rc == 2
     assert [ln.split(": ")[1:3] for ln in lines] == [
         [f"G:{MIX_LINE}", "node 'mix' (mixer.cutmix)"], [f"G:{ITC_LINE}", "node 'itc' (objective.itc)"]]

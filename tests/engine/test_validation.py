@@ -5,38 +5,17 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import itc, shapes, text, tiny_graph, trainer
 from vlpgraph.cli import main
 
-GOOD = """\
-graph: t
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 64, test_size: 32, caption_noise: 0.2}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
-  text:
-    kind: encoder.text
-    inputs: {data: shapes}
-    params: {width: 32, depth: 1, heads: 2}
-  itc:
-    kind: objective.itc
-    inputs: {vision: vision, text: text}
-  train:
-    kind: trainer
-    inputs: {data: shapes, objectives: [itc]}
-    params: {epochs: 1, batch_size: 16}
-  retrieval:
-    kind: evaluator.retrieval
-    inputs: {model: train, data: shapes}
+# the tiny graph at validation sizes, with a sweep and a profile (tests edit its text and name its lines)
+GOOD = tiny_graph(graph="t", shapes=shapes(caption_noise=0.2), text=text(), itc=itc(), train=trainer("itc"), more="""\
 sweep:
   grid: {shapes.train_fraction: [0.5, 1.0]}
   seeds: [0, 1]
 profiles:
   gpu: {vision.width: 64}
-"""
+""")
 
 
 def errors_of(capsys, tmp_path, text, *extra, verb="validate"):

@@ -12,35 +12,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.helpers import tiny_graph
+from tests.helpers import node, register_vision_objective, tiny_graph
 from vlpgraph.engine.compile import compile_trial
 from vlpgraph.errors import Interrupted, TrialFailed
-from vlpgraph.engine.ports import Objective, VisionTower
-from vlpgraph.engine.registry import In, Params, register
 from vlpgraph.engine.sweep import load_experiment
 from vlpgraph.execution.train import Checkpointer, Hooks, fit
 
 
-class ProbeParams(Params):
-    weight: float = 1.0
+def nan_on_one_rank(image_mean, batch) -> dict:
+    """A zero term, NaN on rank NAN_RANK at step NAN_STEP."""
+    zero = image_mean * 0.0
+    hit = dist.get_rank() == int(os.environ.get("NAN_RANK", -1)) and batch["step"] == int(os.environ.get("NAN_STEP", -1))
+    return {"probe": zero * float("nan") if hit else zero}
 
 
-class NanOnOneRank(Objective):
-    """Adds a zero term to the loss, NaN on rank NAN_RANK at step NAN_STEP."""
-
-    def __init__(self, vision):
-        super().__init__()
-        self.vision_ref = (vision,)
-
-    def forward(self, fwd, batch):
-        zero = fwd.image_tokens(self.vision_ref[0]).mean() * 0.0
-        hit = dist.get_rank() == int(os.environ.get("NAN_RANK", -1)) and batch["step"] == int(os.environ.get("NAN_STEP", -1))
-        return {"probe": zero * float("nan") if hit else zero}
-
-
-register("objective.test_nan_on_one_rank", params=ProbeParams, output=NanOnOneRank, inputs={"vision": In(VisionTower)})(
-    lambda params, inputs, ctx: NanOnOneRank(inputs["vision"])
-)
+register_vision_objective("objective.test_nan_on_one_rank", nan_on_one_rank)
 
 
 def main(mode: str, folder: Path) -> None:
@@ -48,9 +34,9 @@ def main(mode: str, folder: Path) -> None:
     rank = dist.get_rank()
     (folder / f"pid{rank}").write_text(str(os.getpid()))  # for the test to kill a hung rank
     torch.set_num_threads(1)
-    graph = tiny_graph(folder, name=f"rank{rank}.yaml", ckpt=0, extra=", max_steps: 6",
-                       more="  probe:\n    kind: objective.test_nan_on_one_rank\n    inputs: {vision: vision}\n")
-    graph.write_text(graph.read_text().replace("objectives: [itc]", "objectives: [itc, probe]"))
+    probe = node("objective.test_nan_on_one_rank", {"vision": "vision"})
+    graph = tiny_graph(folder, name=f"rank{rank}.yaml", probe=probe,
+                       train={"inputs": {"objectives": ["itc", "probe"]}, "checkpoint_every": 0, "max_steps": 6})
     trial = load_experiment(graph).trials[0]
     plan = compile_trial(trial, folder / "cache", torch.device("cpu"), log=lambda message: None)
     stop_rank, stop_after = int(os.environ.get("STOP_RANK", -1)), int(os.environ.get("STOP_AFTER", 0))

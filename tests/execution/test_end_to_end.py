@@ -12,11 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, tiny_graph
-from vlpgraph.engine import registry
+from tests.helpers import CLI, ROOT, evaluator, register_vision_objective, start_run, tiny_graph
 from vlpgraph.cli import main
-from vlpgraph.engine.ports import Objective, VisionTower
-from vlpgraph.engine.registry import In, Params, register
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 
@@ -48,7 +45,7 @@ def test_tiny_graph_trains_evaluates_and_stores(tmp_path, capsys):
 
 
 def test_same_graph_and_seed_give_the_same_metrics(tmp_path):
-    graph = tiny_graph(tmp_path, extra=", max_steps: 6")
+    graph = tiny_graph(tmp_path, train=dict(max_steps=6))
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
     assert main(["run", str(graph), "--store", str(a.root)]) == 0
     assert main(["run", str(graph), "--store", str(b.root)]) == 0
@@ -58,31 +55,14 @@ def test_same_graph_and_seed_give_the_same_metrics(tmp_path):
     eb = sorted((r["metric"], r["value"]) for r in b.evals([rid]))
     assert ea == eb
     # and a different seed gives different losses
-    graph2 = tiny_graph(tmp_path, name="tiny2.yaml", extra=", max_steps: 6").read_text().replace("seed: 0", "seed: 1")
-    (tmp_path / "tiny2.yaml").write_text(graph2)
+    tiny_graph(tmp_path, name="tiny2.yaml", seed=1, train=dict(max_steps=6))
     assert main(["run", str(tmp_path / "tiny2.yaml"), "--store", str(a.root)]) == 0
     other = [r["run_id"] for r in a.runs() if r["run_id"] != rid][0]
     assert other.endswith("-s1") and losses(a, other) != losses(a, rid)
 
 
-# A kind that yields NaN, registered only in this test process (the registry refuses duplicates).
-class _NanParams(Params):
-    weight: float = 1.0
-
-
-class _NanObjective(Objective):
-    def __init__(self, vision):
-        super().__init__()
-        self.vision_ref = (vision,)
-
-    def forward(self, fwd, batch):
-        return {"nan": fwd.image_tokens(self.vision_ref[0]).mean() * float("nan")}
-
-
-if "objective.test_nan" not in registry.kinds():
-    register("objective.test_nan", params=_NanParams, output=_NanObjective, inputs={"vision": In(VisionTower)})(
-        lambda params, inputs, ctx: _NanObjective(inputs["vision"])
-    )
+# A kind that yields NaN, registered only in this test process.
+register_vision_objective("objective.test_nan", lambda image_mean, batch: {"nan": image_mean * float("nan")})
 
 
 def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
@@ -94,7 +74,7 @@ def test_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, capsys):
         train: {inputs: {objectives: [itc, bad]}}
     ok: {}
 """
-    graph = tiny_graph(tmp_path, extra=", max_steps: 3", more=more)
+    graph = tiny_graph(tmp_path, more=more, train=dict(max_steps=3))
     rc = main(["run", str(graph), "--store", str(tmp_path / "s")])
     assert rc == 1
     err = capsys.readouterr().err
@@ -111,11 +91,11 @@ def _run_ids(graph: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_without_duplicates(tmp_path, cli_env):
     more = "sweep:\n  grid: {shapes.train_fraction: [0.25, 1.0]}\n"
-    graph = tiny_graph(tmp_path, ckpt=3, epochs=2, more=more)
+    graph = tiny_graph(tmp_path, more=more, train=dict(epochs=2, checkpoint_every=3))
     first, second = _run_ids(graph)
     store = Store(tmp_path / "store")
-    cmd = [sys.executable, "-m", "vlpgraph.cli", "run", str(graph)]
-    proc = subprocess.Popen(cmd, env=cli_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = [*CLI, "run", str(graph)]
+    proc = start_run(graph, cli_env)
     pointer = store.run_dir(second) / "checkpoints" / "latest"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -151,13 +131,12 @@ def test_sigkill_then_rerun_resumes_without_duplicates(tmp_path, cli_env):
 
 
 def test_evaluator_added_later_runs_on_the_cached_checkpoint(tmp_path, capsys):
-    graph = tiny_graph(tmp_path, extra=", max_steps: 4")
+    graph = tiny_graph(tmp_path, train=dict(max_steps=4))
     store = Store(tmp_path / "s")
     assert main(["run", str(graph), "--store", str(store.root)]) == 0
     rid = store.runs()[0]["run_id"]
     n_loss = len(store.metrics(rid, "loss"))
-    more = "  zeroshot:\n    kind: evaluator.zeroshot\n    inputs: {model: train, data: shapes}\n"
-    graph2 = tiny_graph(tmp_path, name="tiny_zs.yaml", extra=", max_steps: 4", more=more)
+    graph2 = tiny_graph(tmp_path, name="tiny_zs.yaml", train=dict(max_steps=4), zeroshot=evaluator("zeroshot"))
     assert _run_ids(graph2) == [rid]  # adding an evaluator does not change the trial's identity
     capsys.readouterr()
     assert main(["run", str(graph2), "--store", str(store.root)]) == 0
@@ -168,7 +147,7 @@ def test_evaluator_added_later_runs_on_the_cached_checkpoint(tmp_path, capsys):
 
 def test_report_prints_mean_and_std_over_seeds(tmp_path, capsys):
     more = "sweep:\n  grid: {shapes.train_fraction: [0.5, 1.0]}\n  seeds: [0, 1]\n"
-    graph = tiny_graph(tmp_path, extra=", max_steps: 2", more=more)
+    graph = tiny_graph(tmp_path, more=more, train=dict(max_steps=2))
     store = Store(tmp_path / "s")
     assert main(["run", str(graph), "--store", str(store.root)]) == 0
     capsys.readouterr()
@@ -185,10 +164,9 @@ def test_report_prints_mean_and_std_over_seeds(tmp_path, capsys):
 
 def test_concurrent_cli_reads_while_a_sweep_writes(tmp_path, cli_env, capsys):
     """`vlpgraph runs` and the store's query API, 50 times each, while another process trains."""
-    graph = tiny_graph(tmp_path, ckpt=0, epochs=2)
+    graph = tiny_graph(tmp_path, train=dict(epochs=2, checkpoint_every=0))
     store = Store(tmp_path / "store")
-    proc = subprocess.Popen([sys.executable, "-m", "vlpgraph.cli", "run", str(graph)], env=cli_env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_run(graph, cli_env)
     try:
         deadline = time.time() + 120
         while not store.exists() and time.time() < deadline:
@@ -212,7 +190,7 @@ def test_concurrent_cli_reads_while_a_sweep_writes(tmp_path, cli_env, capsys):
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path, cli_env):
     """torchrun with 2 gloo ranks: both train (features gathered, gradients averaged); rank 0 writes."""
-    graph = tiny_graph(tmp_path, extra=", max_steps: 3")
+    graph = tiny_graph(tmp_path, train=dict(max_steps=3))
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--nproc_per_node", "2", "-m", "vlpgraph.cli", "run", str(graph), "--device", "cpu"]
     res = subprocess.run(cmd, env=cli_env, cwd=ROOT, capture_output=True, text=True, timeout=300)

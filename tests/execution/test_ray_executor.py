@@ -18,14 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, tiny_graph
+from tests.helpers import CLI, ROOT, tiny_graph
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 from vlpgraph.execution.train import Checkpointer
 
-CLI = [sys.executable, "-m", "vlpgraph.cli"]
 TIMING = ("compute_s", "data_wait_s", "samples_per_s")
 SWEEP = "sweep:\n  seeds: [0, 1]\n  grid:\n    train.lr: [1.0e-3, 2.0e-3]\n"
 
@@ -72,7 +71,7 @@ def ray_local():
 def sequential(tmp_path_factory) -> tuple[Path, Path]:
     """(graph, store) of the 4-trial sweep run by the sequential executor."""
     tmp = tmp_path_factory.mktemp("seq")
-    graph = tiny_graph(tmp, ckpt=4, more=SWEEP)
+    graph = tiny_graph(tmp, more=SWEEP)
     assert _sequential(graph, tmp / "store") == 0
     return graph, tmp / "store"
 
@@ -167,7 +166,7 @@ def _worker_pids(name: str = "run_trial") -> list[int]:
 
 @pytest.mark.slow
 def test_a_killed_worker_costs_only_the_steps_since_its_checkpoint(tmp_path, ray_local, capsys):
-    graph = tiny_graph(tmp_path, ckpt=8, epochs=6)  # 96 steps, a checkpoint every 8
+    graph = tiny_graph(tmp_path, train=dict(epochs=6, checkpoint_every=8))  # 96 steps, a checkpoint every 8
     [rid] = (t.run_id for t in load_experiment(graph).trials)
     seq_store = tmp_path / "seq"
     assert _sequential(graph, seq_store) == 0
@@ -206,7 +205,7 @@ def test_a_killed_worker_costs_only_the_steps_since_its_checkpoint(tmp_path, ray
 
 @pytest.mark.slow
 def test_a_killed_driver_leaves_a_store_the_same_command_resumes(tmp_path):
-    graph = tiny_graph(tmp_path, ckpt=8, epochs=3, more=SWEEP)  # 4 trials of 48 steps
+    graph = tiny_graph(tmp_path, more=SWEEP, train=dict(epochs=3, checkpoint_every=8))  # 4 trials of 48 steps
     ids = [t.run_id for t in load_experiment(graph).trials]
     store_dir = tmp_path / "store"
     store = Store(store_dir)
@@ -247,7 +246,8 @@ def test_a_killed_driver_leaves_a_store_the_same_command_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_stops_ray_trials_at_a_checkpoint_and_the_rerun_resumes_them(tmp_path):
-    graph = tiny_graph(tmp_path, ckpt=0, epochs=16, more="sweep:\n  seeds: [0, 1]\n")  # 2 trials of 256 steps
+    # 2 trials of 256 steps
+    graph = tiny_graph(tmp_path, more="sweep:\n  seeds: [0, 1]\n", train=dict(epochs=16, checkpoint_every=0))
     ids = [t.run_id for t in load_experiment(graph).trials]
     store = Store(tmp_path / "store")
     cmd = [*CLI, "run", str(graph), "--store", str(store.root), "--jobs", "2"]

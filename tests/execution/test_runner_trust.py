@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import duckdb
 import pytest
 import torch
 
-from tests.helpers import ROOT, tiny_graph
+from tests.helpers import CLI, ROOT, node, start_run, tiny_graph
 from vlpgraph.engine import registry
 from vlpgraph.execution import runner as runner_mod
 from vlpgraph.cli import main
@@ -23,8 +22,6 @@ from vlpgraph.engine.registry import In, Params, register
 from vlpgraph.results.report import final_values
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
-
-CLI = [sys.executable, "-m", "vlpgraph.cli"]
 
 
 def _env(cli_env: dict, **extra: str) -> dict:
@@ -36,7 +33,7 @@ def _env(cli_env: dict, **extra: str) -> dict:
 
 
 def test_edited_evaluator_is_evaluated_again_without_retraining(tmp_path, capsys):
-    graph = tiny_graph(tmp_path, extra=", max_steps: 4")
+    graph = tiny_graph(tmp_path, train=dict(max_steps=4))
     store = Store(tmp_path / "s")
     assert main(["run", str(graph), "--store", str(store.root)]) == 0
     [run] = store.runs()
@@ -47,7 +44,7 @@ def test_edited_evaluator_is_evaluated_again_without_retraining(tmp_path, capsys
     mtime = weights.stat().st_mtime_ns
     assert {r["metric"] for r in store.evals([rid])} >= {"i2t_r5", "i2t_r10"}
 
-    edited = tiny_graph(tmp_path, name="edited.yaml", extra=", max_steps: 4", more="    params: {ks: [1, 2, 3]}\n")
+    edited = tiny_graph(tmp_path, name="edited.yaml", train=dict(max_steps=4), retrieval=dict(ks=[1, 2, 3]))
     exp = load_experiment(edited)
     assert [t.run_id for t in exp.trials] == [rid]  # the trial is the same; only its evaluator changed
     new_hash = exp.trials[0].graph.nodes["retrieval"].hash
@@ -75,7 +72,7 @@ def test_edited_evaluator_is_evaluated_again_without_retraining(tmp_path, capsys
 
 
 def test_a_trial_completed_by_another_number_of_processes_is_kept_and_said(tmp_path, capsys):
-    graph = tiny_graph(tmp_path, extra=", max_steps: 2")
+    graph = tiny_graph(tmp_path, train=dict(max_steps=2))
     store = Store(tmp_path / "s")
     assert main(["run", str(graph), "--store", str(store.root)]) == 0
     [run] = store.runs()
@@ -105,7 +102,7 @@ def test_a_damaged_final_checkpoint_is_trained_again_not_replaced_by_an_earlier_
 
 
 def _damaged_final_checkpoint(tmp_path, capsys):
-    graph = tiny_graph(tmp_path, ckpt=4)
+    graph = tiny_graph(tmp_path)
     store = Store(tmp_path / "s")
     assert main(["run", str(graph), "--store", str(store.root)]) == 0
     [run] = store.runs()
@@ -116,7 +113,7 @@ def _damaged_final_checkpoint(tmp_path, capsys):
     weights = ckpt / "step-00000016" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
 
-    edited = tiny_graph(tmp_path, name="edited.yaml", ckpt=4, more="    params: {ks: [1, 2, 3]}\n")
+    edited = tiny_graph(tmp_path, name="edited.yaml", retrieval=dict(ks=[1, 2, 3]))
     capsys.readouterr()
     assert main(["run", str(edited), "--store", str(store.root)]) == 0
     err = capsys.readouterr().err
@@ -179,11 +176,9 @@ if "objective.test_boom" not in registry.kinds():
 
 
 def test_an_unbuildable_grid_point_fails_its_trial_and_the_sweep_goes_on(tmp_path, capsys):
-    more = ("  boom:\n    kind: objective.test_boom\n    inputs: {vision: vision}\n"
-            "sweep:\n  grid: {boom.explode: [true, false]}\n")
-    graph = tiny_graph(tmp_path, extra=", max_steps: 2", more=more).read_text()
-    graph = graph.replace("objectives: [itc]", "objectives: [itc, boom]")
-    (tmp_path / "tiny.yaml").write_text(graph)
+    tiny_graph(tmp_path, boom=node("objective.test_boom", {"vision": "vision"}),
+               train={"inputs": {"objectives": ["itc", "boom"]}, "max_steps": 2},
+               more="sweep:\n  grid: {boom.explode: [true, false]}\n")
     store = Store(tmp_path / "s")
     for attempt in range(2):  # and a rerun does not get stuck on it either
         assert main(["run", str(tmp_path / "tiny.yaml"), "--store", str(store.root)]) == 1
@@ -215,7 +210,7 @@ def test_a_stop_request_records_the_trial_as_interrupted_and_stops_the_sweep(tmp
 
     monkeypatch.setattr(runner_mod, "fit", fake_fit)
     previous = signal.signal(signal.SIGTERM, before)
-    graph = tiny_graph(tmp_path, extra=", max_steps: 4", more="sweep:\n  seeds: [0, 1]\n")
+    graph = tiny_graph(tmp_path, more="sweep:\n  seeds: [0, 1]\n", train=dict(max_steps=4))
     store = Store(tmp_path / "s")
     try:
         assert main(["run", str(graph), "--store", str(store.root)]) == 143
@@ -253,11 +248,10 @@ def _running_at(store: Store, run_id: str, step: int):
 def test_sigterm_on_the_cli_exits_143_and_leaves_nothing_running(tmp_path, cli_env):
     """Works with or without the loop polling should_stop: the trial under way ends (interrupted at
     a checkpoint once the loop polls; completed before that), the rest are not started."""
-    graph = tiny_graph(tmp_path, ckpt=0, epochs=4, more="sweep:\n  seeds: [0, 1]\n")
+    graph = tiny_graph(tmp_path, more="sweep:\n  seeds: [0, 1]\n", train=dict(epochs=4, checkpoint_every=0))
     first, second = (t.run_id for t in load_experiment(graph).trials)
     store = Store(tmp_path / "store")
-    proc = subprocess.Popen([*CLI, "run", str(graph)], env=_env(cli_env), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_run(graph, _env(cli_env))
     try:
         _wait_for(_running_at(store, first, 2), proc, "trial 1 trained 2 steps")
         proc.send_signal(signal.SIGTERM)
@@ -274,11 +268,10 @@ def test_sigterm_on_the_cli_exits_143_and_leaves_nothing_running(tmp_path, cli_e
 
 @pytest.mark.slow
 def test_sigterm_mid_trial_checkpoints_and_the_rerun_resumes_there(tmp_path, cli_env):
-    graph = tiny_graph(tmp_path, ckpt=0, epochs=8)
+    graph = tiny_graph(tmp_path, train=dict(epochs=8, checkpoint_every=0))
     [rid] = (t.run_id for t in load_experiment(graph).trials)
     store = Store(tmp_path / "store")
-    proc = subprocess.Popen([*CLI, "run", str(graph)], env=_env(cli_env), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_run(graph, _env(cli_env))
     try:
         _wait_for(_running_at(store, rid, 3), proc, "3 steps")
         proc.send_signal(signal.SIGTERM)
@@ -296,11 +289,10 @@ def test_sigterm_mid_trial_checkpoints_and_the_rerun_resumes_there(tmp_path, cli
 
 
 def test_a_runner_killed_without_a_word_shows_as_stale(tmp_path, cli_env, capsys, monkeypatch):
-    graph = tiny_graph(tmp_path, ckpt=0, epochs=16)
+    graph = tiny_graph(tmp_path, train=dict(epochs=16, checkpoint_every=0))
     [rid] = (t.run_id for t in load_experiment(graph).trials)
     store = Store(tmp_path / "store")
-    proc = subprocess.Popen([*CLI, "run", str(graph)], env=_env(cli_env, VLPGRAPH_LEASE_S="1"), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_run(graph, _env(cli_env, VLPGRAPH_LEASE_S="1"))
     try:
         _wait_for(_running_at(store, rid, 1), proc, "the first step")
         os.kill(proc.pid, signal.SIGKILL)
@@ -350,16 +342,14 @@ def test_a_claim_is_held_by_one_live_runner_and_taken_over_when_its_lease_expire
 
 
 def test_two_runners_on_one_store_train_each_trial_once(tmp_path, cli_env):
-    graph = tiny_graph(tmp_path, ckpt=0, epochs=2, more="sweep:\n  seeds: [0, 1, 2, 3]\n")
+    graph = tiny_graph(tmp_path, more="sweep:\n  seeds: [0, 1, 2, 3]\n", train=dict(epochs=2, checkpoint_every=0))
     ids = [t.run_id for t in load_experiment(graph).trials]
     store = Store(tmp_path / "store")
     env = _env(cli_env)
-    a = subprocess.Popen([*CLI, "run", str(graph)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+    a = start_run(graph, env, text=True)
     try:
         _wait_for(_running_at(store, ids[0], 1), a, "runner A started trial 1")  # B arrives while A trains
-        b = subprocess.Popen([*CLI, "run", str(graph)], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+        b = start_run(graph, env, text=True)
         try:
             err_b = b.communicate(timeout=600)[1]
         finally:

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, tiny_graph
+from tests.helpers import GRAPHS, ROOT, tiny_graph
 from vlpgraph.engine.compile import compile_trial
 from vlpgraph.errors import Interrupted, TrialFailed, UserError
 from vlpgraph.engine.sweep import load_experiment
 from vlpgraph.execution.train import Checkpointer, Hooks, cosine_with_warmup, fit, plan_steps, plan_warmup, warmup_warning
 
-TIMIX = ROOT / "graphs" / "timix_sweep.yaml"
+TIMIX = GRAPHS / "timix_sweep.yaml"
 # the TiMix study at its tiny size, half the data: 8 steps, a loss row per step, no checkpoint unless asked
 TIMIX_SETS = [("shapes.train_fraction", 0.5), ("train.log_every", 1), ("train.checkpoint_every", 0)]
 TIMINGS = ("samples_per_s", "data_wait_s", "compute_s")  # wall-clock measurements, never equal twice
@@ -30,16 +30,8 @@ class Killed(Exception):
     """Stands for a SIGKILL right after a checkpoint: the process is gone, nothing else is saved."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Exact resume is compared bit for bit, so the reference must be reproducible: with 2 threads,
-    two *uninterrupted* runs of the TiMix tiny graph already differ by up to 3e-6 in a ViT's qkv bias
-    (its key part gets a gradient that is float noise, which Adam scales up to lr-sized steps), so
-    these tests pin PyTorch to one thread, where CPU kernels are deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# exact resume is compared bit for bit, so the reference must be reproducible: one thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(graph: Path, cache: Path, sets=(), variant: str | None = None, profile: str | None = None):
@@ -148,8 +140,7 @@ def test_should_stop_checkpoints_the_step_and_resume_continues_from_it(cache, un
 
 def test_stop_between_log_rows_keeps_the_rows_whole(tmp_path):
     """log_every 4, stopped at step 2: the resumed run's row at step 4 still averages steps 1-4."""
-    graph = tiny_graph(tmp_path, ckpt=0, extra=", max_steps: 8").read_text().replace("log_every: 1", "log_every: 4")
-    (tmp_path / "tiny.yaml").write_text(graph)
+    tiny_graph(tmp_path, train=dict(checkpoint_every=0, log_every=4, max_steps=8))
     cache = tmp_path / "cache"
     reference_job, seed = build(tmp_path / "tiny.yaml", cache)
     hooks, reference, _ = recording()
@@ -170,7 +161,7 @@ def test_stop_between_log_rows_keeps_the_rows_whole(tmp_path):
 
 
 def test_logged_lr_is_the_rate_the_step_used(tmp_path):
-    job, seed = build(tiny_graph(tmp_path, ckpt=0, extra=", max_steps: 6"), tmp_path / "cache")
+    job, seed = build(tiny_graph(tmp_path, train=dict(checkpoint_every=0, max_steps=6)), tmp_path / "cache")
     hooks, rows, _ = recording()
     fit(job, seed, None, hooks)
     p = job.params
@@ -184,13 +175,8 @@ def test_logged_lr_is_the_rate_the_step_used(tmp_path):
 # ------------------------------------------------------------------------- item 5: warmup as a share
 
 
-def _without_warmup_steps(path: Path, extra: str) -> Path:
-    path.write_text(path.read_text().replace("warmup_steps: 2, ", extra))
-    return path
-
-
 def test_warmup_fraction_scales_with_the_trial(tmp_path):
-    graph = _without_warmup_steps(tiny_graph(tmp_path, ckpt=0, extra=", max_steps: 8"), "warmup_fraction: 0.25, ")
+    graph = tiny_graph(tmp_path, train=dict(warmup_steps=None, warmup_fraction=0.25, checkpoint_every=0, max_steps=8))
     job, seed = build(graph, tmp_path / "cache")
     hooks, rows, notes = recording()
     fit(job, seed, None, hooks)
@@ -201,14 +187,14 @@ def test_warmup_fraction_scales_with_the_trial(tmp_path):
 
 
 def test_warmup_steps_and_fraction_together_are_refused(tmp_path):
-    graph = _without_warmup_steps(tiny_graph(tmp_path), "warmup_steps: 3, warmup_fraction: 0.1, ")
+    graph = tiny_graph(tmp_path, train=dict(warmup_steps=3, warmup_fraction=0.1))
     with pytest.raises(UserError, match=r"give warmup_steps \(3\) or warmup_fraction \(0.1\), not both"):
         load_experiment(graph)
 
 
 def test_warmup_over_half_of_the_trial_is_announced(tmp_path):
     # 64 of 256 samples in batches of 16: a 4-step trial with 6 warmup steps
-    graph = _without_warmup_steps(tiny_graph(tmp_path, ckpt=0), "warmup_steps: 6, ")
+    graph = tiny_graph(tmp_path, train=dict(warmup_steps=6, checkpoint_every=0))
     job, seed = build(graph, tmp_path / "cache", sets=[("shapes.train_fraction", 0.25)])
     hooks, rows, notes = recording()
     fit(job, seed, None, hooks)
@@ -221,7 +207,7 @@ def test_warmup_over_half_of_the_trial_is_announced(tmp_path):
 
 def test_shipped_studies_warm_up_for_the_same_share_at_every_data_amount():
     for name in ("timix_sweep", "clip_baseline", "smoke"):
-        exp = load_experiment(ROOT / "graphs" / f"{name}.yaml")
+        exp = load_experiment(GRAPHS / f"{name}.yaml")
         shares = set()
         for trial in exp.trials:
             p = trial.graph.nodes[trial.graph.trainer].params
@@ -238,7 +224,7 @@ def test_shipped_studies_warm_up_for_the_same_share_at_every_data_amount():
 
 def _interrupted_with_two_checkpoints(tmp_path: Path, cache: Path) -> Checkpointer:
     """A trial killed after its checkpoint at step 4, with the one at step 2 kept too."""
-    job, seed = build(tiny_graph(tmp_path, ckpt=2, extra=", max_steps: 6, eval_every: 4"), cache)
+    job, seed = build(tiny_graph(tmp_path, train=dict(checkpoint_every=2, max_steps=6, eval_every=4)), cache)
     ckpt = Checkpointer(tmp_path / "ckpt")
 
     def kill(step):

@@ -14,41 +14,18 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import build_ctx, evaluator, itc, node, text, tiny_graph, trainer, vit
 import vlpgraph.nodes.datasets.captions as captions_mod
 import vlpgraph.nodes.evaluators.retrieval as retrieval_mod
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
-from vlpgraph.engine.ports import BuildContext
 from vlpgraph.store import Store
 
-GRAPH = """\
-graph: caps
-seed: 0
-nodes:
-  coco:
-    kind: dataset.captions
-    params: {annotations: data/m.jsonl, test_size: 8, image_size: 16}
-  vision:
-    kind: encoder.vit
-    inputs: {data: coco}
-    params: {patch_size: 8, width: 16, depth: 1, heads: 2}
-  text:
-    kind: encoder.text
-    inputs: {data: coco}
-    params: {width: 16, depth: 1, heads: 2, max_len: 12}
-  itc:
-    kind: objective.itc
-    inputs: {vision: vision, text: text}
-    params: {embed_dim: 16}
-  train:
-    kind: trainer
-    inputs: {data: coco, objectives: [itc]}
-    params: {epochs: 1, batch_size: 4, warmup_steps: 1, checkpoint_every: 0}
-  retrieval:
-    kind: evaluator.retrieval
-    inputs: {model: train, data: coco}
-    params: {ks: [1, 2]}
-"""
+GRAPH = tiny_graph(graph="caps", nodes={
+    "coco": node("dataset.captions", annotations="data/m.jsonl", test_size=8, image_size=16),
+    "vision": vit("coco", width=16), "text": text("coco", width=16, max_len=12), "itc": itc(embed_dim=16),
+    "train": trainer("itc", data="coco", batch_size=4, warmup_steps=1, checkpoint_every=0),
+    "retrieval": evaluator("retrieval", data="coco", ks=[1, 2])})
 
 COLOURS = ["red", "green", "blue", "white", "black", "grey"]
 
@@ -125,7 +102,7 @@ def test_same_data_from_another_folder_is_the_same_trial(project, capsys, monkey
 
 
 def test_annotations_directory_is_named_as_such(tmp_path):
-    ctx = BuildContext(node="coco", node_hash="h", seed=0, cache_root=tmp_path / "cache", log=lambda m: None)
+    ctx = build_ctx("coco", cache=tmp_path / "cache")
     with pytest.raises(UserError) as e:
         captions_mod.build(captions_mod.CaptionsParams(annotations=str(tmp_path)), {}, ctx)
     assert str(e.value) == f"{tmp_path}: is a directory, expected an annotations file (.json, .jsonl or .csv)"
@@ -151,7 +128,7 @@ class _Data:
 
 def test_retrieval_refuses_ks_at_build_and_warns_when_degenerate():
     logs: list[str] = []
-    ctx = BuildContext(node="ev", node_hash="h", seed=0, cache_root=None, log=logs.append)
+    ctx = build_ctx("ev", log=logs)
     with pytest.raises(UserError) as e:
         retrieval_mod.build(retrieval_mod.RetrievalParams(ks=[1, 8, 500]), {"data": _Data(8)}, ctx)
     assert str(e.value) == ("node 'ev' (evaluator.retrieval): ks [8, 500] reach the size of the test split searched "
@@ -178,7 +155,7 @@ def test_16bit_png_loads_with_its_real_range(tmp_path):
     assert Image.open(tmp_path / "imgs" / "0.png").mode == "I;16"
     write = "".join(json.dumps({"image": f"imgs/{i}.png", "caption": f"ramp {i}"}) + "\n" for i in range(4))
     (tmp_path / "m.jsonl").write_text(write)
-    ctx = BuildContext(node="coco", node_hash="h", seed=0, cache_root=tmp_path / "cache", log=lambda m: None)
+    ctx = build_ctx("coco", cache=tmp_path / "cache")
     d = captions_mod.build(captions_mod.CaptionsParams(annotations=str(tmp_path / "m.jsonl"), test_size=1,
                                                        image_size=16), {}, ctx)
     img = d.test[0]["image"]  # [3, 16, 16] normalised; resize and crop to 16 px change nothing
@@ -228,7 +205,7 @@ def test_empty_captions_are_counted_and_skipped(tmp_path):
         rows.append({"image": f"imgs/{i}.png", "caption": {3: "", 8: "   "}.get(i, f"caption {i}")})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     logs: list[str] = []
-    ctx = BuildContext(node="coco", node_hash="h", seed=0, cache_root=tmp_path / "cache", log=logs.append)
+    ctx = build_ctx("coco", cache=tmp_path / "cache", log=logs)
     params = dict(annotations=str(tmp_path / "m.jsonl"), test_size=4, image_size=16)
     d = captions_mod.build(captions_mod.CaptionsParams(**params, max_bad_fraction=0.05), {}, ctx)
     assert logs == [f"warning: {tmp_path / 'm.jsonl'}: skipped 2 of 40 samples whose caption is empty: line 4, line 9"]

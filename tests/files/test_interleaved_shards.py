@@ -15,24 +15,18 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from tests.helpers import build_ctx, lcl_nodes, node, tiny_graph, trainer
 import vlpgraph.nodes.datasets.interleaved as inter_mod
 from vlpgraph.engine import registry
 from vlpgraph.files import shards
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
-from vlpgraph.engine.ports import BuildContext
 from vlpgraph.store import Store
 
 PATTERN = "sh/shard-{000000..000002}.tar"  # 8 documents packed 3 to a shard
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Runs are compared bit for bit: one thread keeps CPU kernels deterministic (see test_shards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # runs are compared bit for bit
 
 
 def write_docs(root: Path, bad: bool = True) -> Path:
@@ -68,8 +62,7 @@ def pack(root: Path, source: str = "docs.jsonl", out: str = "sh", shard_size: in
 
 
 def build(root: Path, logs: list | None = None, **params):
-    ctx = BuildContext(node="docs", node_hash="x", seed=0, cache_root=root / "cache", base_dir=root,
-                       log=(logs.append if logs is not None else (lambda m: None)))
+    ctx = build_ctx("docs", cache=root / "cache", base_dir=root, log=logs)
     return inter_mod.build(inter_mod.InterleavedParams(image_size=16, **params), {}, ctx)
 
 
@@ -216,8 +209,7 @@ def test_params_either_annotations_or_shards(params, field, says):
 
 
 def test_validation_names_a_missing_source_at_the_param(tmp_path, capsys):
-    path = tmp_path / "g.yaml"
-    path.write_text(GRAPH.replace("{data}", "test_size: 2"))
+    path = lcl_graph(tmp_path, "g.yaml", test_size=2)
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert "docs" in err and "annotations" in err and "not neither" in err and "Traceback" not in err, err
@@ -249,33 +241,13 @@ def test_catalog_shows_the_shard_params(capsys):
 
 # ------------------------------------------------------------------------------- training on shards
 
-GRAPH = """\
-graph: lcl_shards
-seed: 0
-nodes:
-  docs:
-    kind: dataset.interleaved
-    params: {{data}, image_size: 32, max_bad_fraction: 0.25}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
-  pool:
-    kind: head.attentive_pool
-    inputs: {vision: vision}
-    params: {heads: 2}
-  lm:
-    kind: encoder.lm
-    inputs: {data: docs}
-    params: {width: 32, depth: 1, heads: 2, max_len: 64}
-  lcl:
-    kind: objective.lcl
-    inputs: {data: docs, vision: vision, pool: pool, lm: lm}
-    params: {embed_dim: 32}
-  train:
-    kind: trainer
-    inputs: {data: docs, objectives: [lcl]}
-    params: {epochs: 2, batch_size: 2, warmup_steps: 1, log_every: 1}
-"""
+
+def lcl_graph(folder: Path, name: str, **docs) -> Path:
+    """A tiny LCL graph (2 epochs in batches of 2) on the dataset.interleaved of params ``docs``."""
+    data = node("dataset.interleaved", **docs, image_size=32, max_bad_fraction=0.25)
+    train = trainer("lcl", data="docs", epochs=2, batch_size=2, warmup_steps=1, log_every=1)
+    return tiny_graph(folder, name, graph="lcl_shards", nodes={"docs": data, **lcl_nodes("docs", 64), "train": train})
+
 
 
 def test_an_lcl_graph_trains_on_shards_as_on_the_jsonl(tmp_path):
@@ -284,10 +256,9 @@ def test_an_lcl_graph_trains_on_shards_as_on_the_jsonl(tmp_path):
     root = write_docs(tmp_path)
     pack(root)
     losses = {}
-    for name, data in (("jsonl", "annotations: docs.jsonl, images: imgs, test_size: 2"),
-                       ("shards", f"shards: '{PATTERN}', test_size: 2")):
-        path = root / f"{name}.yaml"
-        path.write_text(GRAPH.replace("{data}", data))
+    for name, data in (("jsonl", dict(annotations="docs.jsonl", images="imgs")),
+                       ("shards", dict(shards=f"'{PATTERN}'"))):
+        path = lcl_graph(root, f"{name}.yaml", **data, test_size=2)
         store = Store(root / f"store_{name}")
         assert main(["run", str(path), "--store", str(store.root)]) == 0
         (run,) = store.runs()

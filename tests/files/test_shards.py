@@ -14,25 +14,19 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from tests.helpers import TINY_TRAIN, build_ctx, itc, node, text, tiny_graph, trainer, vit
 from vlpgraph.engine import registry
 from vlpgraph.files import shards
 from vlpgraph.cli import main
 from vlpgraph.engine.compile import compile_trial
 from vlpgraph.errors import Interrupted, UserError
-from vlpgraph.engine.ports import BuildContext
 from vlpgraph.engine.sweep import load_experiment
 from vlpgraph.execution.train import Checkpointer, Hooks, fit
 
 import vlpgraph.nodes.datasets.captions as captions_mod
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Runs are compared bit for bit: one thread keeps CPU kernels deterministic (see test_train_trust)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # runs are compared bit for bit
 
 
 def write_folder(root: Path, bad: bool = True) -> Path:
@@ -64,8 +58,7 @@ def write_folder(root: Path, bad: bool = True) -> Path:
 
 
 def build(root: Path, logs: list | None = None, **params):
-    ctx = BuildContext(node="caps", node_hash="y", seed=0, cache_root=root / "cache", base_dir=root,
-                       log=(logs.append if logs is not None else (lambda m: None)))
+    ctx = build_ctx("caps", cache=root / "cache", base_dir=root, log=logs)
     return captions_mod.build(captions_mod.CaptionsParams(**params), {}, ctx)
 
 
@@ -268,36 +261,14 @@ def test_catalog_documents_the_shard_params(capsys):
 
 # ----------------------------------------------------------------------------- training on shards
 
-GRAPH = """\
-graph: shards
-seed: 0
-nodes:
-  data:
-    kind: dataset.captions
-    params: {{{data}, test_size: 6, image_size: 32, max_bad_fraction: 0.2}}
-  vision:
-    kind: encoder.vit
-    params: {{image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}}
-  text:
-    kind: encoder.text
-    inputs: {{data: data}}
-    params: {{width: 32, depth: 1, heads: 2, max_len: 16}}
-  itc:
-    kind: objective.itc
-    inputs: {{vision: vision, text: text}}
-    params: {{embed_dim: 32}}
-  train:
-    kind: trainer
-    inputs: {{data: data, objectives: [itc]}}
-    params: {{epochs: 2, batch_size: 4, lr: 1.0e-3, warmup_steps: 2, checkpoint_every: 3, log_every: 1}}
-"""
-
-
-def run(root: Path, data: str, checkpoints: Checkpointer | None = None, stop_at: int | None = None):
-    """(the sample ids of every batch, {step: loss}) of the tiny graph trained on ``data``; stopped
-    (Interrupted, after a checkpoint) once ``stop_at`` steps are taken."""
-    graph = root / f"g{abs(hash((data, stop_at)))}.yaml"
-    graph.write_text(GRAPH.format(data=data))
+def run(root: Path, data: dict, checkpoints: Checkpointer | None = None, stop_at: int | None = None):
+    """(the sample ids of every batch, {step: loss}) of the tiny graph trained on ``data`` (dataset.captions'
+    params saying where its samples are); stopped (Interrupted, after a checkpoint) once ``stop_at`` steps
+    are taken."""
+    captions = node("dataset.captions", **data, test_size=6, image_size=32, max_bad_fraction=0.2)
+    graph = tiny_graph(root, f"g{abs(hash((str(data), stop_at)))}.yaml", graph="shards", nodes={
+        "data": captions, "vision": vit(), "text": text("data", max_len=16), "itc": itc(embed_dim=32),
+        "train": trainer("itc", data="data", **{**TINY_TRAIN, "epochs": 2, "batch_size": 4, "checkpoint_every": 3})})
     trial = load_experiment(graph).trials[0]
     job = compile_trial(trial, root / "cache", torch.device("cpu"), log=lambda m: None).model
     batches: list[list[int]] = []
@@ -331,13 +302,13 @@ def packed(tmp_path_factory) -> Path:
     return root
 
 
-SHARDS = "shards: 'sh/shard-{000000..000003}.tar'"
+SHARDS = {"shards": "'sh/shard-{000000..000003}.tar'"}
 
 
 def test_training_on_shards_sees_the_folders_batches(packed):
     """30 training samples, batch 4, 2 epochs: the same 14 batches of sample ids and the same losses
     (so the same images and captions) from the folder and from its shards."""
-    folder_batches, folder_losses = run(packed, "annotations: m.jsonl, images: imgs")
+    folder_batches, folder_losses = run(packed, {"annotations": "m.jsonl", "images": "imgs"})
     shard_batches, shard_losses = run(packed, SHARDS)
     assert len(shard_batches) == 14 and shard_batches == folder_batches
     assert sorted(shard_losses) == list(range(1, 15)) and shard_losses == folder_losses

@@ -8,16 +8,13 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
-from tests.helpers import tiny_graph
+from tests.helpers import evaluator, tiny_graph
 from vlpgraph.cli import main
 from vlpgraph.results.report import build_report
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 
-# two evaluators (headlines retrieval.rsum and zeroshot.top1), three variants, three seeds, no grid
-MORE = """  zeroshot:
-    kind: evaluator.zeroshot
-    inputs: {model: train, data: shapes}
+SWEEP = """\
 sweep:
   variants:
     clip: {}
@@ -25,6 +22,12 @@ sweep:
     wide: {itc.embed_dim: 64}
   seeds: [0, 1, 2]
 """
+
+
+def variants_graph(tmp_path):
+    """The tiny graph with two evaluators (headlines retrieval.rsum and zeroshot.top1), three variants,
+    three seeds, no grid."""
+    return tiny_graph(tmp_path, zeroshot=evaluator("zeroshot"), more=SWEEP)
 
 
 def value(variant: str, metric: str, seed: int) -> float:
@@ -47,8 +50,8 @@ def fill(store: Store, exp, failed: set[tuple[str, int]] = frozenset(), absent: 
         if (t.variant, t.seed) in failed:
             store.finish_run(t.run_id, "failed", error="boom")
             continue
-        for evaluator, names in METRICS.items():
-            store.log_evaluation(t.run_id, 8, evaluator, None, {m: value(t.variant, m, t.seed) for m in names},
+        for name, names in METRICS.items():
+            store.log_evaluation(t.run_id, 8, name, None, {m: value(t.variant, m, t.seed) for m in names},
                                  headline=names[0])
         store.finish_run(t.run_id, "completed", wall_s=10.0 + t.seed, train_samples=128, step=8)
 
@@ -66,7 +69,7 @@ def rows(table: Table) -> dict[str, dict[str, str]]:
 
 
 def test_a_sweep_without_a_grid_gets_one_variant_by_metric_table(tmp_path):
-    exp = load_experiment(tiny_graph(tmp_path, more=MORE))
+    exp = load_experiment(variants_graph(tmp_path))
     assert not exp.trials[0].grid and len(exp.trials) == 9
     store = Store(tmp_path / "s")
     fill(store, exp)
@@ -84,7 +87,7 @@ def test_a_sweep_without_a_grid_gets_one_variant_by_metric_table(tmp_path):
 
 
 def test_metric_flags_choose_the_columns(tmp_path):
-    exp = load_experiment(tiny_graph(tmp_path, more=MORE))
+    exp = load_experiment(variants_graph(tmp_path))
     store = Store(tmp_path / "s")
     fill(store, exp)
     [table] = build_report(exp, store, metrics=["zeroshot.top5", "retrieval.i2t_r1"])
@@ -93,7 +96,7 @@ def test_metric_flags_choose_the_columns(tmp_path):
 
 
 def test_failed_and_missing_trials_show_in_their_variant_row(tmp_path):
-    exp = load_experiment(tiny_graph(tmp_path, more=MORE))
+    exp = load_experiment(variants_graph(tmp_path))
     store = Store(tmp_path / "s")
     # slow: seed 1 failed (two seeds left); wide: every seed failed; "clip" never ran
     fill(store, exp, failed={("slow", 1), ("wide", 0), ("wide", 1), ("wide", 2)}, absent="clip")
@@ -107,7 +110,7 @@ def test_failed_and_missing_trials_show_in_their_variant_row(tmp_path):
 
 
 def test_the_cli_prints_the_table(tmp_path, capsys):
-    graph = tiny_graph(tmp_path, more=MORE)
+    graph = variants_graph(tmp_path)
     exp = load_experiment(graph)
     store = Store(tmp_path / "s")
     fill(store, exp)

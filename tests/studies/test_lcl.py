@@ -5,34 +5,29 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import GRAPHS, objectives_of
 from vlpgraph.cli import main
 from vlpgraph.nodes.datasets import shapes
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 
-GRAPH = str(ROOT / "graphs" / "lcl.yaml")
+GRAPH = str(GRAPHS / "lcl.yaml")
 WEIGHTS = {"gen_only": (1.0, 0.0), "con_only": (0.0, 1.0), "lcl": (1.0, 0.1),
            "lcl_lam003": (1.0, 0.03), "lcl_lam03": (1.0, 0.3), "lcl_lam1": (1.0, 1.0)}
 FROZEN = {("probe", "top1"), ("transfer", "rsum"), ("captioning", "cider")}
-
-
-def _objectives(trial) -> set[str]:
-    nodes = trial.graph.nodes
-    return {nodes[n].kind.name for n in nodes["train"].input_names("objectives")}
 
 
 def test_variants_are_wired_as_the_study_says(tmp_path):
     exp = load_experiment(GRAPH)
     by = {t.variant: t for t in exp.trials}
     assert len(exp.trials) == 10 and set(by) == {"clip"} | set(WEIGHTS) | {f"{v}_pairs" for v in ("gen_only", "con_only", "lcl")}
-    assert _objectives(by["clip"]) == {"objective.itc"}
+    assert objectives_of(by["clip"]) == {"objective.itc"}
     assert by["clip"].graph.nodes["shapes"].params.pairing == "paired"
     for name, trial in by.items():
         data = trial.graph.nodes["shapes"].params
         if name == "clip":
             continue
-        assert _objectives(trial) == {"objective.lcl"} and data.pairing == "interleaved"
+        assert objectives_of(trial) == {"objective.lcl"} and data.pairing == "interleaved"
         lcl = trial.graph.nodes["lcl"].params
         assert (lcl.gen_weight, lcl.con_weight) == WEIGHTS[name.removesuffix("_pairs")]
         assert data.max_images == (1 if name.endswith("_pairs") else 6)

@@ -5,29 +5,24 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import GRAPHS, objectives_of
 from vlpgraph.cli import main
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 
-GRAPH = str(ROOT / "graphs" / "mug.yaml")
+GRAPH = str(GRAPHS / "mug.yaml")
 VARIANTS = ["clip", "mae", "captioner", "mug"]
 TRANSFER = {("probe", "top1"), ("transfer", "rsum"), ("captioning", "cider"), ("captioning", "bleu4")}
-
-
-def _objectives(trial) -> set[str]:
-    nodes = trial.graph.nodes
-    return {nodes[n].kind.name for n in nodes["train"].input_names("objectives")}
 
 
 def test_variants_are_wired_as_the_study_says():
     exp = load_experiment(GRAPH)
     assert exp.variants == VARIANTS and len(exp.trials) == 8  # 4 variants x 2 seeds
     by = {t.variant: t for t in exp.trials if t.seed == 0}
-    assert _objectives(by["clip"]) == {"objective.itc"}
-    assert _objectives(by["mae"]) == {"objective.mae"}
-    assert _objectives(by["captioner"]) == {"objective.caption"}
-    assert _objectives(by["mug"]) == {"objective.mae", "objective.caption"}
+    assert objectives_of(by["clip"]) == {"objective.itc"}
+    assert objectives_of(by["mae"]) == {"objective.mae"}
+    assert objectives_of(by["captioner"]) == {"objective.caption"}
+    assert objectives_of(by["mug"]) == {"objective.mae", "objective.caption"}
     # MUG's caption objective reads MAE's masked encoding at 0.1 weight; the captioner's reads the full image
     mug_cap, cap_cap = by["mug"].graph.nodes["caption"], by["captioner"].graph.nodes["caption"]
     assert mug_cap.input_names("masked") == ["mae"] and mug_cap.params.weight == 0.1

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import GRAPHS
 from vlpgraph.cli import main
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 
-GRAPH = str(ROOT / "graphs" / "timix_sweep.yaml")
+GRAPH = str(GRAPHS / "timix_sweep.yaml")
 
 
 def test_sweep_shape():

@@ -6,34 +6,29 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import GRAPHS, objectives_of
 from vlpgraph.cli import main
 from vlpgraph.nodes.datasets import shapes
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 
-GRAPH = str(ROOT / "graphs" / "vlmixer.yaml")
+GRAPH = str(GRAPHS / "vlmixer.yaml")
 PROBES = {("qa", "accuracy"), ("nlvr", "accuracy"), ("transfer", "rsum"), ("probe", "top1")}
-
-
-def _objectives(trial) -> set[str]:
-    nodes = trial.graph.nodes
-    return {nodes[n].kind.name for n in nodes["train"].input_names("objectives")}
 
 
 def test_variants_are_wired_as_the_study_says(tmp_path):
     exp = load_experiment(GRAPH)
     by = {t.variant: t for t in exp.trials}
     assert sorted(by) == ["cmc", "cmc_cmcl", "mlm_only", "paired"]
-    assert _objectives(by["paired"]) == {"objective.itc", "objective.itm", "objective.mlm"}
+    assert objectives_of(by["paired"]) == {"objective.itc", "objective.itm", "objective.mlm"}
     assert by["paired"].graph.nodes["mlm"].input_names("fusion") == ["fusion"]
     assert by["paired"].graph.nodes["shapes"].params.pairing == "paired"
     for v in ("mlm_only", "cmc", "cmc_cmcl"):
         g = by[v].graph.nodes
         assert g["shapes"].params.pairing == "unpaired" and g["mlm"].input_names("mixer") == ["cmc"]
     assert by["mlm_only"].graph.nodes["cmc"].params.p == 0.0 and by["cmc"].graph.nodes["cmc"].params.p == 0.5
-    assert _objectives(by["cmc"]) == {"objective.mlm"}
-    assert _objectives(by["cmc_cmcl"]) == {"objective.mlm", "objective.cmcl"}
+    assert objectives_of(by["cmc"]) == {"objective.mlm"}
+    assert objectives_of(by["cmc_cmcl"]) == {"objective.mlm", "objective.cmcl"}
     # equal data: the same training images, and as many sentences as images, for every variant
     facts = {v: shapes.facts(t.graph.nodes["shapes"].params, tmp_path) for v, t in by.items()}
     assert len({f["train_images"] for f in facts.values()}) == 1

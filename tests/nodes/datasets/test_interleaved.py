@@ -11,24 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import build_ctx, evaluator, node, shapes, tiny_graph, trainer, vit
 import vlpgraph.nodes.datasets.interleaved as inter_mod
 import vlpgraph.nodes.datasets.shapes as shapes_mod
 from vlpgraph.engine import ports, registry
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
-from vlpgraph.engine.ports import INTERLEAVED, BuildContext
+from vlpgraph.engine.ports import INTERLEAVED
 from vlpgraph.engine.registry import In, Params
 
 SMALL = dict(train_size=120, test_size=16, image_size=16, max_objects=2)
 
 
-def ctx_for(root: Path, logs: list | None = None, base_dir: Path | None = None) -> BuildContext:
-    return BuildContext(node="d", node_hash="x", seed=0, cache_root=root,
-                        log=(logs.append if logs is not None else (lambda m: None)), base_dir=base_dir or root)
-
-
-def shapes(root: Path, **params):
-    return shapes_mod.build(shapes_mod.ShapesParams(**{**SMALL, **params}), {}, ctx_for(root))
+def build_shapes(root: Path, **params):
+    ctx = build_ctx("d", cache=root, base_dir=root)
+    return shapes_mod.build(shapes_mod.ShapesParams(**{**SMALL, **params}), {}, ctx)
 
 
 def layouts_ok(doc_layout, n_images: int, n_texts: int) -> bool:
@@ -64,7 +61,7 @@ def test_shapes_image_before_its_sentence_at_rate_image_first_p(p_first):
 
 def test_built_documents_place_images_at_half_rate(tmp_path):
     # The same on the built data (2000 images, so n = 2000 placements, sd 0.011): tolerance 0.05 (> 4 sd).
-    data = shapes(tmp_path, train_size=2000, pairing="interleaved")
+    data = build_shapes(tmp_path, train_size=2000, pairing="interleaved")
     rate, n = placement_rate(data.train.document(d)[2] for d in range(len(data.train)))
     assert n == 2000
     assert abs(rate - 0.5) < 0.05, rate
@@ -90,9 +87,9 @@ def test_interleaved_jsonl_placement_rate():
 
 
 def test_documents_are_deterministic_and_made_of_the_paired_splits_images(tmp_path):
-    a = shapes(tmp_path / "a", pairing="interleaved", caption_noise=0.3, filler_sentences=0.3)
-    b = shapes(tmp_path / "b", pairing="interleaved", caption_noise=0.3, filler_sentences=0.3)
-    paired = shapes(tmp_path / "a", caption_noise=0.3)
+    a = build_shapes(tmp_path / "a", pairing="interleaved", caption_noise=0.3, filler_sentences=0.3)
+    b = build_shapes(tmp_path / "b", pairing="interleaved", caption_noise=0.3, filler_sentences=0.3)
+    paired = build_shapes(tmp_path / "a", caption_noise=0.3)
     assert len(a.train) == len(b.train) < len(paired.train)
     ids = []
     for d in range(len(a.train)):
@@ -116,7 +113,7 @@ def test_documents_are_deterministic_and_made_of_the_paired_splits_images(tmp_pa
 
 
 def test_documents_hold_one_to_max_images_and_nest_across_train_fractions(tmp_path):
-    full = shapes(tmp_path, train_size=600, pairing="interleaved", max_images=4)
+    full = build_shapes(tmp_path, train_size=600, pairing="interleaved", max_images=4)
     sizes = [len(full.train.document(d)[0]) for d in range(len(full.train))]
     assert set(sizes[:-1]) == {1, 2, 3, 4}  # the last may be cut by the end of the split
     assert 1 <= sizes[-1] <= 4 and sum(sizes) == 600
@@ -124,18 +121,18 @@ def test_documents_hold_one_to_max_images_and_nest_across_train_fractions(tmp_pa
     for d in range(len(full.train)):
         ids, texts, layout = full.train.document(d)
         assert layouts_ok(layout, len(ids), len(texts))
-    half = shapes(tmp_path, train_size=600, pairing="interleaved", max_images=4, train_fraction=0.5)
+    half = build_shapes(tmp_path, train_size=600, pairing="interleaved", max_images=4, train_fraction=0.5)
     for d in range(len(half.train) - 1):  # a prefix of the documents; only the last may be shorter
         assert half.train.document(d) == full.train.document(d)
     last = half.train.document(len(half.train) - 1)
     assert last[0][-1] == 299 and set(last[0]) <= set(full.train.document(len(half.train) - 1)[0])
-    one = shapes(tmp_path, pairing="interleaved", max_images=1)  # pairs are the one-image special case
+    one = build_shapes(tmp_path, pairing="interleaved", max_images=1)  # pairs are the one-image special case
     assert len(one.train) == SMALL["train_size"]
     assert all(len(one.train.document(d)[0]) == 1 for d in range(len(one.train)))
 
 
 def test_fillers_describe_nothing_and_are_training_sentences(tmp_path):
-    data = shapes(tmp_path, pairing="interleaved", filler_sentences=1.0)
+    data = build_shapes(tmp_path, pairing="interleaved", filler_sentences=1.0)
     words = set(shapes_mod.COLOURS) | set(shapes_mod.SHAPES) | {"small", "large", "tiny", "big", "little"}
     fillers = []
     for d in range(len(data.train)):
@@ -147,12 +144,12 @@ def test_fillers_describe_nothing_and_are_training_sentences(tmp_path):
     assert len(set(fillers)) > 5
     caps = data.train_captions()
     assert len(caps) == 2 * SMALL["train_size"] and set(fillers) <= set(caps)
-    none = shapes(tmp_path, pairing="interleaved")
+    none = build_shapes(tmp_path, pairing="interleaved")
     assert none.train_captions() == list(none.train_pairs.captions)  # no fillers by default
 
 
 def test_caption_noise_applies_per_sentence(tmp_path):
-    data = shapes(tmp_path, train_size=600, pairing="interleaved", caption_noise=0.5)
+    data = build_shapes(tmp_path, train_size=600, pairing="interleaved", caption_noise=0.5)
     kinds = data.train_pairs.noise_kind
     mixed = 0
     for d in range(len(data.train)):
@@ -166,7 +163,7 @@ def test_caption_noise_applies_per_sentence(tmp_path):
 
 
 def test_collate_produces_the_contracts_batch(tmp_path):
-    data = shapes(tmp_path, pairing="interleaved", filler_sentences=0.5)
+    data = build_shapes(tmp_path, pairing="interleaved", filler_sentences=0.5)
     items = [data.train[d] for d in range(5)]
     batch = data.collate(items)
     assert set(batch) == {"images", "image_doc", "image_index", "image_ids", "doc_texts", "doc_layout", "sample_ids"}
@@ -209,44 +206,37 @@ def throwaway_registry(monkeypatch) -> None:
     monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
 
 
+def register_needs_interleaved(monkeypatch, name: str, build) -> None:
+    """Registers, for this test only, objective kind ``name`` (built by ``build``) whose data input needs the
+    interleaved capability."""
+    throwaway_registry(monkeypatch)
+    registry.register(name, params=_NeedsParams, output=ports.Objective, inputs={
+        "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
+        "vision": In(ports.VisionTower)})(build)
+
+
 @pytest.fixture
 def needs_interleaved_kind(monkeypatch):
     """A throwaway objective kind whose data input needs the interleaved capability."""
     name = "objective.test_needs_interleaved"
-    throwaway_registry(monkeypatch)
-    registry.register(name, params=_NeedsParams, output=ports.Objective, inputs={
-        "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
-        "vision": In(ports.VisionTower)})(lambda p, i, c: None)
+    register_needs_interleaved(monkeypatch, name, lambda p, i, c: None)
     return name
 
 
-GRAPH = """\
-graph: t
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {{train_size: 64, test_size: 32{extra}}}
-  vision:
-    kind: encoder.vit
-    params: {{image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}}
-  lcl:
-    kind: objective.test_needs_interleaved
-    inputs: {{data: shapes, vision: vision}}
-  train:
-    kind: trainer
-    inputs: {{data: shapes, objectives: [lcl]}}
-    params: {{epochs: 1, batch_size: 4}}
-"""
+def needing_graph(tmp_path, objective: str = "objective.test_needs_interleaved", train: dict | None = None,
+                  evaluators: dict | None = None, **data) -> Path:
+    """g.yaml: ``objective`` on a ViT and shapes with the params ``data``, then ``evaluators``."""
+    return tiny_graph(tmp_path, "g.yaml", graph="t", nodes={
+        "shapes": shapes(**data), "vision": vit(), "lcl": node(objective, {"data": "shapes", "vision": "vision"}),
+        "train": trainer("lcl", batch_size=4, **(train or {})), **(evaluators or {})})
 
 
 def test_a_node_needing_interleaved_data_refuses_paired_shapes(tmp_path, capsys, needs_interleaved_kind):
-    path = tmp_path / "g.yaml"
-    path.write_text(GRAPH.format(extra=""))
+    path = needing_graph(tmp_path)
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert ("input 'data' needs data with interleaved, which 'shapes' (dataset.shapes) does not provide") in err
-    path.write_text(GRAPH.format(extra=", pairing: interleaved"))
+    needing_graph(tmp_path, pairing="interleaved")
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
 
 
@@ -279,7 +269,7 @@ def write_mmc4(tmp_path: Path, n_docs: int = 8) -> Path:
 
 def build_interleaved(tmp_path: Path, logs: list, **params):
     p = inter_mod.InterleavedParams(annotations="docs.jsonl", images="imgs", image_size=16, **params)
-    return inter_mod.build(p, {}, ctx_for(tmp_path / "cache", logs, base_dir=tmp_path))
+    return inter_mod.build(p, {}, build_ctx("d", cache=tmp_path / "cache", base_dir=tmp_path, log=logs))
 
 
 def test_mmc4_jsonl_skips_and_counts_a_missing_and_a_corrupt_image(tmp_path):
@@ -321,7 +311,7 @@ def test_mmc4_jsonl_past_the_tolerance_fails_clearly(tmp_path):
     manifest.write_text("".join(json.dumps({"image": f"imgs/{n}", "caption": "x"}) + "\n" for n in names))
     with pytest.raises(UserError) as e2:
         captions_mod.build(captions_mod.CaptionsParams(annotations=str(manifest), test_size=2, max_bad_fraction=0.1),
-                           {}, ctx_for(tmp_path / "cache", base_dir=tmp_path))
+                           {}, build_ctx("d", cache=tmp_path / "cache", base_dir=tmp_path))
     assert str(e2.value).split(": ", 1)[1] == str(e.value).split(": ", 1)[1]
 
 
@@ -363,41 +353,23 @@ class _DocObjective(ports.Objective):
 
 def test_a_trainer_steps_over_document_batches(tmp_path, monkeypatch, capsys):
     built = []
-    throwaway_registry(monkeypatch)
-    registry.register("objective.test_documents", params=_NeedsParams, output=ports.Objective, inputs={
-        "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
-        "vision": In(ports.VisionTower)})(lambda p, i, c: built.append(_DocObjective(i["vision"])) or built[-1])
-    path = tmp_path / "g.yaml"
-    path.write_text(GRAPH.format(extra=", pairing: interleaved, image_size: 32")
-                    .replace("objective.test_needs_interleaved", "objective.test_documents")
-                    .replace("epochs: 1, batch_size: 4", "epochs: 1, batch_size: 4, max_steps: 3, warmup_steps: 1"))
+    register_needs_interleaved(monkeypatch, "objective.test_documents",
+                               lambda p, i, c: built.append(_DocObjective(i["vision"])) or built[-1])
+    path = needing_graph(tmp_path, "objective.test_documents", dict(max_steps=3, warmup_steps=1),
+                         pairing="interleaved", image_size=32)
     assert main(["run", str(path), "--store", str(tmp_path / "store")]) == 0, capsys.readouterr().err
     assert built and built[0].seen == 3
 
 
 def test_frozen_transfer_evaluators_judge_a_model_trained_on_documents(tmp_path, monkeypatch, capsys):
     # the frozen-transfer heads train on the training images paired with their sentences (train_pairs)
-    throwaway_registry(monkeypatch)
-    registry.register("objective.test_documents", params=_NeedsParams, output=ports.Objective, inputs={
-        "data": In(ports.PairedData, needs=frozenset({INTERLEAVED}), doc="interleaved data"),
-        "vision": In(ports.VisionTower)})(lambda p, i, c: _DocObjective(i["vision"]))
-    path = tmp_path / "g.yaml"
-    path.write_text(GRAPH.format(extra=", pairing: interleaved, image_size: 32")
-                    .replace("objective.test_needs_interleaved", "objective.test_documents")
-                    .replace("epochs: 1, batch_size: 4", "epochs: 1, batch_size: 4, max_steps: 2, warmup_steps: 1")
-                    + """  probe:
-    kind: evaluator.linear_probe
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {steps: 3}
-  transfer:
-    kind: evaluator.transfer_retrieval
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {steps: 3}
-  captioning:
-    kind: evaluator.captioning
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {decoder_mode: fresh, steps: 3}
-""")
+    register_needs_interleaved(monkeypatch, "objective.test_documents", lambda p, i, c: _DocObjective(i["vision"]))
+    frozen = {"encoder": "vision"}
+    path = needing_graph(tmp_path, "objective.test_documents", dict(max_steps=2, warmup_steps=1), evaluators={
+        "probe": evaluator("linear_probe", inputs=frozen, steps=3),
+        "transfer": evaluator("transfer_retrieval", inputs=frozen, steps=3),
+        "captioning": evaluator("captioning", inputs=frozen, decoder_mode="fresh", steps=3)},
+        pairing="interleaved", image_size=32)
     from vlpgraph.store import Store
 
     assert main(["run", str(path), "--store", str(tmp_path / "store")]) == 0, capsys.readouterr().err

@@ -15,21 +15,18 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from tests.helpers import build_ctx
 from vlpgraph.engine import registry
 from vlpgraph.errors import UserError
-from vlpgraph.engine.ports import BOXES, CLASSES, LABELS, PAIRED, SCENES, BuildContext, default_collate
+from vlpgraph.engine.ports import BOXES, CLASSES, LABELS, PAIRED, SCENES, default_collate
 
 import vlpgraph.nodes.datasets.captions as captions_mod
 import vlpgraph.nodes.datasets.shapes as shapes_mod
 
 
-def ctx_for(root: Path, log=None) -> BuildContext:
-    return BuildContext(node="shapes", node_hash="x", seed=0, cache_root=root, log=log or (lambda msg: None))
-
-
 def build_shapes(root: Path, **params):
     # The modules' build functions directly: these tests do not depend on other node modules importing.
-    return shapes_mod.build(shapes_mod.ShapesParams(**params), {}, ctx_for(root))
+    return shapes_mod.build(shapes_mod.ShapesParams(**params), {}, build_ctx("shapes", cache=root))
 
 
 SMALL = dict(train_size=600, test_size=300)
@@ -306,8 +303,7 @@ def test_64px_and_one_object_only(tmp_path):
 
 
 def build_captions(root: Path, logs: list | None = None, **params):
-    ctx = BuildContext(node="caps", node_hash="y", seed=0, cache_root=root / "cache",
-                       log=(logs.append if logs is not None else (lambda m: None)))
+    ctx = build_ctx("caps", cache=root / "cache", log=logs)
     return captions_mod.build(captions_mod.CaptionsParams(**params), {}, ctx)
 
 

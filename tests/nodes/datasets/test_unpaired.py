@@ -12,29 +12,25 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import build_ctx, evaluator, itc, mae, node, shapes, text, tiny_graph, trainer, vit
 import vlpgraph.nodes.datasets.shapes as shapes_mod
 from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
-from vlpgraph.engine.ports import BuildContext
 
 SMALL = dict(train_size=120, test_size=16, image_size=32, max_objects=3)
 
 
-def ctx_for(root: Path, logs: list | None = None, base_dir: Path | None = None) -> BuildContext:
-    return BuildContext(node="d", node_hash="x", seed=0, cache_root=root,
-                        log=(logs.append if logs is not None else (lambda m: None)), base_dir=base_dir or root)
-
-
-def shapes(root: Path, **params):
-    return shapes_mod.build(shapes_mod.ShapesParams(**{**SMALL, **params}), {}, ctx_for(root))
+def build_shapes(root: Path, **params):
+    ctx = build_ctx("d", cache=root, base_dir=root)
+    return shapes_mod.build(shapes_mod.ShapesParams(**{**SMALL, **params}), {}, ctx)
 
 
 # ------------------------------------------------------------------------------------ the streams
 
 
 def test_no_item_shares_a_scene_across_modalities_and_the_corpora_are_disjoint(tmp_path):
-    data = shapes(tmp_path, pairing="unpaired")
+    data = build_shapes(tmp_path, pairing="unpaired")
     N = SMALL["train_size"]
     items = [data.train[k] for k in range(len(data.train))]
     assert len(items) == N  # train_size counts images, as for the other pairings
@@ -57,14 +53,14 @@ def test_no_item_shares_a_scene_across_modalities_and_the_corpora_are_disjoint(t
 
 
 def test_unpaired_batches_and_equal_data_with_a_paired_run(tmp_path):
-    unpaired = shapes(tmp_path, pairing="unpaired", train_fraction=0.5)
-    paired = shapes(tmp_path, train_fraction=0.5)
+    unpaired = build_shapes(tmp_path, pairing="unpaired", train_fraction=0.5)
+    paired = build_shapes(tmp_path, train_fraction=0.5)
     assert unpaired.folder == paired.folder  # one cached folder for every pairing
     assert len(unpaired.train) == len(paired.train) == 60
     facts = shapes_mod.facts(unpaired.params, tmp_path)  # what validation knows: one item per image
     assert facts["train_size"] == facts["train_images"] == 60
     assert np.array_equal(unpaired.train_pairs.images, paired.train.images)  # the very same images
-    full = shapes(tmp_path, pairing="unpaired")
+    full = build_shapes(tmp_path, pairing="unpaired")
     assert unpaired.train.text_ids == full.train.text_ids[:60]  # nested fractions keep a prefix of both corpora
     batch = unpaired.collate(unpaired.train.__getitems__([3, 0, 7]))
     assert set(batch) == {"images", "captions", "image_ids", "text_ids", "sample_ids"}
@@ -93,7 +89,7 @@ def nearest_colour(rgb: torch.Tensor) -> int:
 
 
 def test_every_gallery_region_is_its_boxs_object_from_the_image_corpus(tmp_path):
-    data = shapes(tmp_path, pairing="unpaired", train_fraction=0.5)
+    data = build_shapes(tmp_path, pairing="unpaired", train_fraction=0.5)
     g, images = data.gallery, data.train_pairs
     assert len(g) == int(images.counts.sum())  # every object of the image corpus, nothing else
     mean = torch.tensor(shapes_mod.MEAN).view(3, 1, 1)
@@ -123,12 +119,12 @@ def test_every_gallery_region_is_its_boxs_object_from_the_image_corpus(tmp_path)
     assert torch.allclose(batched, torch.stack([g.region(r)[0] for r in some]), atol=1e-4)
     # DataLoader workers may get the data (its collate) pickled
     assert torch.equal(pickle.loads(pickle.dumps(data)).gallery.region(5)[0], g.region(5)[0])
-    small = shapes(tmp_path, pairing="unpaired", region_size=16).gallery
+    small = build_shapes(tmp_path, pairing="unpaired", region_size=16).gallery
     assert small.region(0)[0].shape == (3, 16, 16)
 
 
 def test_scene_graphs_describe_the_images(tmp_path):
-    data = shapes(tmp_path)
+    data = build_shapes(tmp_path)
     test = data.test
     for i in range(len(test)):
         scene = test.scene(i)
@@ -146,31 +142,10 @@ def test_scene_graphs_describe_the_images(tmp_path):
 
 
 def test_a_trainer_steps_over_unpaired_batches_and_frozen_transfer_judges_it(tmp_path, capsys):
-    graph = """\
-graph: t
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 64, test_size: 32, image_size: 32, pairing: unpaired}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
-  mae:
-    kind: objective.mae
-    inputs: {vision: vision}
-    params: {decoder_width: 32, decoder_depth: 1, decoder_heads: 2}
-  train:
-    kind: trainer
-    inputs: {data: shapes, objectives: [mae]}
-    params: {epochs: 1, batch_size: 8, max_steps: 2, warmup_steps: 1}
-  probe:
-    kind: evaluator.linear_probe
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {steps: 3}
-"""
-    path = tmp_path / "g.yaml"
-    path.write_text(graph)
+    path = tiny_graph(tmp_path, "g.yaml", graph="t", nodes={
+        "shapes": shapes(image_size=32, pairing="unpaired"), "vision": vit(), "mae": mae(),
+        "train": trainer("mae", batch_size=8, max_steps=2, warmup_steps=1),
+        "probe": evaluator("linear_probe", inputs={"encoder": "vision"}, steps=3)})
     assert main(["run", str(path), "--store", str(tmp_path / "store")]) == 0, capsys.readouterr().err
     from vlpgraph.store import Store
 
@@ -221,7 +196,7 @@ def build_unpaired(tmp_path: Path, logs: list, **params):
 
     p = unpaired_mod.UnpairedParams(images="images.txt", texts="texts.txt", test_annotations="test.json",
                                     instances="instances.json", image_size=16, min_box_size=4, **params)
-    return unpaired_mod.build(p, {}, ctx_for(tmp_path / "cache", logs, base_dir=tmp_path))
+    return unpaired_mod.build(p, {}, build_ctx("d", cache=tmp_path / "cache", base_dir=tmp_path, log=logs))
 
 
 def test_dataset_unpaired_skips_and_counts_a_missing_and_a_corrupt_image(tmp_path):
@@ -269,34 +244,15 @@ def test_dataset_unpaired_folder_facts_and_validation(tmp_path, capsys):
     (tmp_path / "imgs" / "corrupt.png").unlink()
     p = unpaired_mod.UnpairedParams(images="imgs", texts="texts.txt", test_annotations="test.json", image_size=16)
     assert unpaired_mod.facts(p, tmp_path)["train_size"] == 6
-    data = unpaired_mod.build(p, {}, ctx_for(tmp_path / "cache", base_dir=tmp_path))
+    data = unpaired_mod.build(p, {}, build_ctx("d", cache=tmp_path / "cache", base_dir=tmp_path))
     assert len(data.train) == 6 and data.gallery is None and data.capabilities == {ports.UNPAIRED}
     fp = unpaired_mod.fingerprint(p, tmp_path)
     (tmp_path / "texts.txt").write_text("an edited corpus\n")
     assert unpaired_mod.fingerprint(p, tmp_path)["texts"] != fp["texts"]
-    graph = tmp_path / "g.yaml"
-    graph.write_text("""\
-graph: t
-seed: 0
-nodes:
-  corpora:
-    kind: dataset.unpaired
-    params: {images: imgs, texts: texts.txt, test_annotations: test.json, image_size: 16}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}
-  text:
-    kind: encoder.text
-    inputs: {data: corpora}
-    params: {width: 32, depth: 1, heads: 2}
-  itc:
-    kind: objective.itc
-    inputs: {vision: vision, text: text}
-  train:
-    kind: trainer
-    inputs: {data: corpora, objectives: [itc]}
-    params: {epochs: 1, batch_size: 2}
-""")
+    corpora = node("dataset.unpaired", images="imgs", texts="texts.txt", test_annotations="test.json", image_size=16)
+    graph = tiny_graph(tmp_path, "g.yaml", graph="t", nodes={
+        "corpora": corpora, "vision": vit(image_size=16), "text": text("corpora"), "itc": itc(),
+        "train": trainer("itc", data="corpora", batch_size=2)})
     assert main(["validate", str(graph)]) == 2
     assert (f"{graph}:15: node 'itc' (objective.itc): needs paired data (it treats each image and caption of a batch "
             "as a pair), but the trainer's data 'corpora' (dataset.unpaired) provides unpaired") in capsys.readouterr().err

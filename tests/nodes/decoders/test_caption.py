@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.helpers import TINY_TRAIN, build_ctx, evaluator, make_batch, node, shapes, tiny_graph, trainer, vit
 from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.layers.decoder import CaptionTransformer, caption_loss
@@ -185,17 +186,13 @@ class FakeMAE(ports.MaskedImageModel):
         return {"mae": self.masked_encoding(fwd).tokens.pow(2).mean()}
 
 
-def _batch(dec):
-    return {"images": torch.randn(4, 3, 2, 2), **dec.tokenizer(CAPTIONS)}
-
-
 def test_objective_caption_on_the_masked_encoding_shares_one_masked_forward():
-    ctx = ports.BuildContext(node="cap", node_hash="h", seed=0, cache_root=None)
+    ctx = build_ctx("cap")
     dec, vision = decoder(), CountingVision()
     mae = FakeMAE(vision)
     obj = caption_mod.build(caption_mod.CaptionParams(weight=0.1), {"decoder": dec, "vision": vision, "masked": mae}, ctx)
     assert obj.weight == 0.1
-    batch = _batch(dec)
+    batch = make_batch(4, 2, None, **dec.tokenizer(CAPTIONS))
     fwd = ports.Forward(batch)
     mae(fwd, batch)
     loss = obj(fwd, batch)["caption"]
@@ -252,7 +249,7 @@ def _shapes_and_vit(ctx):
 
 
 def test_fresh_captioning_leaves_the_encoder_bit_identical(tmp_path):
-    ctx = ports.BuildContext(node="captioning", node_hash="h", seed=0, cache_root=tmp_path)
+    ctx = build_ctx("captioning", cache=tmp_path)
     data, vision = _shapes_and_vit(ctx)
     vision.train()
     before = {k: v.clone() for k, v in vision.state_dict().items()}
@@ -279,36 +276,15 @@ def test_fresh_captioning_leaves_the_encoder_bit_identical(tmp_path):
     assert ev.evaluate(Model(), ctx).metrics == m
 
 
-CAPTION_GRAPH = """\
-graph: tinycap
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 128, test_size: 32, image_size: 16}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 16, patch_size: 8, width: 32, depth: 1, heads: 2}
-  decoder:
-    kind: decoder.caption
-    inputs: {data: shapes, vision: vision}
-    params: {width: 32, heads: 2, max_len: 24}
-  caption:
-    kind: objective.caption
-    inputs: {decoder: decoder, vision: vision}
-  train:
-    kind: trainer
-    inputs: {data: shapes, objectives: [caption]}
-    params: {epochs: 1, batch_size: 16, lr: 1.0e-3, warmup_steps: 2, checkpoint_every: 0, log_every: 1}
-  captioning:
-    kind: evaluator.captioning
-    inputs: {model: train, data: shapes, encoder: vision, decoder: decoder}
-    params: {num_samples: 4, max_samples: 16}
-  captioning_fresh:
-    kind: evaluator.captioning
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {width: 32, steps: 4, batch_size: 16, max_samples: 8, num_samples: 2}
-"""
+CAPTION_GRAPH = tiny_graph(graph="tinycap", nodes={
+    "shapes": shapes(train_size=128, image_size=16), "vision": vit(image_size=16),
+    "decoder": node("decoder.caption", {"data": "shapes", "vision": "vision"}, width=32, heads=2, max_len=24),
+    "caption": node("objective.caption", {"decoder": "decoder", "vision": "vision"}),
+    "train": trainer("caption", **{**TINY_TRAIN, "checkpoint_every": 0}),
+    "captioning": evaluator("captioning", inputs={"encoder": "vision", "decoder": "decoder"}, num_samples=4,
+                            max_samples=16),
+    "captioning_fresh": evaluator("captioning", inputs={"encoder": "vision"}, width=32, steps=4, batch_size=16,
+                                  max_samples=8, num_samples=2)})
 
 
 def test_caption_graph_trains_end_to_end_and_stores_caption_samples(tmp_path):
@@ -332,7 +308,7 @@ def test_own_mode_needs_a_decoder_and_a_decoder_must_read_the_encoders_width(tmp
     import pytest
     from vlpgraph.errors import UserError
 
-    ctx = ports.BuildContext(node="captioning", node_hash="h", seed=0, cache_root=tmp_path)
+    ctx = build_ctx("captioning", cache=tmp_path)
     own = captioning_mod.CaptioningParams(decoder_mode="own")
     assert captioning_mod.check(own, {"model": [{}], "data": [{}], "encoder": [{}]})  # refused at validation
     assert not captioning_mod.check(own, {"decoder": [{"node": "decoder"}]})

@@ -14,51 +14,29 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers import build_ctx, itc, shapes, text, tiny_graph, trainer, vit
 from vlpgraph.engine import registry
 from vlpgraph.layers import tokenizer as tokmod
 from vlpgraph.cli import main
-from vlpgraph.engine.ports import BuildContext
 from vlpgraph.store import Store
 
 VIT = {"image_size": 16, "patch_size": 8, "width": 16, "depth": 1, "heads": 2}
 TEXT = {"width": 16, "depth": 1, "heads": 2, "max_len": 12}
 
-GRAPH = """\
-graph: enc
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 32, test_size: 16, image_size: 16}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 16, patch_size: 8, width: 16, depth: 1, heads: 2, pretrained: ckpt/vit.safetensors}
-  text:
-    kind: encoder.text
-    inputs: {data: shapes}
-    params: {width: 16, depth: 1, heads: 2, max_len: 12, tokenizer: ckpt/tokenizer.json, pretrained: ckpt/bert.safetensors}
-  itc:
-    kind: objective.itc
-    inputs: {vision: vision, text: text}
-    params: {embed_dim: 16}
-  train:
-    kind: trainer
-    inputs: {data: shapes, objectives: [itc]}
-    params: {epochs: 1, batch_size: 16, warmup_steps: 1, checkpoint_every: 0}
-"""
+GRAPH = tiny_graph(graph="enc", nodes={
+    "shapes": shapes(train_size=32, test_size=16, image_size=16),
+    "vision": vit(**VIT, pretrained="ckpt/vit.safetensors"),
+    "text": text(**TEXT, tokenizer="ckpt/tokenizer.json", pretrained="ckpt/bert.safetensors"), "itc": itc(embed_dim=16),
+    "train": trainer("itc", warmup_steps=1, checkpoint_every=0)})
 
 CAPTIONS = ["a red circle left of a blue square", "a green star above a yellow triangle", "a purple circle"]
-
-
-def ctx(base_dir: Path, cache: Path) -> BuildContext:
-    return BuildContext(node="enc", node_hash="h" * 16, seed=0, cache_root=cache, log=lambda m: None, base_dir=base_dir)
 
 
 def write_vit(path: Path, seed: int) -> dict[str, torch.Tensor]:
     """A tiny ViT's random weights (seeded) as safetensors; returns them."""
     kind = registry.get("encoder.vit")
     torch.manual_seed(seed)
-    tower = kind.build(kind.params(**VIT), {}, ctx(path.parent, path.parent / "cache"))
+    tower = kind.build(kind.params(**VIT), {}, build_ctx("enc", cache=path.parent / "cache", base_dir=path.parent))
     sd = {k: t.contiguous() for k, t in tower.state_dict().items()}
     save_file(sd, str(path))
     return sd
@@ -67,7 +45,8 @@ def write_vit(path: Path, seed: int) -> dict[str, torch.Tensor]:
 def write_bert(path: Path, tokenizer: Path, seed: int) -> dict[str, torch.Tensor]:
     kind = registry.get("encoder.text")
     torch.manual_seed(seed)
-    tower = kind.build(kind.params(tokenizer=str(tokenizer), **TEXT), {}, ctx(path.parent, path.parent / "cache"))
+    ctx = build_ctx("enc", cache=path.parent / "cache", base_dir=path.parent)
+    tower = kind.build(kind.params(tokenizer=str(tokenizer), **TEXT), {}, ctx)
     sd = {k: t.contiguous() for k, t in tower.state_dict().items()}
     save_file(sd, str(path))
     return sd
@@ -139,10 +118,11 @@ def test_relative_paths_are_read_from_the_graph_files_folder(project, tmp_path, 
     bert_sd = write_bert(project / "ckpt" / "bert.safetensors", project / "ckpt" / "tokenizer.json", seed=6)
     vit, text = registry.get("encoder.vit"), registry.get("encoder.text")
     torch.manual_seed(0)
-    v = vit.build(vit.params(pretrained="ckpt/vit.safetensors", **VIT), {}, ctx(project, tmp_path / "cache"))
+    ctx = build_ctx("enc", cache=tmp_path / "cache", base_dir=project)
+    v = vit.build(vit.params(pretrained="ckpt/vit.safetensors", **VIT), {}, ctx)
     assert all(torch.equal(v.state_dict()[k], t) for k, t in vit_sd.items())
     t = text.build(text.params(tokenizer="ckpt/tokenizer.json", pretrained="ckpt/bert.safetensors", **TEXT), {},
-                   ctx(project, tmp_path / "cache"))
+                   build_ctx("enc", cache=tmp_path / "cache", base_dir=project))
     assert all(torch.equal(t.state_dict()[k], w) for k, w in bert_sd.items())
     assert t.tokenizer.vocab_size == tokmod.train_wordpiece(CAPTIONS, 64).get_vocab_size()
 
@@ -166,16 +146,8 @@ def test_a_replaced_checkpoint_trains_again_and_says_so(project, capsys, monkeyp
 # ---------------------------------------------------------------------- every problem of a node
 
 
-PROBLEMS = """\
-graph: p
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 64, test_size: 32}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
+# params one a line, so that each problem is reported at its own line
+PROBLEMS = tiny_graph(graph="p", nodes={"shapes": shapes(), "vision": vit()}) + """\
   text:
     kind: encoder.text
     inputs: {data: shapes}

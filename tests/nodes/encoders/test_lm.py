@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.helpers import build_ctx
 from vlpgraph.engine import registry
 from vlpgraph.layers import attention
 from vlpgraph.layers import tokenizer as tokmod
 from vlpgraph.layers.interleaved import IGNORE, build_sequences, place_visual
-from vlpgraph.engine.ports import BuildContext, LanguageModel, PairedData
+from vlpgraph.engine.ports import LanguageModel, PairedData
 
 registry.load_builtin_kinds()
 
@@ -32,7 +33,7 @@ class FakeData(PairedData):
 
 def build_lm(tmp_path: Path, **params) -> LanguageModel:
     k = registry.get("encoder.lm")
-    ctx = BuildContext(node="lm", node_hash="h" * 16, seed=0, cache_root=tmp_path / "cache", log=lambda m: None)
+    ctx = build_ctx("lm", cache=tmp_path / "cache")
     torch.manual_seed(0)
     return k.build(k.params(**params), {"data": FakeData()}, ctx).eval()
 

@@ -4,19 +4,19 @@ local checkpoints."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import save_file
 
+from tests.helpers import build_ctx
 from vlpgraph.engine import registry
 from vlpgraph.layers import attention
 from vlpgraph.layers import tokenizer as tokmod
 from vlpgraph.layers.attention import set_attention_backend
 from vlpgraph.errors import UserError
-from vlpgraph.engine.ports import BuildContext, PairedData, TextTower, Tokenizer, VisionTower
+from vlpgraph.engine.ports import PairedData, TextTower, Tokenizer, VisionTower
 
 TOL = 1e-5
 CUDA = torch.cuda.is_available()
@@ -35,11 +35,6 @@ class FakeData(PairedData):
         return list(self.captions)
 
 
-def ctx_for(tmp_path: Path, node="enc", logs=None) -> BuildContext:
-    return BuildContext(node=node, node_hash="h" * 16, seed=0, cache_root=tmp_path / "cache",
-                        log=(logs.append if logs is not None else (lambda m: None)))
-
-
 def vit_kind():
     return registry.get("encoder.vit")
 
@@ -51,13 +46,14 @@ def text_kind():
 def build_vit(tmp_path, inputs=None, **params):
     k = vit_kind()
     torch.manual_seed(0)
-    return k.build(k.params(**params), inputs or {}, ctx_for(tmp_path)).eval()
+    return k.build(k.params(**params), inputs or {}, build_ctx("enc", cache=tmp_path / "cache")).eval()
 
 
 def build_text(tmp_path, data=None, logs=None, **params):
     k = text_kind()
     torch.manual_seed(0)
-    return k.build(k.params(**params), {"data": data or FakeData()}, ctx_for(tmp_path, logs=logs)).eval()
+    ctx = build_ctx("enc", cache=tmp_path / "cache", log=logs)
+    return k.build(k.params(**params), {"data": data or FakeData()}, ctx).eval()
 
 
 def maxdiff(a, b):
@@ -194,7 +190,7 @@ def test_vit_xformers_needs_cuda_at_build(tmp_path):
         pytest.skip("this machine has CUDA")
     k = vit_kind()
     with pytest.raises(UserError, match="needs CUDA"):
-        k.build(k.params(attention="xformers", **TINY_VIT), {}, ctx_for(tmp_path))
+        k.build(k.params(attention="xformers", **TINY_VIT), {}, build_ctx("enc", cache=tmp_path / "cache"))
 
 
 # ------------------------------------------------------------------------------------------ text

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.helpers import build_ctx
 from tests.nodes.objectives.test_lcl import DOCS, make_batch, make_lcl
 from vlpgraph.results import analysis
 from vlpgraph.engine import ports
@@ -52,7 +53,7 @@ def model_of(obj, vision, pool, lm):
 def evaluate(obj, vision, pool, lm, data=None, **params):
     data = data or FakeData()
     ev = docs_mod.DocumentsEvaluator(docs_mod.DocumentsParams(**params), data, obj)
-    ctx = ports.BuildContext(node="docs", node_hash="h", seed=0, cache_root=None)
+    ctx = build_ctx("docs")
     return ev.evaluate(model_of(obj, vision, pool, lm), ctx)
 
 

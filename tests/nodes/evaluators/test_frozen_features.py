@@ -3,26 +3,16 @@ for weights other than the ones they were computed with."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from vlpgraph.engine import registry
+from tests.helpers import build, build_ctx
 from vlpgraph.nodes.evaluators.evaluation import frozen_image_tokens, weights_digest
-from vlpgraph.engine.ports import BuildContext
-
-SHAPES = {"train_size": 300, "test_size": 90, "image_size": 32}
-
-
-def _build(kind: str, params: dict, inputs: dict, tmp: Path, node: str):
-    k = registry.get(kind)
-    return k.build(k.params(**params), inputs, BuildContext(node, node, 0, tmp))
-
 
 def _setup(tmp_path):
-    data = _build("dataset.shapes", SHAPES, {}, tmp_path, "shapes")
+    data = build("dataset.shapes", ctx=build_ctx("shapes", cache=tmp_path), train_size=300, test_size=90, image_size=32)
     torch.manual_seed(0)
-    vit = _build("encoder.vit", {"patch_size": 8, "width": 32, "depth": 1, "heads": 2}, {"data": data}, tmp_path, "vision")
+    vit = build("encoder.vit", {"data": data}, build_ctx("vision", cache=tmp_path),
+                patch_size=8, width=32, depth=1, heads=2)
     calls: list[int] = []
     vit.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     return data, vit, calls

@@ -10,25 +10,24 @@ import pytest
 import torch
 from torch import nn
 
-from tests.nodes.datasets.test_unpaired import shapes
-from vlpgraph.engine import ports
+from tests.helpers import build_ctx, evaluator, node, shapes, text, tiny_graph, trainer, vit
 from vlpgraph.cli import main
 from vlpgraph.errors import UserError
 from vlpgraph.layers.tokenizer import WordPieceTokenizer, train_wordpiece
 from vlpgraph.nodes.encoders.text import TextParams, build_bert
 from vlpgraph.nodes.encoders.vit import ViTParams, build_vit
+from vlpgraph.nodes.datasets import shapes as shapes_mod
 from vlpgraph.nodes.evaluators import mixing as mixing_mod
 from vlpgraph.nodes.mixers import cmc as cmc_mod
 from vlpgraph.store import Store
 
 
-def ctx(node: str, seed: int = 0) -> ports.BuildContext:
-    return ports.BuildContext(node=node, node_hash="h", seed=seed, cache_root=None, log=lambda m: None)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return shapes(tmp_path_factory.mktemp("shapes"), pairing="unpaired", test_size=200)
+    """The unpaired shapes data (a gallery) with 200 test captions."""
+    root = tmp_path_factory.mktemp("shapes")
+    params = shapes_mod.ShapesParams(train_size=120, test_size=200, image_size=32, max_objects=3, pairing="unpaired")
+    return shapes_mod.build(params, {}, build_ctx("d", cache=root, base_dir=root))
 
 
 def make(data, p: float = 0.5, trial_seed: int = 0):
@@ -38,7 +37,7 @@ def make(data, p: float = 0.5, trial_seed: int = 0):
     text = build_bert(TextParams(width=16, depth=1, heads=2, max_len=32, attention="sdpa"), tok)
     vision = build_vit(ViTParams(image_size=32, patch_size=8, width=16, depth=1, heads=2), 32)
     mixer = cmc_mod.build(cmc_mod.CMCParams(p=p), {"data": data, "vision": vision, "text": text},
-                          ctx("cmc", trial_seed))
+                          build_ctx("cmc", trial_seed))
     model = SimpleNamespace(modules=nn.ModuleDict({"text": text, "vision": vision, "cmc": mixer}), objectives={},
                             device=torch.device("cpu"), tokenizer=tok)
     return mixer, model
@@ -46,8 +45,8 @@ def make(data, p: float = 0.5, trial_seed: int = 0):
 
 def evaluate(data, mixer, model, trial_seed: int = 0, **params):
     ev = mixing_mod.build(mixing_mod.MixingParams(**params), {"model": model, "data": data, "mixer": mixer},
-                          ctx("mixing", trial_seed))
-    return ev.evaluate(model, ctx("mixing", trial_seed))
+                          build_ctx("mixing", trial_seed))
+    return ev.evaluate(model, build_ctx("mixing", trial_seed))
 
 
 @pytest.mark.parametrize("p", [0.5, 0.2])
@@ -88,43 +87,17 @@ def test_every_evaluation_of_every_trial_mixes_the_same_way_and_the_seed_param_m
 def test_refuses_a_mixer_without_draws(data):
     refusal = r"node 'mixing' \(evaluator.mixing\): its mixer \(Module\) has no draw\(\) or sample_rows\(\)"
     with pytest.raises(UserError, match=refusal):
-        mixing_mod.build(mixing_mod.MixingParams(), {"model": None, "data": data, "mixer": nn.Module()}, ctx("mixing"))
-
-
-GRAPH = """\
-graph: t
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 64, test_size: 32, image_size: 32, pairing: unpaired}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
-  text:
-    kind: encoder.text
-    inputs: {data: shapes}
-    params: {width: 32, depth: 1, heads: 2}
-  cmc:
-    kind: mixer.cmc
-    inputs: {data: shapes, vision: vision, text: text}
-  mlm:
-    kind: objective.mlm
-    inputs: {mixer: cmc}
-  train:
-    kind: trainer
-    inputs: {data: shapes, objectives: [mlm]}
-    params: {epochs: 1, batch_size: 8, max_steps: 2, warmup_steps: 1}
-  mixing:
-    kind: evaluator.mixing
-    inputs: {model: train, data: shapes, mixer: cmc}
-    params: {num_samples: 6}
-"""
+        mixing_mod.build(mixing_mod.MixingParams(), {"model": None, "data": data, "mixer": nn.Module()},
+                         build_ctx("mixing"))
 
 
 def test_a_vlmixer_run_stores_mixed_test_sentences(tmp_path: Path, capsys):
-    path = tmp_path / "g.yaml"
-    path.write_text(GRAPH)
+    path = tiny_graph(tmp_path, "g.yaml", graph="t", nodes={
+        "shapes": shapes(image_size=32, pairing="unpaired"), "vision": vit(), "text": text(),
+        "cmc": node("mixer.cmc", {"data": "shapes", "vision": "vision", "text": "text"}),
+        "mlm": node("objective.mlm", {"mixer": "cmc"}),
+        "train": trainer("mlm", batch_size=8, max_steps=2, warmup_steps=1),
+        "mixing": evaluator("mixing", inputs={"mixer": "cmc"}, num_samples=6)})
     assert main(["run", str(path), "--store", str(tmp_path / "store")]) == 0, capsys.readouterr().err
     store = Store(tmp_path / "store")
     [run] = store.runs()

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.nodes.evaluators.test_qa import FakeModel, ctx, random_scenes, snapshot, towers
+from tests.helpers import build_ctx, captions_itc_nodes, evaluator, itc, node, shapes, text, tiny_graph, trainer, vit
+from tests.nodes.evaluators.test_qa import FakeModel, random_scenes, snapshot, towers
 from tests.nodes.evaluators.test_transfer import write_captions
 from vlpgraph.engine import ports
 from vlpgraph.nodes.evaluators import scene_tasks
@@ -67,7 +68,8 @@ def truth(left: ports.Scene, right: ports.Scene, statement: str, colours: set[st
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("nlvr")
-    return shapes_mod.build(shapes_mod.ShapesParams(train_size=400, test_size=200), {}, ctx(root))
+    ctx = build_ctx("qa", cache=root / "cache", base_dir=root)
+    return shapes_mod.build(shapes_mod.ShapesParams(train_size=400, test_size=200), {}, ctx)
 
 
 @pytest.mark.parametrize("source", ["shapes", "random"])
@@ -107,7 +109,7 @@ def test_statements_are_deterministic(shapes_data):
 
 @pytest.mark.parametrize("fusion", [True, False])
 def test_nlvr_runs_and_leaves_the_model_bit_identical(shapes_data, tmp_path, fusion):
-    c = ctx(tmp_path, "nlvr")
+    c = build_ctx("nlvr", cache=tmp_path / "cache", base_dir=tmp_path)
     vision, text, fus = towers(shapes_data, c, fusion)
     before = snapshot(vision, text, fus)
     ev = nlvr_mod.build(nlvr_mod.NLVRParams(steps=30, batch_size=32, max_train_images=120, max_test_images=60),
@@ -131,48 +133,24 @@ def test_nlvr_runs_and_leaves_the_model_bit_identical(shapes_data, tmp_path, fus
 def test_validation_refuses_data_without_scene_graphs(tmp_path, capsys):
     write_captions(tmp_path / "data", [("a.png", "a cat", ""), ("b.png", "a dog", ""), ("c.png", "a cow", "")],
                    "train.csv")
-    graph = tmp_path / "g.yaml"
-    graph.write_text("""\
-graph: t
-nodes:
-  data: {kind: dataset.captions, params: {annotations: data/train.csv, test_size: 1, image_size: 16}}
-  vision: {kind: encoder.vit, inputs: {data: data}, params: {patch_size: 8, width: 32, depth: 1, heads: 2}}
-  text: {kind: encoder.text, inputs: {data: data}, params: {width: 32, depth: 1, heads: 2}}
-  itc: {kind: objective.itc, inputs: {vision: vision, text: text}}
-  train: {kind: trainer, inputs: {data: data, objectives: [itc]}, params: {batch_size: 2}}
-  nlvr: {kind: evaluator.nlvr, inputs: {model: train, data: data, vision: vision, text: text}, params: {finetune: fusion}}
-""")
+    graph = tiny_graph(tmp_path, "g.yaml", graph="t", seed=None, nodes={
+        **captions_itc_nodes(),
+        "nlvr": evaluator("nlvr", data="data", inputs={"vision": "vision", "text": "text"}, finetune="fusion")})
     assert main(["validate", str(graph)]) == 2
     err = capsys.readouterr().err
     assert "input 'data' needs data with scenes, which 'data' (dataset.captions) does not provide" in err
     assert "finetune 'fusion' needs a fusion encoder wired as the 'fusion' input" in err
 
 
-GRAPH = """\
-graph: scenes
-seed: 0
-nodes:
-  shapes: {kind: dataset.shapes, params: {train_size: 192, test_size: 48}}
-  vision: {kind: encoder.vit, params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}}
-  text: {kind: encoder.text, inputs: {data: shapes}, params: {width: 32, depth: 1, heads: 2, max_len: 24}}
-  fusion: {kind: encoder.fusion, inputs: {text: text, vision: vision}, params: {depth: 1, heads: 2}}
-  itc: {kind: objective.itc, inputs: {vision: vision, text: text}, params: {embed_dim: 32}}
-  itm: {kind: objective.itm, inputs: {fusion: fusion, itc: itc}}
-  train: {kind: trainer, inputs: {data: shapes, objectives: [itc, itm]}, params: {epochs: 1, batch_size: 16}}
-  qa:
-    kind: evaluator.qa
-    inputs: {model: train, data: shapes, vision: vision, text: text, fusion: fusion}
-    params: {steps: 20, batch_size: 32}
-  nlvr:
-    kind: evaluator.nlvr
-    inputs: {model: train, data: shapes, vision: vision, text: text}
-    params: {steps: 20, batch_size: 32, num_samples: 4}
-"""
-
-
 def test_tiny_graph_runs_both_scene_evaluators_into_the_store(tmp_path):
-    graph = tmp_path / "scenes.yaml"
-    graph.write_text(GRAPH)
+    towers = {"vision": "vision", "text": "text"}
+    graph = tiny_graph(tmp_path, "scenes.yaml", graph="scenes", nodes={
+        "shapes": shapes(train_size=192, test_size=48), "vision": vit(), "text": text(max_len=24),
+        "fusion": node("encoder.fusion", {"text": "text", "vision": "vision"}, depth=1, heads=2),
+        "itc": itc(embed_dim=32),
+        "itm": node("objective.itm", {"fusion": "fusion", "itc": "itc"}), "train": trainer("itc", "itm"),
+        "qa": evaluator("qa", inputs={**towers, "fusion": "fusion"}, steps=20, batch_size=32),
+        "nlvr": evaluator("nlvr", inputs=towers, steps=20, batch_size=32, num_samples=4)})
     assert main(["run", str(graph), "--store", str(tmp_path / "store")]) == 0
     store = Store(tmp_path / "store")
     [run] = store.runs()

@@ -10,14 +10,13 @@ import math
 import re
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tests.helpers import DATA
+from tests.helpers import DATA, build_ctx
 from vlpgraph.engine import ports
 from vlpgraph.nodes.evaluators import scene_tasks
 from vlpgraph.errors import UserError
@@ -28,11 +27,6 @@ from vlpgraph.nodes.encoders import vit as vit_mod
 from vlpgraph.nodes.evaluators import qa as qa_mod
 
 PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "crosses": "cross"}
-
-
-def ctx(tmp_path: Path, node: str = "qa") -> ports.BuildContext:
-    return ports.BuildContext(node=node, node_hash="h", seed=0, cache_root=tmp_path / "cache", log=lambda m: None,
-                              base_dir=tmp_path)
 
 
 # ------------------------------------------------------------------------- an independent answer key
@@ -92,7 +86,8 @@ def random_scenes(n: int, seed: int = 0) -> list[ports.Scene]:
 @pytest.fixture(scope="module")
 def shapes_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("qa")
-    return shapes_mod.build(shapes_mod.ShapesParams(train_size=400, test_size=400), {}, ctx(root))
+    ctx = build_ctx("qa", cache=root / "cache", base_dir=root)
+    return shapes_mod.build(shapes_mod.ShapesParams(train_size=400, test_size=400), {}, ctx)
 
 
 def shapes_questions(data, split: str = "test"):
@@ -191,7 +186,7 @@ def qa(data, vision, text, fusion, c, **params):
 
 @pytest.mark.parametrize("finetune,fusion", [("auto", True), ("head", True), ("all", True), ("auto", False)])
 def test_qa_runs_and_leaves_the_model_bit_identical(shapes_data, tmp_path, finetune, fusion):
-    c = ctx(tmp_path)
+    c = build_ctx("qa", cache=tmp_path / "cache", base_dir=tmp_path)
     vision, text, fus = towers(shapes_data, c, fusion)
     for m in (vision, text, fus):
         if m is not None:
@@ -220,7 +215,7 @@ def test_qa_runs_and_leaves_the_model_bit_identical(shapes_data, tmp_path, finet
 
 
 def test_qa_is_seeded_and_majority_is_the_training_prior(shapes_data, tmp_path):
-    c = ctx(tmp_path)
+    c = build_ctx("qa", cache=tmp_path / "cache", base_dir=tmp_path)
     vision, text, fus = towers(shapes_data, c)
     a = qa(shapes_data, vision, text, fus, c, steps=10)
     assert a.metrics == qa(shapes_data, vision, text, fus, c, steps=10).metrics
@@ -286,7 +281,7 @@ class KeyedSplit(torch.utils.data.Dataset):
 def test_the_head_learns_what_the_representation_carries(shapes_data, tmp_path):
     """Towers that see which objects are present (and read the question's words): the head answers 'exists'
     far above its majority baseline, and no better than it once the image carries nothing."""
-    c = ctx(tmp_path)
+    c = build_ctx("qa", cache=tmp_path / "cache", base_dir=tmp_path)
     _, text, _ = towers(shapes_data, c, fusion=False)
     data = shapes_mod.ShapesData(shapes_data.folder, shapes_data.params)
     data.train = data.train_pairs = KeyedSplit(shapes_data.train_pairs, 0)
@@ -312,7 +307,7 @@ def test_vqa_files_load_and_drive_the_evaluator(shapes_data, tmp_path):
         (0, "how many shapes are in the picture?", "2", "number"), (1, "is there a red circle?", "no", "yes/no")]
     for name in ("vqa_questions.json", "vqa_annotations.json", "vqa_train_questions.json", "vqa_train_annotations.json"):
         shutil.copy(DATA / name, tmp_path / name)
-    c = ctx(tmp_path)
+    c = build_ctx("qa", cache=tmp_path / "cache", base_dir=tmp_path)
     vision, text, fus = towers(shapes_data, c)
     result = qa(shapes_data, vision, text, fus, c, questions="vqa_questions.json", annotations="vqa_annotations.json",
                 train_questions="vqa_train_questions.json", train_annotations="vqa_train_annotations.json")
@@ -344,7 +339,7 @@ class ShapesWithoutScenes(ports.PairedData):
 
 
 def test_refusals(shapes_data, tmp_path):
-    c = ctx(tmp_path)
+    c = build_ctx("qa", cache=tmp_path / "cache", base_dir=tmp_path)
     vision, text, fus = towers(shapes_data, c)
     other_vision, _, _ = towers(shapes_data, c, fusion=False)
     build = lambda data=shapes_data, v=vision, f=fus, **p: qa_mod.build(  # noqa: E731

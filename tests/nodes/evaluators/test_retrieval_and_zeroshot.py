@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
+from tests.helpers import build_ctx
 from vlpgraph.nodes.evaluators import evaluation
 from vlpgraph.engine import ports, registry
 from vlpgraph.errors import TrialFailed
 from vlpgraph.nodes.evaluators import retrieval as retrieval_mod
 from vlpgraph.nodes.evaluators import zeroshot as zeroshot_mod
 
-CTX = ports.BuildContext(node="ev", node_hash="h", seed=0, cache_root=None)
+CTX = build_ctx("ev")
 CLASSES = ["red circle", "blue square", "green triangle", "red square", "blue circle", "green circle"]
 
 

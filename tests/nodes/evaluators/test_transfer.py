@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tests.helpers import tiny_graph
+from tests.helpers import build_ctx, captions_itc_nodes, evaluator, tiny_graph
 from vlpgraph.engine import ports
 from vlpgraph.cli import main
 from vlpgraph.errors import TrialFailed, UserError
@@ -28,10 +28,6 @@ from vlpgraph.store import Store
 K = 6  # classes of the fake data
 C = 16  # token width of the fake tower
 P = 4  # patch tokens of the fake tower
-
-
-def ctx(tmp_path: Path, node: str = "ev") -> ports.BuildContext:
-    return ports.BuildContext(node=node, node_hash="h", seed=0, cache_root=tmp_path / "cache", log=lambda m: None)
 
 
 # ------------------------------------------------------------------------------------------ fakes
@@ -103,8 +99,8 @@ def label_data(n_train: int, n_test: int, where: str | None, seed: int = 0) -> t
 
 def probe(data, tower, tmp_path, **params) -> dict[str, float]:
     ev = probe_mod.build(probe_mod.LinearProbeParams(**params), {"model": FakeModel(), "data": data, "encoder": tower},
-                         ctx(tmp_path))
-    return ev.evaluate(FakeModel(), ctx(tmp_path)).metrics
+                         build_ctx("ev", cache=tmp_path / "cache"))
+    return ev.evaluate(FakeModel(), build_ctx("ev", cache=tmp_path / "cache")).metrics
 
 
 # ------------------------------------------------------------------------------------- linear probe
@@ -184,8 +180,9 @@ def caption_data(n_train: int, encode: bool, seed: int = 0) -> tuple[TokenData, 
 def transfer(data, tower, tmp_path, **params) -> dict[str, float]:
     params = {"steps": 150, "batch_size": 64, "width": 32, "depth": 1, "embed_dim": 32, "lr": 3e-3} | params
     ev = transfer_mod.build(transfer_mod.TransferRetrievalParams(**params),
-                            {"model": FakeModel(), "data": data, "encoder": tower}, ctx(tmp_path))
-    return ev.evaluate(FakeModel(), ctx(tmp_path)).metrics
+                            {"model": FakeModel(), "data": data, "encoder": tower},
+                            build_ctx("ev", cache=tmp_path / "cache"))
+    return ev.evaluate(FakeModel(), build_ctx("ev", cache=tmp_path / "cache")).metrics
 
 
 # chance on 64 distinct test pairs: R@k = k/64 each way, so rsum = 2 (1 + 5 + 10) / 64 = 0.5
@@ -225,7 +222,7 @@ def test_transfer_retrieval_refuses_ks_as_large_as_the_test_split(tmp_path):
 
 
 def test_both_evaluators_leave_a_real_vit_bit_identical(tmp_path):
-    c = ctx(tmp_path)
+    c = build_ctx("ev", cache=tmp_path / "cache")
     data = shapes_mod.build(shapes_mod.ShapesParams(train_size=96, test_size=48), {}, c)
     encoder = vit_mod.build(vit_mod.ViTParams(width=32, depth=1, heads=2, patch_size=8), {"data": data}, c)
     encoder.train()  # as mid-training: the evaluators must also give back its train flags
@@ -266,7 +263,7 @@ def captions_data(tmp_path, test_rows, **params):
     write_captions(tmp_path / "data", test_rows, "test.csv")
     p = captions_mod.CaptionsParams(annotations=str(tmp_path / "data" / "train.csv"),
                                     test_annotations=str(tmp_path / "data" / "test.csv"), image_size=16, **params)
-    return captions_mod.build(p, {}, ctx(tmp_path))
+    return captions_mod.build(p, {}, build_ctx("ev", cache=tmp_path / "cache"))
 
 
 def test_captions_label_column_gives_labels(tmp_path):
@@ -304,7 +301,7 @@ def test_coco_labels_on_images_and_integer_labels_sort_by_value(tmp_path):
     (folder / "coco.json").write_text(json.dumps(doc))
     p = captions_mod.CaptionsParams(annotations=str(folder / "coco.json"), test_size=1, image_size=16,
                                     label_column="kind")
-    data = captions_mod.build(p, {}, ctx(tmp_path))
+    data = captions_mod.build(p, {}, build_ctx("ev", cache=tmp_path / "cache"))
     assert data.class_names == ["2", "10"]
     assert list(data.train.labels) == [1, 0, 0, -1] and list(data.test.labels) == [0]
 
@@ -312,32 +309,8 @@ def test_coco_labels_on_images_and_integer_labels_sort_by_value(tmp_path):
 def test_validation_refuses_a_probe_on_data_without_labels(tmp_path, capsys):
     write_captions(tmp_path / "data", [("a.png", "a cat", "cat"), ("b.png", "a dog", "dog"), ("c.png", "a cow", "cow"),
                                        ("d.png", "a dog", "dog")], "train.csv")
-    graph = tmp_path / "g.yaml"
-    graph.write_text(f"""\
-graph: t
-nodes:
-  data:
-    kind: dataset.captions
-    params: {{annotations: data/train.csv, test_size: 1, image_size: 16}}
-  vision:
-    kind: encoder.vit
-    inputs: {{data: data}}
-    params: {{patch_size: 8, width: 32, depth: 1, heads: 2}}
-  itc:
-    kind: objective.itc
-    inputs: {{vision: vision, text: text}}
-  text:
-    kind: encoder.text
-    inputs: {{data: data}}
-    params: {{width: 32, depth: 1, heads: 2}}
-  train:
-    kind: trainer
-    inputs: {{data: data, objectives: [itc]}}
-    params: {{batch_size: 2}}
-  probe:
-    kind: evaluator.linear_probe
-    inputs: {{model: train, data: data, encoder: vision}}
-""")
+    graph = tiny_graph(tmp_path, "g.yaml", graph="t", seed=None, nodes={
+        **captions_itc_nodes(), "probe": evaluator("linear_probe", data="data", inputs={"encoder": "vision"})})
     assert main(["validate", str(graph)]) == 2
     err = capsys.readouterr().err
     assert "input 'data' needs data with labels, which 'data' (dataset.captions) does not provide" in err
@@ -349,17 +322,10 @@ nodes:
 
 
 def test_tiny_graph_runs_both_evaluators_and_stores_their_metrics(tmp_path):
-    more = """\
-  probe:
-    kind: evaluator.linear_probe
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {steps: 20, batch_size: 32}
-  transfer:
-    kind: evaluator.transfer_retrieval
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {steps: 10, batch_size: 32, width: 32, depth: 1}
-"""
-    graph = tiny_graph(tmp_path, more=more)
+    frozen = {"encoder": "vision"}
+    graph = tiny_graph(tmp_path, probe=evaluator("linear_probe", inputs=frozen, steps=20, batch_size=32),
+                       transfer=evaluator("transfer_retrieval", inputs=frozen, steps=10, batch_size=32, width=32,
+                                          depth=1))
     assert main(["run", str(graph), "--store", str(tmp_path / "store")]) == 0
     store = Store(tmp_path / "store")
     [run] = store.runs()

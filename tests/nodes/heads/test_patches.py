@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 from torch import nn
 
-from tests.helpers import tiny_graph
+from tests.helpers import FakeText, build_ctx, evaluator, make_batch, node, tiny_graph
 from vlpgraph.engine import ports, registry
 from vlpgraph.errors import UserError
 from vlpgraph.nodes.encoders.vit import ViTParams, build_vit
@@ -34,7 +34,7 @@ from vlpgraph.layers.patches import (
     znormalize,
 )
 
-CTX = ports.BuildContext(node="n", node_hash="h", seed=0, cache_root=None)
+CTX = build_ctx()
 
 
 def _kind(name: str) -> registry.NodeKind:
@@ -156,37 +156,20 @@ def test_png_bytes_decode_to_the_right_size():
 # ------------------------------------------------------------------------------------ the heads
 
 
-class FakeText(ports.TextTower):
-    """input_ids [B, L] -> [B, L, width]: token embeddings (so caption vectors differ per caption)."""
-
-    def __init__(self, width: int = 32, vocab: int = 50):
-        super().__init__()
-        self.width = width
-        self.emb = nn.Embedding(vocab, width)
-        self.calls = 0
-
-    def forward(self, input_ids, attention_mask):
-        self.calls += 1
-        return self.emb(input_ids)
-
-
 def make_vit(depth: int = 3, width: int = 32, patch: int = 8):
     return build_vit(ViTParams(image_size=32, patch_size=patch, width=width, depth=depth, heads=2), 32)
 
 
-def make_batch(b: int = 4, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "images": torch.randn(b, 3, 32, 32, generator=g),
-        "input_ids": torch.randint(1, 50, (b, 6), generator=g),
-        "attention_mask": torch.ones(b, 6, dtype=torch.long),
-        "boxes": [torch.tensor([[2.0, 3.0, 10.0, 9.0], [20.0, 20.0, 30.0, 30.0]])] * b,
-        "mentioned": [torch.tensor([True, i % 2 == 0]) for i in range(b)],
-    }
+def box_batch(b: int = 4, seed: int = 0) -> dict:
+    """``b`` random 32 x 32 images, captions of 6 random tokens, each image with the same two boxes, the
+    second mentioned in every other caption."""
+    boxes = torch.tensor([[2.0, 3.0, 10.0, 9.0], [20.0, 20.0, 30.0, 30.0]])
+    return make_batch(b, 32, seed, text_len=6, boxes=[boxes] * b,
+                      mentioned=[torch.tensor([True, i % 2 == 0]) for i in range(b)])
 
 
 def make_tpp(depth: int = 3, **params):
-    vision, text = make_vit(depth), FakeText()
+    vision, text = make_vit(depth), FakeText(32, pooled=False)
     head = tpp_mod.build(tpp_mod.TPPParams(**params), {"vision": vision, "text": text}, CTX)
     return head, vision, text
 
@@ -194,7 +177,7 @@ def make_tpp(depth: int = 3, **params):
 def test_tpp_shapes_and_znormalisation():
     head, _, _ = make_tpp()
     assert head.block == 1 and head.grid_size == (4, 4)  # middle of 3 blocks
-    fwd = ports.Forward(make_batch())
+    fwd = ports.Forward(box_batch())
     logp = head.patch_logits(fwd)
     assert logp.shape == (4, 16, 2)
     assert torch.allclose(logp.exp().sum(-1), torch.ones(4, 16), atol=1e-5)
@@ -226,7 +209,7 @@ def test_tpp_shares_the_vision_pass():
         return orig_blocks(x, blocks)
 
     vision.forward, vision.forward_blocks = counting_forward, counting_blocks
-    batch = make_batch()
+    batch = box_batch()
     fwd = ports.Forward(batch)
     head.patch_scores(fwd)
     final = fwd.image_tokens(vision)  # the final tokens of the same pass
@@ -243,7 +226,7 @@ def test_tpp_shares_the_vision_pass():
 def test_pta_gradient_reaches_tpp_vision_block_and_text():
     head, vision, text = make_tpp()
     pta = pta_mod.build(pta_mod.PTAParams(), {"tpp": head, "data": None}, CTX)
-    out = pta(ports.Forward(make_batch()), make_batch())
+    out = pta(ports.Forward(box_batch()), box_batch())
     assert set(out) == {"pta"} and out["pta"].ndim == 0
     out["pta"].backward()
     for name, p in head.named_parameters():
@@ -256,13 +239,13 @@ def test_pta_gradient_reaches_tpp_vision_block_and_text():
     assert text.emb.weight.grad.abs().sum() > 0
     head2, _, text2 = make_tpp(detach_text=True)
     pta2 = pta_mod.build(pta_mod.PTAParams(), {"tpp": head2, "data": None}, CTX)
-    pta2(ports.Forward(make_batch()), make_batch())["pta"].backward()
+    pta2(ports.Forward(box_batch()), box_batch())["pta"].backward()
     assert text2.emb.weight.grad is None
 
 
 def test_pta_labels_loss_and_unmentioned_rows():
     head, _, _ = make_tpp()
-    batch = make_batch()
+    batch = box_batch()
     batch["mentioned"][1] = torch.tensor([False, False])  # a caption that mentions nothing
     labels_by = {}
     for mode in ("skip", "all", "none"):
@@ -307,10 +290,10 @@ def test_pta_step_groups_and_build_checks():
 
 
 def test_patch_similarity_scores():
-    vision, text = make_vit(), FakeText()
+    vision, text = make_vit(), FakeText(32, pooled=False)
     head = sim_mod.build(sim_mod.PatchSimilarityParams(), {"vision": vision, "text": text}, CTX)
     assert list(head.parameters()) == []  # training-free
-    batch = make_batch()
+    batch = box_batch()
     fwd = ports.Forward(batch)
     scores = head.patch_scores(fwd)
     assert scores.shape == (4, 4, 4)
@@ -319,7 +302,7 @@ def test_patch_similarity_scores():
     cos = F.cosine_similarity(patches, caption[:, None], dim=-1)
     assert torch.allclose(scores.reshape(4, -1), znormalize(cos, dim=1), atol=1e-4)
     with pytest.raises(UserError, match="equal widths"):
-        sim_mod.build(sim_mod.PatchSimilarityParams(), {"vision": vision, "text": FakeText(width=16)}, CTX)
+        sim_mod.build(sim_mod.PatchSimilarityParams(), {"vision": vision, "text": FakeText(16, pooled=False)}, CTX)
 
 
 # ------------------------------------------------------------------------------ grounding evaluator
@@ -431,25 +414,11 @@ def test_grounding_metrics_and_heatmaps():
 
 # ------------------------------------------------------------------------------------ end to end
 
-MORE = """\
-  tpp:
-    kind: head.tpp
-    inputs: {vision: vision, text: text}
-  pta:
-    kind: objective.pta
-    inputs: {tpp: tpp, data: shapes}
-  grounding:
-    kind: evaluator.grounding
-    inputs: {model: train, data: shapes, scorer: tpp}
-    params: {heatmaps: 5}
-"""
-
-
 def test_tpp_pta_grounding_graph_runs(tmp_path, cli_env):
-    path = tiny_graph(tmp_path, more=MORE, epochs=1, ckpt=0)
-    text = path.read_text().replace("objectives: [itc]", "objectives: [pta, itc]")
-    text = text.replace("epochs: 1,", "epochs: 1, max_steps: 6,")
-    path.write_text(text)
+    path = tiny_graph(tmp_path, train={"inputs": {"objectives": ["pta", "itc"]}, "checkpoint_every": 0, "max_steps": 6},
+                      tpp=node("head.tpp", {"vision": "vision", "text": "text"}),
+                      pta=node("objective.pta", {"tpp": "tpp", "data": "shapes"}),
+                      grounding=evaluator("grounding", inputs={"scorer": "tpp"}, heatmaps=5))
     store = tmp_path / "store"
     proc = subprocess.run([sys.executable, "-m", "vlpgraph.cli", "run", str(path), "--store", str(store)],
                           env=cli_env, capture_output=True, text=True, timeout=120, check=False)

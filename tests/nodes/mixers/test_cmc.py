@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import build_ctx, make_batch, node, shapes, text, tiny_graph, trainer, vit
 from vlpgraph.engine import ports, registry
 from vlpgraph.errors import UserError
 from vlpgraph.layers.tokenizer import WordPieceTokenizer, train_wordpiece
@@ -26,10 +27,6 @@ SHAPES = ("circle", "square", "triangle", "cross")
 CONCEPTS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 SIZES = ("small", "big", "tiny", "large")
 PLACES = ("on the left", "at the top", "in the middle", "")
-
-
-def ctx(node: str = "cmc", seed: int = 0) -> ports.BuildContext:
-    return ports.BuildContext(node=node, node_hash="h", seed=seed, cache_root=None, log=lambda m: None)
 
 
 # ------------------------------------------------------------------------------------------ fakes
@@ -108,16 +105,15 @@ def make_mixer(p: float = 0.5, visual_tokens: str = "cls", seed: int = 0, max_le
     text, vision = towers(max_len)
     data = FakeUnpairedData(TRAIN_CAPTIONS, gallery)
     mixer = cmc_mod.build(cmc_mod.CMCParams(p=p, visual_tokens=visual_tokens),
-                          {"data": data, "vision": vision, "text": text}, ctx(seed=seed))
+                          {"data": data, "vision": vision, "text": text}, build_ctx("cmc", seed))
     return mixer, text, vision, data
 
 
-def make_batch(text, captions: list[str], sample_ids=None, step: int = 0) -> dict:
+def caption_batch(text, captions: list[str], sample_ids=None, step: int = 0) -> dict:
+    """The unpaired batch of ``captions`` (tokenized by ``text``) beside random 16 x 16 images."""
     b = len(captions)
-    batch = {"images": torch.randn(b, 3, 16, 16), "captions": list(captions),
-             "sample_ids": torch.tensor(sample_ids if sample_ids is not None else range(b)), "step": step}
-    batch.update(text.tokenizer(captions))
-    return batch
+    ids = torch.tensor(sample_ids if sample_ids is not None else range(b))
+    return make_batch(b, 16, None, captions=list(captions), sample_ids=ids, step=step, **text.tokenizer(captions))
 
 
 def mix(mixer, batch):
@@ -203,7 +199,7 @@ def test_only_concept_spans_are_replaced_at_rate_p(p):
     replaced = 0
     for start in range(0, len(captions), 96):
         caps = captions[start:start + 96]
-        batch = make_batch(text, caps, sample_ids=range(start, start + len(caps)))
+        batch = caption_batch(text, caps, sample_ids=range(start, start + len(caps)))
         out = mix(mixer, batch)
         assert out is not None
         for i in range(len(caps)):
@@ -223,7 +219,7 @@ def test_only_concept_spans_are_replaced_at_rate_p(p):
 def test_visual_tokens_are_the_projected_region_tokens(visual_tokens):
     mixer, text, vision, data = make_mixer(p=1.0, visual_tokens=visual_tokens, max_len=40)
     captions, _ = make_captions(12, seed=3)
-    batch = make_batch(text, captions)
+    batch = caption_batch(text, captions)
     out = mix(mixer, batch)
     t = 1 if visual_tokens == "cls" else 4
     checked = 0
@@ -249,7 +245,7 @@ def test_visual_tokens_are_the_projected_region_tokens(visual_tokens):
 
 def test_patches_never_overflow_the_text_tower():
     mixer, text, _, _ = make_mixer(p=1.0, visual_tokens="patches", max_len=16)
-    batch = make_batch(text, ["a red circle and a blue square and a green cross"])
+    batch = caption_batch(text, ["a red circle and a blue square and a green cross"])
     assert int(batch["attention_mask"].sum()) == 13  # one piece per word, [CLS] and [SEP]
     out = mix(mixer, batch)
     # each replacement turns 2 word tokens into 4 patch tokens: the first fits (15), a second would not (17)
@@ -261,9 +257,9 @@ def test_patches_never_overflow_the_text_tower():
 def test_same_seed_step_and_sample_mix_the_same_whatever_the_batch():
     mixer, text, _, _ = make_mixer(p=0.5)
     captions, _ = make_captions(40, seed=11)
-    one = mix(mixer, make_batch(text, captions[:8], sample_ids=range(8), step=5))
+    one = mix(mixer, caption_batch(text, captions[:8], sample_ids=range(8), step=5))
     others = [captions[7]] + captions[20:30] + [captions[3]]  # sample 3 elsewhere, among other sentences
-    two = mix(mixer, make_batch(text, others, sample_ids=[7, *range(20, 30), 3], step=5))
+    two = mix(mixer, caption_batch(text, others, sample_ids=[7, *range(20, 30), 3], step=5))
 
     def row(out, i):
         n = int(out.attention_mask[i].sum())
@@ -274,15 +270,15 @@ def test_same_seed_step_and_sample_mix_the_same_whatever_the_batch():
         assert a[0] == b[0] and a[1] == b[1]
         torch.testing.assert_close(a[2], b[2], rtol=1e-4, atol=1e-5)
     # another step or another trial seed draws again
-    later = mix(mixer, make_batch(text, captions[:8], sample_ids=range(8), step=6))
+    later = mix(mixer, caption_batch(text, captions[:8], sample_ids=range(8), step=6))
     reseeded, *_ = make_mixer(p=0.5, seed=1)
-    again = mix(reseeded, make_batch(text, captions[:8], sample_ids=range(8), step=5))
+    again = mix(reseeded, caption_batch(text, captions[:8], sample_ids=range(8), step=5))
     assert later.spans != one.spans and again.spans != one.spans
 
 
 def test_none_when_not_training_or_nothing_replaced():
     mixer, text, _, data = make_mixer(p=1.0)
-    batch = make_batch(text, ["a red circle", "a blue square on the left"])
+    batch = caption_batch(text, ["a red circle", "a blue square on the left"])
     mixer.eval()
     assert mix(mixer, batch) is None
     mixer.train()
@@ -290,13 +286,13 @@ def test_none_when_not_training_or_nothing_replaced():
     never, *_ = make_mixer(p=0.0)
     assert mix(never, batch) is None
     calls = data.gallery.calls
-    assert mix(mixer, make_batch(text, ["two red circles", "a cyan shape"])) is None  # no concept named
+    assert mix(mixer, caption_batch(text, ["two red circles", "a cyan shape"])) is None  # no concept named
     assert data.gallery.calls == calls  # and no region was read for it
 
 
 def test_mix_is_memoised_per_forward():
     mixer, text, _, data = make_mixer(p=1.0)
-    batch = make_batch(text, ["a red circle", "a blue square on the left"])
+    batch = caption_batch(text, ["a red circle", "a blue square on the left"])
     fwd = ports.Forward(batch)
     first = mixer.mix(fwd, batch)
     calls = data.gallery.calls
@@ -306,7 +302,7 @@ def test_mix_is_memoised_per_forward():
 def test_build_refuses_what_it_cannot_mix_with():
     text, vision = towers()
     with pytest.raises(UserError, match="no gallery"):
-        cmc_mod.build(cmc_mod.CMCParams(), {"data": _no_gallery(), "vision": vision, "text": text}, ctx())
+        cmc_mod.build(cmc_mod.CMCParams(), {"data": _no_gallery(), "vision": vision, "text": text}, build_ctx("cmc"))
 
     class NoEmbeds(ports.TextTower):
         def __init__(self):
@@ -315,7 +311,7 @@ def test_build_refuses_what_it_cannot_mix_with():
 
     with pytest.raises(UserError, match="forward_embeds"):
         cmc_mod.build(cmc_mod.CMCParams(), {"data": FakeUnpairedData(TRAIN_CAPTIONS), "vision": vision,
-                                            "text": NoEmbeds()}, ctx())
+                                            "text": NoEmbeds()}, build_ctx("cmc"))
 
 
 def _no_gallery():
@@ -331,7 +327,7 @@ def test_unknown_concepts_and_concepts_without_regions_are_left_out():
     # no 'z' in the captions the WordPiece was trained on: "zebra" is [UNK], which would match any unknown word
     assert text.tokenizer.tok.token_to_id("[UNK]") in text.tokenizer.pieces(["zebra"])[0]
     assert "zebra" not in mixer.concepts and "blue cross" not in mixer.concepts and "red circle" in mixer.concepts
-    out = mix(mixer, make_batch(text, ["a blue cross and a red circle"] * 8))
+    out = mix(mixer, caption_batch(text, ["a blue cross and a red circle"] * 8))
     assert out is not None and all(c == "red circle" for spans in out.spans for c, *_ in spans)
 
 
@@ -340,14 +336,14 @@ def test_unknown_concepts_and_concepts_without_regions_are_left_out():
 
 def make_mlm(p: float = 1.0, **params):
     mixer, text, vision, data = make_mixer(p=p)
-    mlm = mlm_mod.build(mlm_mod.MLMParams(**params), {"mixer": mixer}, ctx("mlm"))
+    mlm = mlm_mod.build(mlm_mod.MLMParams(**params), {"mixer": mixer}, build_ctx("mlm"))
     return mlm, mixer, text
 
 
 def test_mlm_on_mixed_sentences_never_predicts_visual_positions():
     mlm, mixer, text = make_mlm(p=1.0, mask_prob=1.0)
     captions, _ = make_captions(16, seed=5)
-    batch = make_batch(text, captions)
+    batch = caption_batch(text, captions)
     fwd = ports.Forward(batch)
     labels, hidden = mlm.mixed(fwd)
     cmc = mixer.mix(fwd, batch)  # the memoised view the MLM masked
@@ -358,7 +354,7 @@ def test_mlm_on_mixed_sentences_never_predicts_visual_positions():
         cmc.input_ids, torch.tensor([tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id]))
     assert (labels[words] == cmc.input_ids[words]).all()  # mask_prob 1: every remaining word is predicted
     assert hidden.shape[:2] == cmc.input_ids.shape
-    fresh = make_batch(text, captions)
+    fresh = caption_batch(text, captions)
     out = mlm(ports.Forward(fresh), fresh)
     assert torch.isfinite(out["mlm"])
     out["mlm"].backward()
@@ -369,7 +365,7 @@ def test_mlm_on_mixed_sentences_never_predicts_visual_positions():
 
 def test_mlm_visual_positions_keep_their_tokens_and_words_are_masked():
     mlm, mixer, text = make_mlm(p=1.0, mask_prob=1.0, replace_mask=1.0, replace_random=0.0)
-    batch = make_batch(text, ["a big red circle on the left", "a cyan cross and a blue square"])
+    batch = caption_batch(text, ["a big red circle on the left", "a cyan cross and a blue square"])
     fwd = ports.Forward(batch)
     seen = {}
     real = text.forward_embeds
@@ -389,7 +385,7 @@ def test_mlm_visual_positions_keep_their_tokens_and_words_are_masked():
 
 def test_mlm_without_replacements_is_text_only_mlm():
     mlm, mixer, text = make_mlm(p=0.0, mask_prob=0.5)
-    batch = make_batch(text, ["a big red circle on the left", "a cyan cross"])
+    batch = caption_batch(text, ["a big red circle on the left", "a cyan cross"])
     out = mlm(ports.Forward(batch), batch)
     assert torch.isfinite(out["mlm"])
     assert mlm.head.decoder.weight is text.bert.get_input_embeddings().weight
@@ -403,9 +399,9 @@ def test_mlm_takes_fusion_or_mixer():
     assert "not both" in kind.check(mlm_mod.MLMParams(), {"fusion": [{}], "mixer": [{}]})[0]
     assert "not neither" in kind.check(mlm_mod.MLMParams(), {})[0]
     with pytest.raises(UserError, match="not neither"):
-        mlm_mod.build(mlm_mod.MLMParams(), {"fusion": None, "mixer": None}, ctx("mlm"))  # as compile passes them
+        mlm_mod.build(mlm_mod.MLMParams(), {"fusion": None, "mixer": None}, build_ctx("mlm"))  # as compile passes them
     with pytest.raises(UserError, match="not both"):
-        mlm_mod.build(mlm_mod.MLMParams(), {"fusion": object(), "mixer": mixer}, ctx("mlm"))
+        mlm_mod.build(mlm_mod.MLMParams(), {"fusion": object(), "mixer": mixer}, build_ctx("mlm"))
 
 
 def test_mixer_is_a_trainable_module_of_the_trial():
@@ -415,37 +411,13 @@ def test_mixer_is_a_trainable_module_of_the_trial():
     assert isinstance(mixer, nn.Module)
 
 
-VLMIXER = """\
-graph: t
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 64, test_size: 32}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
-  text:
-    kind: encoder.text
-    inputs: {data: shapes}
-    params: {width: 32, depth: 1, heads: 2}
-  fusion:
-    kind: encoder.fusion
-    inputs: {text: text, vision: vision}
-  cmc:
-    kind: mixer.cmc
-    inputs: {data: shapes, vision: vision, text: text}
-  mlm:
-    kind: objective.mlm
-    inputs: {mixer: cmc, fusion: fusion}
-  cmcl:
-    kind: objective.cmcl
-    inputs: {text: text, mixer: cmc}
-  train:
-    kind: trainer
-    inputs: {data: shapes, objectives: [mlm, cmcl]}
-    params: {epochs: 1, batch_size: 16}
-"""
+VLMIXER = tiny_graph(graph="t", nodes={
+    "shapes": shapes(), "vision": vit(), "text": text(),
+    "fusion": node("encoder.fusion", {"text": "text", "vision": "vision"}),
+    "cmc": node("mixer.cmc", {"data": "shapes", "vision": "vision", "text": "text"}),
+    "mlm": node("objective.mlm", {"mixer": "cmc", "fusion": "fusion"}),
+    "cmcl": node("objective.cmcl", {"text": "text", "mixer": "cmc"}),
+    "train": trainer("mlm", "cmcl")})
 
 
 def test_validation_of_the_wiring(tmp_path, capsys):
@@ -467,7 +439,7 @@ def test_sample_rows_show_the_mixed_sentence_and_its_regions():
 
     mixer, text, _, data = make_mixer(p=1.0)
     captions = ["a cyan shape", "a big red circle on the left and a blue square"]
-    batch = make_batch(text, captions, sample_ids=[40, 41])
+    batch = caption_batch(text, captions, sample_ids=[40, 41])
     out = mix(mixer, batch)
     rows = mixer.sample_rows(batch, cmc=out)
     mixer.eval()  # an evaluator's call: mixed anyway, the same draws

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from tests.nodes.objectives.test_itc import FakeText, FakeVision
+from tests.helpers import FakeText, FakeVision, build_ctx, itc, make_batch, node, shapes, text, tiny_graph, trainer, vit
 from vlpgraph.engine import ports, registry
 from vlpgraph.layers import mixing
 from vlpgraph.errors import TrialFailed
@@ -20,7 +20,7 @@ from vlpgraph.nodes.mixers import timix as timix_mod
 from vlpgraph.nodes.objectives import itc as itc_mod
 from vlpgraph.nodes.objectives.itc import ITCParams, contrastive_loss
 
-CTX = ports.BuildContext(node="mix", node_hash="h", seed=0, cache_root=None)
+CTX = build_ctx("mix")
 
 
 # ------------------------------------------------------------------------------------------ fakes
@@ -256,7 +256,7 @@ def test_same_seed_and_step_draw_the_same_side():
     a = make_timix(FakeScorer(s))
     resumed = make_timix(FakeScorer(s))
     other = timix_mod.build(timix_mod.TiMixParams(), {"scorer": FakeScorer(s)},
-                            ports.BuildContext(node="mix", node_hash="h", seed=1, cache_root=None))
+                            build_ctx("mix", 1))
     first = [a.draw_side(s, step) for step in range(60)]
     torch.manual_seed(123)  # the global RNG plays no part
     assert [resumed.draw_side(s, step) for step in range(60)] == first
@@ -383,15 +383,13 @@ class FixedMixer(ports.Mixer):
 
 def itc_with(mixer, **params):
     vision, text = FakeVision(), FakeText()
-    ctx = ports.BuildContext(node="itc", node_hash="h", seed=0, cache_root=None)
-    obj = itc_mod.build(ITCParams(embed_dim=4, **params), {"vision": vision, "text": text, "mixer": mixer}, ctx)
+    obj = itc_mod.build(ITCParams(embed_dim=4, **params), {"vision": vision, "text": text, "mixer": mixer},
+                        build_ctx("itc"))
     return obj, vision, text
 
 
 def itc_batch(b=6):
-    g = torch.Generator().manual_seed(0)
-    return {"images": torch.randn(b, 3, 4, 4, generator=g), "input_ids": torch.randint(1, 50, (b, 7), generator=g),
-            "attention_mask": torch.ones(b, 7, dtype=torch.long), "step": 5, "steps_per_epoch": 10, "progress": 0.1}
+    return make_batch(b, 4, text_len=7, step=5, steps_per_epoch=10, progress=0.1)
 
 
 def test_itc_kind_takes_an_optional_mixer():
@@ -481,26 +479,20 @@ def test_timix_through_itc_uses_the_objectives_own_prediction():
 
 # ------------------------------------------------------------------------------------- in a graph
 
-GRAPH = """\
-graph: mixing
-seed: 0
-nodes:
-  shapes: {{kind: dataset.shapes, params: {{train_size: 128, test_size: 32, image_size: 16}}}}
-  vision: {{kind: encoder.vit, params: {{image_size: 16, patch_size: 4, width: 16, depth: 1, heads: 2}}}}
-  text: {{kind: encoder.text, inputs: {{data: shapes}}, params: {{width: 16, depth: 1, heads: 2, max_len: 24}}}}
-  mix: {{kind: {mixer}, inputs: {{{mixer_inputs}}}, params: {{steps: separate}}}}
-  itc: {{kind: objective.itc, inputs: {{vision: vision, text: text, mixer: mix}}, params: {{embed_dim: 16}}}}
-  train: {{kind: trainer, inputs: {{data: shapes, objectives: [itc]}},
-          params: {{batch_size: 16, max_steps: 3, warmup_steps: 1, log_every: 1, checkpoint_every: 0}}}}
-"""
+def mixing_graph(tmp_path, mixer: str, mixer_inputs: dict | None = None):
+    """g.yaml: ITC with ``mixer`` (its inputs ``mixer_inputs``) taking a step of its own, 3 steps at 16 px."""
+    return tiny_graph(tmp_path, "g.yaml", graph="mixing", nodes={
+        "shapes": shapes(train_size=128, image_size=16), "vision": vit(image_size=16, patch_size=4, width=16),
+        "text": text(width=16, max_len=24), "mix": node(mixer, mixer_inputs, steps="separate"),
+        "itc": itc(mixer="mix", embed_dim=16),
+        "train": trainer("itc", epochs=None, max_steps=3, warmup_steps=1, log_every=1, checkpoint_every=0)})
 
 
 def test_timix_scorer_input_is_type_checked(tmp_path):
     from vlpgraph.errors import UserError
     from vlpgraph.engine.sweep import load_experiment
 
-    path = tmp_path / "g.yaml"
-    path.write_text(GRAPH.format(mixer="mixer.timix", mixer_inputs="scorer: text"))
+    path = mixing_graph(tmp_path, "mixer.timix", {"scorer": "text"})
     with pytest.raises(UserError, match="input 'scorer' expects PatchScorer"):
         load_experiment(path)
 
@@ -511,8 +503,7 @@ def test_trainer_takes_a_separate_mixed_step(tmp_path):
     from vlpgraph.engine.sweep import load_experiment
     from vlpgraph.execution.train import Hooks, fit
 
-    path = tmp_path / "g.yaml"
-    path.write_text(GRAPH.format(mixer="mixer.cutmix", mixer_inputs=""))
+    path = mixing_graph(tmp_path, "mixer.cutmix")
     plan = compile_trial(load_experiment(path).trials[0], tmp_path / "cache", torch.device("cpu"), log=lambda m: None)
     assert plan.model.objectives["itc"].step_groups == ("main", "mix")
     rows: list[dict] = []

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.nodes.mixers.test_cmc import ctx, make_batch, make_captions, make_mixer
+from tests.helpers import build_ctx
+from tests.nodes.mixers.test_cmc import caption_batch, make_captions, make_mixer
 from vlpgraph.engine import ports, registry
 from vlpgraph.errors import UserError
 from vlpgraph.nodes.objectives import cmcl as cmcl_mod
@@ -44,7 +45,7 @@ def test_loss_is_symmetric_in_its_two_sides():
 
 def make_cmcl(p: float = 1.0, **params):
     mixer, text, vision, data = make_mixer(p=p)
-    obj = cmcl_mod.build(cmcl_mod.CMCLParams(embed_dim=8, **params), {"text": text, "mixer": mixer}, ctx("cmcl"))
+    obj = cmcl_mod.build(cmcl_mod.CMCLParams(embed_dim=8, **params), {"text": text, "mixer": mixer}, build_ctx("cmcl"))
     return obj, mixer, text
 
 
@@ -72,12 +73,12 @@ def test_objective_scores_identical_views_lowest():
     _, _, text = make_cmcl()
     text.eval()  # no dropout: identical views give identical features
     captions, _ = make_captions(8, seed=9)
-    batch = make_batch(text, captions)
+    batch = caption_batch(text, captions)
     losses = {}
     for name, order in (("same", None), ("roll", torch.arange(8).roll(1)), ("swap", torch.tensor([1, 0, *range(2, 8)]))):
         torch.manual_seed(0)  # the same projection each time
         obj = cmcl_mod.build(cmcl_mod.CMCLParams(embed_dim=8), {"text": text, "mixer": FixedMixer(text, order)},
-                             ctx("cmcl"))
+                             build_ctx("cmcl"))
         plain, view = obj.features(ports.Forward(batch))
         if order is None:
             torch.testing.assert_close(plain, view, rtol=1e-5, atol=1e-6)
@@ -88,7 +89,7 @@ def test_objective_scores_identical_views_lowest():
 def test_objective_trains_projection_temperature_mixer_and_towers():
     obj, mixer, text = make_cmcl(p=1.0)
     captions, _ = make_captions(12, seed=2)
-    batch = make_batch(text, captions)
+    batch = caption_batch(text, captions)
     out = obj(ports.Forward(batch), batch)
     assert set(out) == {"cmcl"} and torch.isfinite(out["cmcl"])
     out["cmcl"].backward()
@@ -100,9 +101,9 @@ def test_objective_trains_projection_temperature_mixer_and_towers():
 
 def test_mlm_and_cmcl_share_one_mixed_view_per_step():
     obj, mixer, text = make_cmcl(p=1.0)
-    mlm = mlm_mod.build(mlm_mod.MLMParams(), {"mixer": mixer}, ctx("mlm"))
+    mlm = mlm_mod.build(mlm_mod.MLMParams(), {"mixer": mixer}, build_ctx("mlm"))
     captions, _ = make_captions(12, seed=2)
-    batch = make_batch(text, captions)
+    batch = caption_batch(text, captions)
     fwd = ports.Forward(batch)
     calls = mixer.gallery.calls
     terms = {**mlm(fwd, batch), **obj(fwd, batch)}
@@ -126,7 +127,7 @@ def test_text_tower_must_be_the_mixers():
     mixer, text, _, _ = make_mixer()
     other, _, _, _ = make_mixer()
     with pytest.raises(UserError, match="same encoder.text"):
-        cmcl_mod.build(cmcl_mod.CMCLParams(), {"text": other.text, "mixer": mixer}, ctx("cmcl"))
+        cmcl_mod.build(cmcl_mod.CMCLParams(), {"text": other.text, "mixer": mixer}, build_ctx("cmcl"))
 
 
 def test_kind_is_registered():
@@ -159,13 +160,13 @@ def vlmixer_job(tmp_path, max_steps: int):
     mixer, text, vision, data = make_mixer(p=0.5)
     captions, _ = make_captions(32, seed=4)
     data.train = UnpairedTrain(captions)
-    mlm = mlm_mod.build(mlm_mod.MLMParams(), {"mixer": mixer}, ctx("mlm"))
-    obj = cmcl_mod.build(cmcl_mod.CMCLParams(embed_dim=8), {"text": text, "mixer": mixer}, ctx("cmcl"))
+    mlm = mlm_mod.build(mlm_mod.MLMParams(), {"mixer": mixer}, build_ctx("mlm"))
+    obj = cmcl_mod.build(cmcl_mod.CMCLParams(embed_dim=8), {"text": text, "mixer": mixer}, build_ctx("cmcl"))
     upstream = {"data": data, "vision": vision, "text": text, "cmc": mixer, "mlm": mlm, "cmcl": obj}
     params = trainer_mod.TrainerParams(max_steps=max_steps, batch_size=8, warmup_steps=0, checkpoint_every=0,
                                        log_every=1)
-    build_ctx = ports.BuildContext(node="train", node_hash="t", seed=0, cache_root=tmp_path, upstream=upstream)
-    return trainer_mod.build(params, {"data": data, "objectives": {"mlm": mlm, "cmcl": obj}}, build_ctx), mixer
+    train_ctx = build_ctx("train", cache=tmp_path, upstream=upstream)
+    return trainer_mod.build(params, {"data": data, "objectives": {"mlm": mlm, "cmcl": obj}}, train_ctx), mixer
 
 
 def test_trainer_trains_the_mixer_and_a_resumed_run_mixes_the_same(tmp_path):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from tests.helpers import FakeVision, build_ctx
 from vlpgraph.engine import ports, registry
 from vlpgraph.layers.attention import set_attention_backend
 from vlpgraph.errors import UserError
@@ -21,15 +21,12 @@ from vlpgraph.nodes.objectives import prefixlm as plm_mod
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 VOCAB = 40
+VISION_WIDTH = 12  # the fake ViT's token width, not the text's
 
 
 def _kind(name: str) -> registry.NodeKind:
     # the modules above registered their kinds; registry.get() would import every node module
     return registry._KINDS[name]
-
-
-def ctx(node: str = "n") -> ports.BuildContext:
-    return ports.BuildContext(node=node, node_hash="h", seed=0, cache_root=None)
 
 
 class FakeTokenizer(ports.Tokenizer):
@@ -59,26 +56,11 @@ class FakeText(ports.TextTower):
         return torch.tanh(x + context)
 
 
-class FakeVision(ports.VisionTower):
-    """[B,3,H,W] -> [B, 1+4, width] (a different width from the text's). Counts its calls."""
-
-    def __init__(self, width: int = 12):
-        super().__init__()
-        self.width, self.patch_size, self.grid_size = width, 2, (2, 2)
-        self.proj = nn.Linear(3, width)
-        self.calls = 0
-
-    def forward(self, images):
-        self.calls += 1
-        patches = F.adaptive_avg_pool2d(images, 2).flatten(2).transpose(1, 2)
-        return self.proj(torch.cat([patches.mean(1, keepdim=True), patches], dim=1))
-
-
 def make_fusion(text=None, vision=None, **params) -> FusionTower:
     torch.manual_seed(0)
-    text, vision = text or FakeText(), vision or FakeVision()
+    text, vision = text or FakeText(), vision or FakeVision(VISION_WIDTH)
     p = fusion_mod.FusionParams(**params)
-    return fusion_mod.build(p, {"text": text, "vision": vision}, ctx("fusion")).eval()
+    return fusion_mod.build(p, {"text": text, "vision": vision}, build_ctx("fusion")).eval()
 
 
 def make_batch(b: int = 4, length: int = 8, seed: int = 0, lengths=None) -> dict:
@@ -127,13 +109,13 @@ def test_fusion_is_bidirectional_and_reads_the_image():
     b = make_batch()
     text = torch.randn(4, 8, 8)
     mask = torch.ones(4, 8, dtype=torch.long)
-    out = fus(text, mask, FakeVision()(b["images"]))
+    out = fus(text, mask, FakeVision(VISION_WIDTH)(b["images"]))
     assert out.shape == (4, 8, 8) and fus.width == 8
     later = text.clone()
     later[:, 5] += 1.0
-    assert (fus(later, mask, FakeVision()(b["images"]))[:, 0] - out[:, 0]).abs().max() > 1e-4  # token 0 sees token 5
+    assert (fus(later, mask, FakeVision(VISION_WIDTH)(b["images"]))[:, 0] - out[:, 0]).abs().max() > 1e-4  # token 0 sees token 5
     torch.manual_seed(1)
-    other = FakeVision()(b["images"])
+    other = FakeVision(VISION_WIDTH)(b["images"])
     torch.manual_seed(0)
     assert (fus(text, mask, other)[:, 0] - out[:, 0]).abs().max() > 1e-4  # and the image
 
@@ -160,7 +142,7 @@ def test_fusion_backends_agree(other):
 
 
 def test_fuse_memoises_towers_and_fusion():
-    text, vision = FakeText(), FakeVision()
+    text, vision = FakeText(), FakeVision(VISION_WIDTH)
     fus = make_fusion(text, vision)
     batch = make_batch()
     fwd = ports.Forward(batch)
@@ -176,10 +158,10 @@ def test_fuse_memoises_towers_and_fusion():
 
 
 def make_itm(text=None, vision=None):
-    text, vision = text or FakeText(), vision or FakeVision()
+    text, vision = text or FakeText(), vision or FakeVision(VISION_WIDTH)
     fus = make_fusion(text, vision)
-    itc = itc_mod.build(itc_mod.ITCParams(embed_dim=4), {"vision": vision, "text": text}, ctx("itc"))
-    itm = itm_mod.build(itm_mod.ITMParams(), {"fusion": fus, "itc": itc}, ctx("itm"))
+    itc = itc_mod.build(itc_mod.ITCParams(embed_dim=4), {"vision": vision, "text": text}, build_ctx("itc"))
+    itm = itm_mod.build(itm_mod.ITMParams(), {"fusion": fus, "itc": itc}, build_ctx("itm"))
     return itm, itc, fus, text, vision
 
 
@@ -245,7 +227,7 @@ def test_itm_needs_an_embedder():
         pass
 
     with pytest.raises(UserError, match="image-text embedding"):
-        itm_mod.build(itm_mod.ITMParams(), {"fusion": fus, "itc": NotEmbedder()}, ctx("itm"))
+        itm_mod.build(itm_mod.ITMParams(), {"fusion": fus, "itc": NotEmbedder()}, build_ctx("itm"))
 
 
 # ---------------------------------------------------------------------------------------- MLM
@@ -290,9 +272,9 @@ def test_mlm_params_validated():
 
 
 def test_mlm_forward_uses_its_own_text_pass_and_a_tied_head():
-    text, vision = FakeText(), FakeVision()
+    text, vision = FakeText(), FakeVision(VISION_WIDTH)
     fus = make_fusion(text, vision)
-    mlm = mlm_mod.build(mlm_mod.MLMParams(mask_prob=0.5), {"fusion": fus}, ctx("mlm"))
+    mlm = mlm_mod.build(mlm_mod.MLMParams(mask_prob=0.5), {"fusion": fus}, build_ctx("mlm"))
     assert mlm.head.decoder.weight is text.emb.weight
     batch = make_batch(b=4)
     fwd = ports.Forward(batch)
@@ -303,17 +285,17 @@ def test_mlm_forward_uses_its_own_text_pass_and_a_tied_head():
     assert torch.isfinite(out["mlm"])
     out["mlm"].backward()
     assert text.emb.weight.grad is not None and fus.layers[0].self_attn.query.weight.grad is not None
-    untied = mlm_mod.build(mlm_mod.MLMParams(tie_embeddings=False), {"fusion": fus}, ctx("mlm"))
+    untied = mlm_mod.build(mlm_mod.MLMParams(tie_embeddings=False), {"fusion": fus}, build_ctx("mlm"))
     assert untied.head.decoder.weight is not text.emb.weight and untied.head.decoder.out_features == VOCAB
 
 
 def test_tied_head_round_trips_through_a_checkpoint(tmp_path):
-    text, vision = FakeText(), FakeVision()
+    text, vision = FakeText(), FakeVision(VISION_WIDTH)
     fus = make_fusion(text, vision)
-    mlm = mlm_mod.build(mlm_mod.MLMParams(), {"fusion": fus}, ctx("mlm"))
+    mlm = mlm_mod.build(mlm_mod.MLMParams(), {"fusion": fus}, build_ctx("mlm"))
     modules = nn.ModuleDict({"text": text, "vision": vision, "fusion": fus, "mlm": mlm})
     save_model(modules, str(tmp_path / "m.safetensors"))
-    text2, vision2 = FakeText(), FakeVision()
+    text2, vision2 = FakeText(), FakeVision(VISION_WIDTH)
     fus2 = FusionTower(text2, vision2)
     mlm2 = mlm_mod.MLM(fus2, mlm_mod.MLMParams())
     again = nn.ModuleDict({"text": text2, "vision": vision2, "fusion": fus2, "mlm": mlm2})
@@ -326,10 +308,10 @@ def test_untied_head_without_exposed_embeddings():
     class Plain(FakeText):
         get_input_embeddings = None
 
-    fus = make_fusion(Plain(), FakeVision())
+    fus = make_fusion(Plain(), FakeVision(VISION_WIDTH))
     with pytest.raises(UserError, match="tie_embeddings"):
-        mlm_mod.build(mlm_mod.MLMParams(), {"fusion": fus}, ctx("mlm"))
-    assert isinstance(mlm_mod.build(mlm_mod.MLMParams(tie_embeddings=False), {"fusion": fus}, ctx("mlm")).head, TokenHead)
+        mlm_mod.build(mlm_mod.MLMParams(), {"fusion": fus}, build_ctx("mlm"))
+    assert isinstance(mlm_mod.build(mlm_mod.MLMParams(tie_embeddings=False), {"fusion": fus}, build_ctx("mlm")).head, TokenHead)
 
 
 # ----------------------------------------------------------------------------------- PrefixLM
@@ -376,9 +358,9 @@ def _real_bert():
 @pytest.mark.parametrize("tower", ["fake", "bert"])
 def test_prefixlm_logits_do_not_see_later_tokens(tower):
     text = FakeText() if tower == "fake" else _real_bert()
-    vision = FakeVision()
+    vision = FakeVision(VISION_WIDTH)
     fus = make_fusion(text, vision)
-    plm = plm_mod.build(plm_mod.PrefixLMParams(), {"fusion": fus}, ctx("prefixlm")).eval()
+    plm = plm_mod.build(plm_mod.PrefixLMParams(), {"fusion": fus}, build_ctx("prefixlm")).eval()
     vocab = text.tokenizer.vocab_size
     batch = make_batch(b=3, length=10, lengths=[10, 10, 9])
     batch["input_ids"] = batch["input_ids"].clamp_max(vocab - 1)
@@ -408,9 +390,9 @@ def test_prefixlm_logits_do_not_see_later_tokens(tower):
 
 
 def test_prefixlm_forward_trains():
-    text, vision = FakeText(), FakeVision()
+    text, vision = FakeText(), FakeVision(VISION_WIDTH)
     fus = make_fusion(text, vision)
-    plm = plm_mod.build(plm_mod.PrefixLMParams(weight=0.5), {"fusion": fus}, ctx("plm"))
+    plm = plm_mod.build(plm_mod.PrefixLMParams(weight=0.5), {"fusion": fus}, build_ctx("plm"))
     assert plm.weight == 0.5 and plm.head.decoder.weight is text.emb.weight
     batch = make_batch(b=4)
     fwd = ports.Forward(batch)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import nn
 
+from tests.helpers import FakeText, FakeVision, build_ctx, make_batch
 from vlpgraph.engine import ports, registry
 from vlpgraph.nodes.objectives import itc as itc_mod
 from vlpgraph.nodes.objectives.itc import ITC, ITCParams, contrastive_loss, gather_with_grad
@@ -21,53 +22,15 @@ def _kind(name: str) -> registry.NodeKind:
     return registry._KINDS[name]
 
 
-class FakeVision(ports.VisionTower):
-    """[B,3,H,W] -> [B, 1+4, width]; counts its calls."""
-
-    def __init__(self, width: int = 8):
-        super().__init__()
-        self.width = width
-        self.patch_size = 2
-        self.grid_size = (2, 2)
-        self.proj = nn.Linear(3, width)
-        self.calls = 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        patches = F.adaptive_avg_pool2d(images, 2).flatten(2).transpose(1, 2)  # [B, 4, 3]
-        tokens = self.proj(torch.cat([patches.mean(1, keepdim=True), patches], dim=1))
-        return tokens
-
-
-class FakeText(ports.TextTower):
-    """input_ids [B, L] -> [B, L, width]; position 0 mixes in the whole caption. Counts its calls."""
-
-    def __init__(self, width: int = 6, vocab: int = 50):
-        super().__init__()
-        self.width = width
-        self.emb = nn.Embedding(vocab, width)
-        self.calls = 0
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        x = self.emb(input_ids) * attention_mask[..., None]
-        return torch.cat([x.sum(1, keepdim=True), x[:, 1:]], dim=1)
-
-
 def make_itc(**params) -> tuple[ITC, FakeVision, FakeText]:
     vision, text = FakeVision(), FakeText()
-    ctx = ports.BuildContext(node="itc", node_hash="h", seed=0, cache_root=None)
-    obj = itc_mod.build(ITCParams(embed_dim=4, **params), {"vision": vision, "text": text}, ctx)
+    obj = itc_mod.build(ITCParams(embed_dim=4, **params), {"vision": vision, "text": text}, build_ctx("itc"))
     return obj, vision, text
 
 
-def make_batch(b: int = 5, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "images": torch.randn(b, 3, 4, 4, generator=g),
-        "input_ids": torch.randint(1, 50, (b, 7), generator=g),
-        "attention_mask": torch.ones(b, 7, dtype=torch.long),
-    }
+def itc_batch(b: int = 5, seed: int = 0) -> dict:
+    """``b`` random 4 x 4 images and captions of 7 random tokens."""
+    return make_batch(b, 4, seed, text_len=7)
 
 
 # ------------------------------------------------------------------------------ contrastive_loss
@@ -170,7 +133,7 @@ def test_params_are_validated():
 def test_forward_returns_named_term_and_gradients_reach_temperature_and_towers():
     obj, vision, text = make_itc(weight=0.5)
     assert obj.weight == 0.5
-    batch = make_batch()
+    batch = itc_batch()
     out = obj(ports.Forward(batch), batch)
     assert set(out) == {"itc"} and out["itc"].dim() == 0
     out["itc"].backward()
@@ -190,7 +153,7 @@ def test_temperature_is_clamped_and_can_come_back():
     with torch.no_grad():
         obj.temp.fill_(5.0)
     assert obj.temperature.item() == pytest.approx(0.5)  # clamped value even before any forward
-    batch = make_batch()
+    batch = itc_batch()
     fwd = ports.Forward(batch)
     loss = obj(fwd, batch)["itc"]
     assert obj.temp.item() == pytest.approx(0.5)  # ALBEF: the parameter itself is clamped in forward
@@ -207,7 +170,7 @@ def test_temperature_is_clamped_and_can_come_back():
 def test_each_tower_runs_once_per_step_however_many_consumers():
     obj, vision, text = make_itc()
     other = ITC(vision, text, ITCParams(embed_dim=3))  # a second objective on the same towers
-    batch = make_batch()
+    batch = itc_batch()
     fwd = ports.Forward(batch)
     obj(fwd, batch)
     other(fwd, batch)
@@ -220,7 +183,7 @@ def test_each_tower_runs_once_per_step_however_many_consumers():
 
 def test_embeddings_are_normalised_and_work_with_one_modality():
     obj, vision, text = make_itc()
-    batch = make_batch(b=3)
+    batch = itc_batch(b=3)
     img = obj.embed_images(ports.Forward({"images": batch["images"]}))
     txt = obj.embed_texts(ports.Forward({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}))
     assert img.shape == (3, 4) and txt.shape == (3, 4)
@@ -316,5 +279,5 @@ def test_text_pool_mean_differs_from_cls():
     a, _, _ = make_itc(text_pool="mean")
     b, _, _ = make_itc(text_pool="cls")
     b.load_state_dict(a.state_dict())
-    batch = make_batch()
+    batch = itc_batch()
     assert not torch.allclose(a.embed_texts(ports.Forward(batch)), b.embed_texts(ports.Forward(batch)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tests.nodes.objectives.test_itc import make_batch, make_itc
+from tests.nodes.objectives.test_itc import itc_batch, make_itc
 from vlpgraph.engine import ports
 from vlpgraph.nodes.objectives.itc import (
     ITC,
@@ -60,7 +60,7 @@ def test_ema_update_after_one_forward():
              (obj.vision_proj, obj.vision_proj_m), (obj.text_proj, obj.text_proj_m)]
     old = [[p.detach().clone() for p in mom.parameters()] for _, mom in pairs]
     online = [[p.detach().clone() for p in on.parameters()] for on, _ in pairs]
-    batch = make_batch()
+    batch = itc_batch()
     obj.train()
     obj(ports.Forward(batch), batch)
     for (_, mom), olds, ons in zip(pairs, old, online):
@@ -79,7 +79,7 @@ def test_queue_fills_as_ring_buffer_and_wraps():
     obj.train()
     seen_img = []
     for step in range(4):  # 4 batches of 3 = 12 rows through a queue of 7
-        batch = make_batch(b=3, seed=step)
+        batch = itc_batch(b=3, seed=step)
         fwd = ports.Forward(batch)
         out = obj(fwd, batch)
         assert torch.isfinite(out["itc"])
@@ -99,7 +99,7 @@ def test_queue_fills_as_ring_buffer_and_wraps():
 def test_queue_larger_batch_than_queue_keeps_last_rows():
     obj, _, _ = make_itc(momentum=0.9, queue_size=2)
     obj.train()
-    batch = make_batch(b=5)
+    batch = itc_batch(b=5)
     fwd = ports.Forward(batch)
     obj(fwd, batch)
     img_m = obj.momentum_features(fwd)[0]
@@ -113,7 +113,7 @@ def test_alpha_zero_at_init_has_plain_itc_value_but_no_gradient_through_the_keys
     obj, vision, text = make_itc(momentum=0.995, distill_alpha=0.0)
     plain = ITC(vision, text, ITCParams(embed_dim=4))
     plain.load_state_dict({k: v for k, v in obj.state_dict().items() if k in PLAIN_KEYS})
-    batch = make_batch()
+    batch = itc_batch()
     got = obj(ports.Forward(batch), batch)["itc"]
     ref = plain(ports.Forward(batch), batch)["itc"]
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -138,7 +138,7 @@ def test_soft_targets_change_the_loss():
     obj2.load_state_dict(obj.state_dict())
     obj2._towers = obj._towers
     obj2.vision_m.load_state_dict(obj.vision_m.state_dict())
-    batch = make_batch()
+    batch = itc_batch()
     a = obj(ports.Forward(batch), batch)["itc"].item()
     b = obj2(ports.Forward(batch), batch)["itc"].item()
     assert abs(a - b) > 1e-4
@@ -158,7 +158,7 @@ def test_gradient_does_not_reach_momentum_params():
     obj, vision, text = make_itc(momentum=0.9, queue_size=4)
     obj.train()
     for step in range(2):  # second step scores against a non-empty queue
-        batch = make_batch(b=3, seed=step)
+        batch = itc_batch(b=3, seed=step)
         loss = obj(ports.Forward(batch), batch)["itc"]
         loss.backward()
     for mod in (obj.vision_m, obj.text_m, obj.vision_proj_m, obj.text_proj_m):
@@ -225,7 +225,7 @@ def _albef_node(queue_size: int = 6, seed: int = 0) -> tuple[ITC, object, object
 def test_momentum_itc_equals_albef_transcription_in_value_and_gradient():
     obj, vision, text = _albef_node()
     queue_img, queue_txt = obj.image_queue.clone(), obj.text_queue.clone()
-    batch = {**make_batch(b=3), "step": 2, "steps_per_epoch": 4}  # α = 0.4 · 2/4
+    batch = {**itc_batch(b=3), "step": 2, "steps_per_epoch": 4}  # α = 0.4 · 2/4
     obj.train()
     loss = obj(ports.Forward(batch), batch)["itc"]
     loss.backward()
@@ -257,7 +257,7 @@ def test_keys_carry_no_gradient():
     obj, _, _ = _albef_node(queue_size=4)
     queue_img, queue_txt = obj.image_queue.clone(), obj.text_queue.clone()
     obj.train()
-    batch = make_batch(b=3)
+    batch = itc_batch(b=3)
     fwd = ports.Forward(batch)
     image, txt = obj.embed_images(fwd), obj.embed_texts(fwd)
     image.retain_grad()
@@ -288,7 +288,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         obj, _, _ = _albef_node(queue_size=8)  # the same weights and queue on every rank
         obj.train()
-        full = make_batch(b=3 * world)
+        full = itc_batch(b=3 * world)
         batch = {k: v[rank * 3 : rank * 3 + 3] for k, v in full.items()}
         loss = obj(ports.Forward(batch), batch)["itc"]
         loss.backward()
@@ -314,7 +314,7 @@ def test_two_process_gloo_momentum_itc_equals_transcription(tmp_path):
     obj, vision, text = _albef_node(queue_size=8)
     queue_img, queue_txt = obj.image_queue.clone(), obj.text_queue.clone()
     obj.momentum_update()  # what each rank's forward did first
-    full = make_batch(b=3 * world)
+    full = itc_batch(b=3 * world)
     with torch.no_grad():
         image_feat_m, text_feat_m = _features(obj, vision, text, full, momentum=True)
     for r in range(world):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, build_ctx
 from vlpgraph.engine import ports, registry
 from vlpgraph.layers import interleaved as seqs
 from vlpgraph.layers.interleaved import Sequences
@@ -123,7 +123,7 @@ def make_lcl(seed: int = 0, **params):
     """(objective, vision, pool, lm) built through the registered kinds, the same weights for a seed."""
     torch.manual_seed(seed)
     vision, lm = FakeVision(), FakeLM(FakeTokenizer(WORDS))
-    ctx = ports.BuildContext(node="lcl", node_hash="h", seed=0, cache_root=None)
+    ctx = build_ctx("lcl")
     pool = pool_mod.build(pool_mod.AttentivePoolParams(heads=2), {"vision": vision}, ctx)
     obj = lcl_mod.build(lcl_mod.LCLParams(embed_dim=8, **params), {"vision": vision, "pool": pool, "lm": lm}, ctx)
     return obj, vision, pool, lm
@@ -180,7 +180,7 @@ def test_z_is_a_convex_combination_of_the_projected_values():
 def test_pool_refuses_heads_that_do_not_divide_the_width():
     from vlpgraph.errors import UserError
 
-    ctx = ports.BuildContext(node="pool", node_hash="h", seed=0, cache_root=None)
+    ctx = build_ctx("pool")
     with pytest.raises(UserError, match="heads"):
         pool_mod.build(pool_mod.AttentivePoolParams(heads=3), {"vision": FakeVision()}, ctx)
 
@@ -368,7 +368,7 @@ def test_truncated_images_leave_the_step_and_errors_are_clear():
     big = FakeVision()
     big.grid_size = (3, 3)  # 9 visual tokens per image: a block needs 9 + 4 tokens
     pool = pool_mod.AttentivePooler(WIDTH, heads=2)
-    ctx = ports.BuildContext(node="lcl", node_hash="h", seed=0, cache_root=None)
+    ctx = build_ctx("lcl")
     with pytest.raises(UserError, match="cannot hold one image block"):
         lcl_mod.build(lcl_mod.LCLParams(max_len=12), {"vision": big, "pool": pool, "lm": FakeLM(FakeTokenizer(WORDS))}, ctx)
     lcl_mod.build(lcl_mod.LCLParams(max_len=13), {"vision": big, "pool": pool, "lm": FakeLM(FakeTokenizer(WORDS))}, ctx)

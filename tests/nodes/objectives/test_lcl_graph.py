@@ -3,48 +3,20 @@ objective.lcl, judged by the frozen-transfer evaluators, end to end through `vlp
 
 from __future__ import annotations
 
+from tests.helpers import evaluator, lcl_nodes, shapes, tiny_graph, trainer
 from vlpgraph.cli import main
 from vlpgraph.store import Store
 
-GRAPH = """\
-graph: lcl_tiny
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 128, test_size: 48, image_size: 32, caption_noise: 0.2, pairing: interleaved}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
-  pool:
-    kind: head.attentive_pool
-    inputs: {vision: vision}
-    params: {heads: 2}
-  lm:
-    kind: encoder.lm
-    inputs: {data: shapes}
-    params: {width: 32, depth: 1, heads: 2, max_len: 160}
-  lcl:
-    kind: objective.lcl
-    inputs: {data: shapes, vision: vision, pool: pool, lm: lm}
-    params: {embed_dim: 32}
-  train:
-    kind: trainer
-    inputs: {data: shapes, objectives: [lcl]}
-    params: {epochs: 1, batch_size: 8, warmup_steps: 1, log_every: 1}
-  probe:
-    kind: evaluator.linear_probe
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {steps: 5}
-  transfer:
-    kind: evaluator.transfer_retrieval
-    inputs: {model: train, data: shapes, encoder: vision}
-    params: {steps: 5, ks: [1, 5]}
+GRAPH = tiny_graph(graph="lcl_tiny", nodes={
+    "shapes": shapes(train_size=128, test_size=48, image_size=32, caption_noise=0.2, pairing="interleaved"),
+    **lcl_nodes(), "train": trainer("lcl", batch_size=8, warmup_steps=1, log_every=1),
+    "probe": evaluator("linear_probe", inputs={"encoder": "vision"}, steps=5),
+    "transfer": evaluator("transfer_retrieval", inputs={"encoder": "vision"}, steps=5, ks=[1, 5])}, more="""\
 sweep:
   variants:
     lcl: {}
     gen_only: {nodes: {lcl: {params: {con_weight: 0.0}}}}
-"""
+""")
 
 
 def test_lcl_graph_trains_on_documents_and_is_judged_by_frozen_transfer(tmp_path):

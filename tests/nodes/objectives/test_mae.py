@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import TINY_TRAIN, build_ctx, evaluator, mae, make_batch, shapes, tiny_graph, trainer, vit
 from vlpgraph.engine import ports
 from vlpgraph.errors import UserError
 from vlpgraph.layers import masking
@@ -17,7 +18,7 @@ from vlpgraph.nodes.encoders.vit import ViTParams, build_vit
 from vlpgraph.nodes.evaluators import reconstruction as recon_mod
 from vlpgraph.nodes.objectives import mae as mae_mod
 
-CTX = ports.BuildContext(node="recon", node_hash="h", seed=0, cache_root=None)
+CTX = build_ctx("recon")
 
 
 def _tower(patch: int = 8, size: int = 32, width: int = 32, depth: int = 2) -> nn.Module:
@@ -32,10 +33,8 @@ def _mae(tower, **params) -> mae_mod.MAE:
 
 
 def _batch(n: int = 6, size: int = 32, step: int = 3, ids=None) -> dict:
-    gen = torch.Generator().manual_seed(7)
     ids = torch.arange(100, 100 + n) if ids is None else torch.as_tensor(ids)
-    n = len(ids)
-    return {"images": torch.randn(n, 3, size, size, generator=gen), "sample_ids": ids, "step": step}
+    return make_batch(len(ids), size, 7, sample_ids=ids, step=step)
 
 
 # ----------------------------------------------------------------------------------------- masks
@@ -216,7 +215,7 @@ def test_mae_refuses_a_tower_without_a_masked_forward():
         def forward(self, images):
             return torch.zeros(images.shape[0], 5, 8)
 
-    ctx = ports.BuildContext(node="mae", node_hash="h", seed=0, cache_root=None)
+    ctx = build_ctx("mae")
     with pytest.raises(UserError, match="no masked forward"):
         mae_mod.build(mae_mod.MAEParams(), {"vision": Plain()}, ctx)
 
@@ -297,29 +296,10 @@ def test_reconstruction_output_pastes_visible_patches_from_the_input():
 
 # --------------------------------------------------------------------------------- end to end
 
-MAE_GRAPH = """\
-graph: tiny_mae
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {train_size: 64, test_size: 16, image_size: 32}
-  vision:
-    kind: encoder.vit
-    params: {image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}
-  mae:
-    kind: objective.mae
-    inputs: {vision: vision}
-    params: {decoder_depth: 1, decoder_width: 32, decoder_heads: 2}
-  train:
-    kind: trainer
-    inputs: {data: shapes, objectives: [mae]}
-    params: {epochs: 1, batch_size: 16, lr: 1.0e-3, warmup_steps: 1, checkpoint_every: 0, log_every: 1}
-  reconstruction:
-    kind: evaluator.reconstruction
-    inputs: {model: train, data: shapes, mae: mae}
-    params: {num_samples: 4}
-"""
+MAE_GRAPH = tiny_graph(graph="tiny_mae", nodes={
+    "shapes": shapes(test_size=16, image_size=32), "vision": vit(), "mae": mae(),
+    "train": trainer("mae", **{**TINY_TRAIN, "warmup_steps": 1, "checkpoint_every": 0}),
+    "reconstruction": evaluator("reconstruction", inputs={"mae": "mae"}, num_samples=4)})
 
 
 def test_tiny_mae_graph_trains_and_writes_reconstructions(tmp_path: Path):
