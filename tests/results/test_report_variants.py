@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 
-from rich.console import Console
 from rich.table import Table
 
 from tests.helpers import evaluator, tiny_graph

@@ -240,7 +240,7 @@ def test_visual_tokens_are_the_projected_region_tokens(visual_tokens):
     words = out.attention_mask.bool() & ~out.is_visual
     torch.testing.assert_close(out.inputs_embeds[words].detach(), emb(out.input_ids[words]).detach())
     # one vision pass for all of the step's regions, through the Forward
-    assert batch[f"cmc_regions/cmc"].shape[0] == sum(map(len, out.spans))
+    assert batch["cmc_regions/cmc"].shape[0] == sum(map(len, out.spans))
 
 
 def test_patches_never_overflow_the_text_tower():
