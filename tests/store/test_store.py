@@ -383,3 +383,52 @@ def test_patch_scores_of_two_evaluators_and_mixed_samples_do_not_collide(tmp_pat
     assert rows[2]["scores"] == [1.0, 2.0, 3.0, 4.0]
     with pytest.raises(ValueError, match="mixed_image must be PNG bytes"):
         store.log_patch_scores("r1", [dict(row, evaluator="g", kind="mixed", mixed_image=[1, 2])])
+
+
+# ------------------------------------------------------ the runner's bookkeeping: claims, older stores
+
+
+def test_a_store_from_before_evaluator_hashes_and_claims_gains_the_columns(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    con = duckdb.connect(str(tmp_path / "vlpgraph.duckdb"))
+    con.execute("CREATE TABLE runs (run_id VARCHAR PRIMARY KEY, graph VARCHAR, variant VARCHAR, seed BIGINT, "
+                "params VARCHAR, status VARCHAR, error VARCHAR, created_at TIMESTAMP, started_at TIMESTAMP, "
+                "finished_at TIMESTAMP, updated_at TIMESTAMP, wall_s DOUBLE, train_samples BIGINT, step BIGINT, "
+                "device VARCHAR, vlpgraph_version VARCHAR, attempts INTEGER)")
+    con.execute("CREATE TABLE evals (run_id VARCHAR NOT NULL, step BIGINT NOT NULL, evaluator VARCHAR NOT NULL, "
+                "metric VARCHAR NOT NULL, value DOUBLE, logged_at TIMESTAMP, headline BOOLEAN, "
+                "PRIMARY KEY (run_id, step, evaluator, metric))")
+    con.execute("INSERT INTO evals VALUES ('r-s0', 4, 'retrieval', 'i2t_r5', 0.5, NULL, FALSE)")
+    con.close()
+    store = Store(tmp_path)
+    store.start_run("r-s0", graph="g", variant="v", seed=0, params={}, flat_params={}, device="cpu")
+    assert {"owner", "heartbeat_at", "processes"} <= set(store.columns("runs"))
+    assert store.run("r-s0")["processes"] == 1
+    assert "evaluator_hash" in store.columns("evals")
+    # a row nobody knows the evaluator of is not a completed evaluation of any particular version
+    assert store.completed_evals("r-s0") == {("retrieval", 4)}
+    assert store.completed_evals("r-s0", {"retrieval": "abc"}) == set()
+    store.log_evaluation("r-s0", 4, "retrieval", "abc", {"i2t_r2": 0.25})
+    assert [(r["metric"], r["evaluator_hash"]) for r in store.evals(["r-s0"])] == [("i2t_r2", "abc")]
+    assert store.completed_evals("r-s0", {"retrieval": "abc"}) == {("retrieval", 4)}
+
+
+def test_a_claim_is_held_by_one_live_runner_and_taken_over_when_its_lease_expires(tmp_path):
+    store = Store(tmp_path)
+    store.start_run("t-s0", graph="g", variant="v", seed=0, params={}, flat_params={}, device="cpu", status="queued")
+    granted, row = store.claim("t-s0", "a:1:x", lease=60)
+    assert granted and row["owner"] == "a:1:x"
+    granted, row = store.claim("t-s0", "b:2:y", lease=60)
+    assert not granted and row["owner"] == "a:1:x"  # a is alive
+    assert store.claim("t-s0", "a:1:x", lease=60)[0]  # the owner may claim again (a resume)
+    assert store.heartbeat("t-s0", "a:1:x") and not store.heartbeat("t-s0", "b:2:y")
+    assert store.claim("t-s0", "b:2:y", lease=60, dead_owner="a:1:x")[0]  # a is known dead
+    time.sleep(0.05)
+    assert store.claim("t-s0", "c:3:z", lease=0.01)[0]  # b fell silent for longer than the lease
+    assert not store.heartbeat("t-s0", "b:2:y")
+    store.finish_run("t-s0", "completed")
+    assert store.run("t-s0")["owner"] is None
+    # queueing again never resets a trial another runner has moved on
+    store.start_run("t-s0", graph="g", variant="v", seed=0, params={}, flat_params={}, device="cpu",
+                    status="queued", if_absent=True)
+    assert store.status("t-s0") == "completed"
