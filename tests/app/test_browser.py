@@ -28,6 +28,8 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
 
 pytestmark = [
     pytest.mark.browser,
+    pytest.mark.integration,  # `vlpgraph app` in a process of its own, on the store of real runs (app_store)
+    pytest.mark.slow,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (run scripts/install-chromium)"),
 ]
 

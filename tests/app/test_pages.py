@@ -102,6 +102,7 @@ def test_a_store_with_only_a_running_run_shows_every_page(tmp_path, monkeypatch)
 # ------------------------------------------------------------------------------------ real runs
 
 
+@pytest.mark.integration
 def test_runs_page_filters_modes_and_compare(app_store, monkeypatch):
     at = open_app(app_store, monkeypatch)
     runs = table(at, "runs_table")
@@ -173,6 +174,7 @@ def _capture_downloads(monkeypatch) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.integration
 def test_ablations_pivot_matches_the_store_and_the_csv_matches_the_table(app_store, monkeypatch):
     files = _capture_downloads(monkeypatch)
     at = open_app(app_store, monkeypatch, "ablations")
@@ -203,6 +205,7 @@ def test_ablations_pivot_matches_the_store_and_the_csv_matches_the_table(app_sto
     assert figures(at)[0]["layout"]["yaxis"]["title"]["text"] == "wall_s"
 
 
+@pytest.mark.integration
 def test_efficiency_page_draws_both_axes_and_the_crossings(app_store, monkeypatch):
     at = open_app(app_store, monkeypatch, "efficiency")
     at.selectbox(key="eff_metric").set_value("retrieval.rsum").run()
@@ -224,11 +227,13 @@ def test_efficiency_page_draws_both_axes_and_the_crossings(app_store, monkeypatc
     assert figures(at)[0]["layout"]["shapes"][0]["y0"] == pytest.approx(top["timix"])
 
 
+@pytest.mark.integration
 def test_efficiency_page_explains_a_graph_without_a_fraction_sweep(app_store, monkeypatch):
     at = open_app(app_store, monkeypatch, "efficiency", graph="smoke")
     assert any("train_fraction" in i.value for i in at.info)
 
 
+@pytest.mark.integration
 def test_heatmaps_page_sample_side_by_side_opacity_and_mixed(app_store, monkeypatch):
     at = open_app(app_store, monkeypatch, "heatmaps")
     [fig] = figures(at)
@@ -253,6 +258,7 @@ def test_heatmaps_page_sample_side_by_side_opacity_and_mixed(app_store, monkeypa
     assert 0.0 <= float(lam.value) <= 1.0
 
 
+@pytest.mark.integration
 def test_graph_page_draws_the_run_dag(app_store, monkeypatch):
     at = open_app(app_store, monkeypatch, "graph")
     [fig] = figures(at)
@@ -304,6 +310,8 @@ sweep:
 """
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_the_app_reads_while_a_sweep_writes(tmp_path, monkeypatch, cli_env):
     graph = tiny_graph(tmp_path, more=SWEEP, train=dict(epochs=2))
     store = tmp_path / "store"

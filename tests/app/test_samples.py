@@ -191,6 +191,8 @@ def test_a_store_without_samples_says_which_evaluators_write_them(tmp_path, monk
     assert any("vlpgraph run graphs/smoke.yaml" in i.value for i in empty.info)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium (scripts/install-chromium)")
 def test_the_screenshot_script_shows_two_runs_side_by_side_in_chromium(store, tmp_path):

@@ -26,6 +26,7 @@ def gpu():
     sys.modules.pop(spec.name, None)
 
 
+@pytest.mark.integration
 def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))  # no CUDA even on a GPU machine
     res = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -35,6 +36,7 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     assert "|" not in res.stdout  # no table: nothing was measured
 
 
+@pytest.mark.integration
 def test_bad_arguments_are_refused_before_anything_runs(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
     res = subprocess.run([sys.executable, str(SCRIPT), "--parts", "xyz"], cwd=tmp_path, env=env,
@@ -190,6 +192,7 @@ TOY_VIT_B16 = dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, text
                    text_len=16, embed_dim=32)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_every_part_runs_on_cpu_at_toy_sizes(gpu, tmp_path, monkeypatch):
     """Parts a-d end to end on CPU (the wiring a GPU run depends on: the gpu profiles, compile, fit,

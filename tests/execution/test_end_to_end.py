@@ -17,11 +17,14 @@ from vlpgraph.cli import main
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 
+pytestmark = pytest.mark.integration  # every test runs `vlpgraph run`, in this process or another
+
 
 def losses(store: Store, run_id: str) -> list[tuple[int, float]]:
     return [(r["step"], r["value"]) for r in sorted(store.metrics(run_id, "loss"), key=lambda r: r["step"])]
 
 
+@pytest.mark.slow
 def test_tiny_graph_trains_evaluates_and_stores(tmp_path, capsys):
     graph = tiny_graph(tmp_path)
     store_dir = tmp_path / "store"
@@ -44,6 +47,7 @@ def test_tiny_graph_trains_evaluates_and_stores(tmp_path, capsys):
     assert len(store.metrics(run["run_id"], "loss")) == 16
 
 
+@pytest.mark.slow
 def test_same_graph_and_seed_give_the_same_metrics(tmp_path):
     graph = tiny_graph(tmp_path, train=dict(max_steps=6))
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
@@ -145,6 +149,7 @@ def test_evaluator_added_later_runs_on_the_cached_checkpoint(tmp_path, capsys):
     assert evaluators == {"retrieval", "zeroshot"}
 
 
+@pytest.mark.slow
 def test_report_prints_mean_and_std_over_seeds(tmp_path, capsys):
     more = "sweep:\n  grid: {shapes.train_fraction: [0.5, 1.0]}\n  seeds: [0, 1]\n"
     graph = tiny_graph(tmp_path, more=more, train=dict(max_steps=2))
@@ -162,6 +167,7 @@ def test_report_prints_mean_and_std_over_seeds(tmp_path, capsys):
     assert "retrieval.i2t_r10" in out and "wall_s" in out and "4/4 trials done" in out
 
 
+@pytest.mark.slow
 def test_concurrent_cli_reads_while_a_sweep_writes(tmp_path, cli_env, capsys):
     """`vlpgraph runs` and the store's query API, 50 times each, while another process trains."""
     graph = tiny_graph(tmp_path, train=dict(epochs=2, checkpoint_every=0))

@@ -79,6 +79,8 @@ def sequential(tmp_path_factory) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------- without Ray
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_the_sequential_executor_never_imports_ray(tmp_path):
     graph = tiny_graph(tmp_path)
     code = ("import sys; from vlpgraph.cli import main; rc = main(['run', sys.argv[1], '--store', sys.argv[2]]); "
@@ -89,6 +91,7 @@ def test_the_sequential_executor_never_imports_ray(tmp_path):
     assert p.stdout.strip().splitlines()[-1] == "no ray"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("flags", [["--executor", "ray"], ["--jobs", "2"]])
 def test_asking_for_ray_without_it_installed_exits_2_with_the_install_hint(tmp_path, flags):
     graph = tiny_graph(tmp_path)
@@ -122,6 +125,8 @@ def test_a_worker_that_cannot_see_the_store_fails_clearly(tmp_path):
 # ---------------------------------------------------------------------------------- on Ray
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_a_ray_sweep_completes_every_trial_once_and_equals_the_sequential_store(tmp_path, ray_local, sequential, capsys):
     graph, seq_store = sequential
     store = tmp_path / "store"
@@ -164,6 +169,7 @@ def _worker_pids(name: str = "run_trial") -> list[int]:
     return out
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_killed_worker_costs_only_the_steps_since_its_checkpoint(tmp_path, ray_local, capsys):
     graph = tiny_graph(tmp_path, train=dict(epochs=6, checkpoint_every=8))  # 96 steps, a checkpoint every 8
@@ -203,6 +209,7 @@ def test_a_killed_worker_costs_only_the_steps_since_its_checkpoint(tmp_path, ray
     print(f"worker killed after checkpoint {last}: row counts then {at_kill}, after the retry {_counts(store_dir)}")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_killed_driver_leaves_a_store_the_same_command_resumes(tmp_path):
     graph = tiny_graph(tmp_path, more=SWEEP, train=dict(epochs=3, checkpoint_every=8))  # 4 trials of 48 steps
@@ -244,6 +251,7 @@ def test_a_killed_driver_leaves_a_store_the_same_command_resumes(tmp_path):
     assert _counts(store_dir) == _counts(tmp_path / "seq")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sigterm_stops_ray_trials_at_a_checkpoint_and_the_rerun_resumes_them(tmp_path):
     # 2 trials of 256 steps

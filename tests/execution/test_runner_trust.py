@@ -24,6 +24,8 @@ from vlpgraph.results.report import final_values
 from vlpgraph.store import Store
 from vlpgraph.engine.sweep import load_experiment
 
+pytestmark = pytest.mark.integration  # every test runs `vlpgraph run`, in this process or another
+
 
 def _env(cli_env: dict, **extra: str) -> dict:
     env = dict(cli_env, PYTHONPATH=str(ROOT), **extra)  # subprocesses import this tree
@@ -221,6 +223,7 @@ def _running_at(store: Store, run_id: str, step: int):
     return check
 
 
+@pytest.mark.slow
 def test_sigterm_on_the_cli_exits_143_and_leaves_nothing_running(tmp_path, cli_env):
     """Works with or without the loop polling should_stop: the trial under way ends (interrupted at
     a checkpoint once the loop polls; completed before that), the rest are not started."""
@@ -264,6 +267,7 @@ def test_sigterm_mid_trial_checkpoints_and_the_rerun_resumes_there(tmp_path, cli
     assert store.status(rid) == "completed"
 
 
+@pytest.mark.slow
 def test_a_runner_killed_without_a_word_shows_as_stale(tmp_path, cli_env, capsys, monkeypatch):
     graph = tiny_graph(tmp_path, train=dict(epochs=16, checkpoint_every=0))
     [rid] = (t.run_id for t in load_experiment(graph).trials)
@@ -296,6 +300,7 @@ def test_a_runner_killed_without_a_word_shows_as_stale(tmp_path, cli_env, capsys
 # -------------------------------------------------------------------------- 11. claims
 
 
+@pytest.mark.slow
 def test_two_runners_on_one_store_train_each_trial_once(tmp_path, cli_env):
     graph = tiny_graph(tmp_path, more="sweep:\n  seeds: [0, 1, 2, 3]\n", train=dict(epochs=2, checkpoint_every=0))
     ids = [t.run_id for t in load_experiment(graph).trials]

@@ -95,6 +95,7 @@ def uninterrupted(cache):
 # ------------------------------------------------------------------------------- item 1: exact resume
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("variant", ["baseline", "timix"])
 def test_resume_after_a_kill_repeats_every_random_draw(variant, cache, uninterrupted, tmp_path):
     """Killed right after the checkpoint at step 3, then rerun: steps 4..8 log the same losses (MLM
@@ -120,6 +121,7 @@ def test_resume_after_a_kill_repeats_every_random_draw(variant, cache, uninterru
 # ------------------------------------------------------------------- item 9 (loop half): should_stop
 
 
+@pytest.mark.integration
 def test_should_stop_checkpoints_the_step_and_resume_continues_from_it(cache, uninterrupted, tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
     job, seed = build(TIMIX, cache, TIMIX_SETS, "baseline", profile="tiny")
@@ -138,6 +140,7 @@ def test_should_stop_checkpoints_the_step_and_resume_continues_from_it(cache, un
     assert_same_run(rows, uninterrupted["baseline"][1], 5, job, uninterrupted["baseline"][0])
 
 
+@pytest.mark.integration
 def test_stop_between_log_rows_keeps_the_rows_whole(tmp_path):
     """log_every 4, stopped at step 2: the resumed run's row at step 4 still averages steps 1-4."""
     tiny_graph(tmp_path, train=dict(checkpoint_every=0, log_every=4, max_steps=8))
@@ -160,6 +163,7 @@ def test_stop_between_log_rows_keeps_the_rows_whole(tmp_path):
 # ------------------------------------------------------------------------------- item 7: logged lr
 
 
+@pytest.mark.integration
 def test_logged_lr_is_the_rate_the_step_used(tmp_path):
     job, seed = build(tiny_graph(tmp_path, train=dict(checkpoint_every=0, max_steps=6)), tmp_path / "cache")
     hooks, rows, _ = recording()
@@ -175,6 +179,7 @@ def test_logged_lr_is_the_rate_the_step_used(tmp_path):
 # ------------------------------------------------------------------------- item 5: warmup as a share
 
 
+@pytest.mark.integration
 def test_warmup_fraction_scales_with_the_trial(tmp_path):
     graph = tiny_graph(tmp_path, train=dict(warmup_steps=None, warmup_fraction=0.25, checkpoint_every=0, max_steps=8))
     job, seed = build(graph, tmp_path / "cache")
@@ -192,6 +197,7 @@ def test_warmup_steps_and_fraction_together_are_refused(tmp_path):
         load_experiment(graph)
 
 
+@pytest.mark.integration
 def test_warmup_over_half_of_the_trial_is_announced(tmp_path):
     # 64 of 256 samples in batches of 16: a 4-step trial with 6 warmup steps
     graph = tiny_graph(tmp_path, train=dict(warmup_steps=6, checkpoint_every=0))
@@ -253,6 +259,7 @@ def _scribble(file: Path) -> None:
     file.write_bytes(bytes(data))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage", [
     pytest.param(lambda d: _truncate(d / "model.safetensors"), id="truncated-weights"),
     pytest.param(lambda d: (d / "state.pt").unlink(), id="missing-state"),
@@ -274,6 +281,7 @@ def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_used(damage
     assert _rerun(tmp_path, cache, ckpt)[1] == []
 
 
+@pytest.mark.integration
 def test_no_intact_checkpoint_starts_the_trial_afresh(tmp_path):
     cache = tmp_path / "cache"
     ckpt = _interrupted_with_two_checkpoints(tmp_path, cache)
@@ -286,6 +294,7 @@ def test_no_intact_checkpoint_starts_the_trial_afresh(tmp_path):
         ".damaged-step-00000004", ".damaged-step-00000002"}
 
 
+@pytest.mark.integration
 def test_checkpoint_records_sizes_and_checksums(tmp_path):
     ckpt = _interrupted_with_two_checkpoints(tmp_path, tmp_path / "cache")
     import hashlib
@@ -298,6 +307,7 @@ def test_checkpoint_records_sizes_and_checksums(tmp_path):
         assert files[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("key, value, says", [
     ("processes", 2, "was written by 2 process(es) and this run has 1"),
     ("total_steps", 12, "belongs to a run of 12 steps and this one plans 6"),
@@ -343,6 +353,7 @@ def _torchrun(tmp_path: Path, mode: str, env: dict) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_nan_on_one_rank_fails_the_trial_on_both(tmp_path, cli_env):
     res = _torchrun(tmp_path, "nan", dict(cli_env, NAN_RANK="1", NAN_STEP="2"))
@@ -353,6 +364,7 @@ def test_nan_on_one_rank_fails_the_trial_on_both(tmp_path, cli_env):
     assert "(process 1 of 2)" in res.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_stop_on_one_rank_stops_both_at_the_same_step(tmp_path, cli_env):
     res = _torchrun(tmp_path, "stop", dict(cli_env, STOP_RANK="1", STOP_AFTER="2"))

@@ -54,6 +54,7 @@ def run_ids(capsys, graph: Path) -> list[str]:
     return re.findall(r"run_id=(\S+)", capsys.readouterr().out)
 
 
+@pytest.mark.integration
 def test_edited_manifest_trains_again_and_says_so(project, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path / "elsewhere")  # relative paths follow the graph file, not the shell
     store = tmp_path / "store"

@@ -250,6 +250,7 @@ def lcl_graph(folder: Path, name: str, **docs) -> Path:
 
 
 
+@pytest.mark.integration
 def test_an_lcl_graph_trains_on_shards_as_on_the_jsonl(tmp_path):
     """`vlpgraph run` of a tiny LCL graph whose documents come from shards completes, and logs the
     losses of the same graph on the .jsonl + folder, step for step (same documents, same batches)."""

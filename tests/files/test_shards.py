@@ -305,6 +305,7 @@ def packed(tmp_path_factory) -> Path:
 SHARDS = {"shards": "'sh/shard-{000000..000003}.tar'"}
 
 
+@pytest.mark.integration
 def test_training_on_shards_sees_the_folders_batches(packed):
     """30 training samples, batch 4, 2 epochs: the same 14 batches of sample ids and the same losses
     (so the same images and captions) from the folder and from its shards."""
@@ -314,6 +315,7 @@ def test_training_on_shards_sees_the_folders_batches(packed):
     assert sorted(shard_losses) == list(range(1, 15)) and shard_losses == folder_losses
 
 
+@pytest.mark.integration
 def test_resume_mid_epoch_from_shards_replays_the_same_batches(packed, tmp_path):
     """Stopped at step 5 (epoch 1 has 7 steps), resumed from the checkpoint: steps 6..14 see the
     batches and log the losses of an uninterrupted run."""

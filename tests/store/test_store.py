@@ -237,6 +237,7 @@ def test_reading_a_missing_store_creates_nothing(tmp_path):
 # ------------------------------------------------------------------ concurrency
 
 
+@pytest.mark.integration
 def test_lock_held_by_another_process_times_out_clearly_then_retry_succeeds(tmp_path):
     s = Store(tmp_path)
     _start(s, "r", {"train.lr": 0.1})
@@ -284,6 +285,8 @@ def test_threads_in_one_process_share_the_file(tmp_path):
     assert seen == sorted(seen) and len(reader.metrics("r")) == 30
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_readers_and_writer_in_separate_processes(tmp_path):
     """A subprocess writes a running trial in many small transactions while this process and a
     second subprocess read 50 times each: no errors anywhere, counts never go down, nothing lost."""

@@ -47,6 +47,7 @@ def test_variants_are_wired_as_the_study_says(tmp_path):
     assert load_experiment(GRAPH, profile="gpu").trials[0].graph.nodes["vision"].params.width == 384
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_lcl_study_runs_end_to_end_on_its_tiny_profile_and_reports(tmp_path, capsys):
     store = Store(tmp_path / "s")

@@ -37,6 +37,7 @@ def test_variants_are_wired_as_the_study_says():
     assert load_experiment(GRAPH, profile="gpu").trials[0].graph.nodes["vision"].params.width == 384
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_mug_study_runs_end_to_end_and_reports(tmp_path, capsys):
     store = Store(tmp_path / "s")

@@ -34,6 +34,7 @@ def test_unknown_variant_is_a_user_error(capsys):
     assert "--variant timixx: no such variant (did you mean 'timix'?)" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_timix_variant_runs_end_to_end(tmp_path):
     store = Store(tmp_path / "s")

@@ -351,6 +351,7 @@ class _DocObjective(ports.Objective):
         return {"doc": fwd.image_tokens(self.vision_ref[0]).pow(2).mean()}
 
 
+@pytest.mark.integration
 def test_a_trainer_steps_over_document_batches(tmp_path, monkeypatch, capsys):
     built = []
     register_needs_interleaved(monkeypatch, "objective.test_documents",
@@ -361,6 +362,7 @@ def test_a_trainer_steps_over_document_batches(tmp_path, monkeypatch, capsys):
     assert built and built[0].seen == 3
 
 
+@pytest.mark.integration
 def test_frozen_transfer_evaluators_judge_a_model_trained_on_documents(tmp_path, monkeypatch, capsys):
     # the frozen-transfer heads train on the training images paired with their sentences (train_pairs)
     register_needs_interleaved(monkeypatch, "objective.test_documents", lambda p, i, c: _DocObjective(i["vision"]))

@@ -141,6 +141,7 @@ def test_scene_graphs_describe_the_images(tmp_path):
 # ------------------------------------------------------------------------------ through the trainer
 
 
+@pytest.mark.integration
 def test_a_trainer_steps_over_unpaired_batches_and_frozen_transfer_judges_it(tmp_path, capsys):
     path = tiny_graph(tmp_path, "g.yaml", graph="t", nodes={
         "shapes": shapes(image_size=32, pairing="unpaired"), "vision": vit(), "mae": mae(),

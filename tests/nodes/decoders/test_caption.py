@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +84,7 @@ def test_output_projection_is_tied_to_the_token_embedding():
     assert decoder(tie_embeddings=False).head.weight is not decoder(tie_embeddings=False).token_embedding.weight
 
 
+@pytest.mark.slow
 def test_greedy_generation_is_the_argmax_of_the_teacher_forced_logits_on_its_own_output():
     dec, img = trained_decoder()
     tok = dec.tokenizer
@@ -287,6 +289,7 @@ CAPTION_GRAPH = tiny_graph(graph="tinycap", nodes={
                                   max_samples=8, num_samples=2)})
 
 
+@pytest.mark.integration
 def test_caption_graph_trains_end_to_end_and_stores_caption_samples(tmp_path):
     graph = tmp_path / "cap.yaml"
     graph.write_text(CAPTION_GRAPH)

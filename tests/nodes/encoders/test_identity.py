@@ -127,6 +127,7 @@ def test_relative_paths_are_read_from_the_graph_files_folder(project, tmp_path, 
     assert t.tokenizer.vocab_size == tokmod.train_wordpiece(CAPTIONS, 64).get_vocab_size()
 
 
+@pytest.mark.integration
 def test_a_replaced_checkpoint_trains_again_and_says_so(project, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path / "elsewhere")  # relative paths follow the graph file, not the shell
     store, graph = tmp_path / "store", project / "g.yaml"

@@ -91,6 +91,7 @@ def test_refuses_a_mixer_without_draws(data):
                          build_ctx("mixing"))
 
 
+@pytest.mark.integration
 def test_a_vlmixer_run_stores_mixed_test_sentences(tmp_path: Path, capsys):
     path = tiny_graph(tmp_path, "g.yaml", graph="t", nodes={
         "shapes": shapes(image_size=32, pairing="unpaired"), "vision": vit(), "text": text(),

@@ -116,6 +116,7 @@ def test_probe_reads_the_label_where_its_pool_looks(tmp_path, pool):
     assert set(m) == {"top1", "top5"}
 
 
+@pytest.mark.slow
 def test_cls_and_mean_pools_see_only_their_tokens(tmp_path):
     """The label in the patches is invisible to the CLS pool; in the CLS token, invisible to the mean of
     the patches (the prefix is excluded)."""
@@ -189,6 +190,7 @@ def transfer(data, tower, tmp_path, **params) -> dict[str, float]:
 CHANCE_RSUM = 2 * (1 + 5 + 10) / 64
 
 
+@pytest.mark.slow
 def test_transfer_retrieval_finds_captions_the_patches_encode(tmp_path):
     data, tower = caption_data(600, encode=True)
     m = transfer(data, tower, tmp_path)
@@ -198,6 +200,7 @@ def test_transfer_retrieval_finds_captions_the_patches_encode(tmp_path):
     assert m["rsum"] > 4 * CHANCE_RSUM and m["i2t_r10"] > 0.5 and m["t2i_r10"] > 0.5
 
 
+@pytest.mark.slow
 def test_transfer_retrieval_on_random_features_is_near_chance(tmp_path):
     """Image embeddings independent of the test captions rank them at random: R@10 ~ Binomial(64, 10/64)/64
     (std 0.045), R@5 (0.034), R@1 (0.016); even fully correlated, rsum's std is below 0.2, so 1.0 is
@@ -321,6 +324,7 @@ def test_validation_refuses_a_probe_on_data_without_labels(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.integration
 def test_tiny_graph_runs_both_evaluators_and_stores_their_metrics(tmp_path):
     frozen = {"encoder": "vision"}
     graph = tiny_graph(tmp_path, probe=evaluator("linear_probe", inputs=frozen, steps=20, batch_size=32),

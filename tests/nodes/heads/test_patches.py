@@ -414,6 +414,8 @@ def test_grounding_metrics_and_heatmaps():
 
 # ------------------------------------------------------------------------------------ end to end
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_tpp_pta_grounding_graph_runs(tmp_path, cli_env):
     path = tiny_graph(tmp_path, train={"inputs": {"objectives": ["pta", "itc"]}, "checkpoint_every": 0, "max_steps": 6},
                       tpp=node("head.tpp", {"vision": "vision", "text": "text"}),

@@ -497,7 +497,7 @@ def test_timix_scorer_input_is_type_checked(tmp_path):
         load_experiment(path)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_trainer_takes_a_separate_mixed_step(tmp_path):
     from vlpgraph.engine.compile import compile_trial
     from vlpgraph.engine.sweep import load_experiment

@@ -169,6 +169,7 @@ def vlmixer_job(tmp_path, max_steps: int):
     return trainer_mod.build(params, {"data": data, "objectives": {"mlm": mlm, "cmcl": obj}}, train_ctx), mixer
 
 
+@pytest.mark.integration
 def test_trainer_trains_the_mixer_and_a_resumed_run_mixes_the_same(tmp_path):
     from vlpgraph.execution import train
     from vlpgraph.errors import Interrupted

@@ -300,6 +300,8 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_process_gloo_momentum_itc_equals_transcription(tmp_path):
     """Under torchrun each rank's loss and gradient are ALBEF's formula over its own rows against

@@ -322,6 +322,8 @@ def test_kinds_are_registered_with_their_ports():
 RANK_DOCS = [DOCS[:2], DOCS[2:] + [(["a big blue triangle"], [("text", 0), ("image", 0)])]]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_torchrun_contrastive_term_sees_the_global_batch(tmp_path):
     """Under torchrun (2 gloo ranks) 'lcl_con' on each rank equals the single-process term over the

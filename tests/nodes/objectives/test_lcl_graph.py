@@ -3,6 +3,8 @@ objective.lcl, judged by the frozen-transfer evaluators, end to end through `vlp
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import evaluator, lcl_nodes, shapes, tiny_graph, trainer
 from vlpgraph.cli import main
 from vlpgraph.store import Store
@@ -19,6 +21,8 @@ sweep:
 """)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_lcl_graph_trains_on_documents_and_is_judged_by_frozen_transfer(tmp_path):
     path = tmp_path / "lcl_tiny.yaml"
     path.write_text(GRAPH)

@@ -302,6 +302,7 @@ MAE_GRAPH = tiny_graph(graph="tiny_mae", nodes={
     "reconstruction": evaluator("reconstruction", inputs={"mae": "mae"}, num_samples=4)})
 
 
+@pytest.mark.integration
 def test_tiny_mae_graph_trains_and_writes_reconstructions(tmp_path: Path):
     from vlpgraph.cli import main
     from vlpgraph.store import Store
