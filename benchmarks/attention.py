@@ -114,7 +114,7 @@ def cpu_peak_child(backend, B, H, L, D, dtype, use_mask) -> int:
 def cpu_peak(backend, B, H, L, D, dtype, use_mask) -> int:
     args = json.dumps([backend, B, H, L, D, str(dtype).removeprefix("torch."), use_mask])
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    out = subprocess.run([sys.executable, __file__, "--_child", args], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, __file__, "--child", args], capture_output=True, text=True, env=env, check=True)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -128,11 +128,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mask", action="store_true", help="add a key-padding mask (half the batch padded by L/4)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    ap.add_argument("--_child", help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: the measuring subprocess
     a = ap.parse_args(argv)
 
-    if a._child:
-        backend, B, H, L, D, dt, use_mask = json.loads(a._child)
+    if a.child:
+        backend, B, H, L, D, dt, use_mask = json.loads(a.child)
         print(cpu_peak_child(backend, B, H, L, D, getattr(torch, dt), use_mask))
         return
 

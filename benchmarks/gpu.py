@@ -46,7 +46,7 @@ for MFU), TFLOP/s, MFU (TFLOP/s over the device's dense bf16 peak: ``PEAK_BF16``
 ``--peak-tflops``), peak memory (``torch.cuda.max_memory_allocated`` over the timed steps: weights,
 gradients, AdamW state and activations), vs (the part's ratio, see above) and a note.
 
-tests/test_gpu_benchmark.py runs parts a-d on CPU at toy sizes (``DEVICE`` and ``Bench``'s ``sets`` and
+tests/benchmarks/test_gpu.py runs parts a-d on CPU at toy sizes (``DEVICE`` and ``Bench``'s ``sets`` and
 ``vit_b16``), so this file keeps working between the occasions a GPU is at hand.
 """
 
@@ -68,7 +68,7 @@ from typing import Callable, Iterator
 import torch
 
 # vlpgraph (and through it timm and transformers) is imported inside the parts, not here: the
-# "needs CUDA" exit and the pure helpers (imported by tests/test_gpu_benchmark.py) stay fast.
+# "needs CUDA" exit and the pure helpers (imported by tests/benchmarks/test_gpu.py) stay fast.
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # measure this checkout's vlpgraph, installed or not (python benchmarks/gpu.py)

@@ -5,7 +5,7 @@
         [--choose "side by side with=captioner"] [--choose "sample=#3"]
 
 Serves `vlpgraph app` on a free port, opens the page in Debian's Chromium through Playwright (as
-tests/test_app_browser.py does: `scripts/install-chromium` installs it), picks options in select boxes
+tests/app/test_browser.py does: `scripts/install-chromium` installs it), picks options in select boxes
 (``--choose LABEL=TEXT``: the box whose label is LABEL, the first option matching what is typed; in a
 radio group labelled LABEL, its option TEXT), waits until Streamlit is idle and saves a full-page
 screenshot. Exits non-zero, with a FAILED screenshot beside ``--out``, when the page shows an exception

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny graphs that train in seconds on 2 CPU cores."""
+"""Fixtures every folder may use: a private store for CLI subprocesses, the app's store of real runs, and a
+synthetic store with known values (what they share besides fixtures is in tests/helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,40 +8,21 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-TINY = """\
-graph: tiny
-seed: 0
-nodes:
-  shapes:
-    kind: dataset.shapes
-    params: {{train_size: 256, test_size: 64, image_size: 32, caption_noise: 0.2}}
-  vision:
-    kind: encoder.vit
-    params: {{image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}}
-  text:
-    kind: encoder.text
-    inputs: {{data: shapes}}
-    params: {{width: 32, depth: 1, heads: 2, max_len: 24}}
-  itc:
-    kind: objective.itc
-    inputs: {{vision: vision, text: text}}
-    params: {{embed_dim: 32}}
-  train:
-    kind: trainer
-    inputs: {{data: shapes, objectives: [itc]}}
-    params: {{epochs: {epochs}, batch_size: 16, lr: 1.0e-3, warmup_steps: 2, checkpoint_every: {ckpt}, log_every: 1{extra}}}
-  retrieval:
-    kind: evaluator.retrieval
-    inputs: {{model: train, data: shapes}}
-{more}"""
+from tests.helpers import GRAPHS, SYN_FRACTIONS, SYN_SEEDS, SYN_STEPS, SYN_VARIANTS, syn_rsum, syn_wall
 
 
-def tiny_graph(tmp_path: Path, name: str = "tiny.yaml", ckpt: int = 4, extra: str = "", more: str = "", epochs: int = 1) -> Path:
-    path = tmp_path / name
-    path.write_text(TINY.format(ckpt=ckpt, extra=extra, more=more, epochs=epochs))
-    return path
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """PyTorch on one thread for a module whose runs are compared bit for bit: there CPU kernels are
+    deterministic. With 2 threads, two *uninterrupted* runs of the TiMix tiny graph already differ by up
+    to 3e-6 in a ViT's qkv bias (its key part gets a gradient that is float noise, which Adam scales up to
+    lr-sized steps). A module asks for it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -59,25 +41,9 @@ def app_store(tmp_path_factory) -> Path:
     from vlpgraph.cli import main
 
     root = tmp_path_factory.mktemp("app") / "store"
-    assert main(["run", str(ROOT / "graphs" / "smoke.yaml"), "--store", str(root)]) == 0
-    assert main(["run", str(ROOT / "graphs" / "timix_sweep.yaml"), "--profile", "tiny", "--store", str(root)]) == 0
+    assert main(["run", str(GRAPHS / "smoke.yaml"), "--store", str(root)]) == 0
+    assert main(["run", str(GRAPHS / "timix_sweep.yaml"), "--profile", "tiny", "--store", str(root)]) == 0
     return root
-
-
-# The synthetic store's sweep: 2 variants x 5 train fractions x 6 seeds, plus one failed run.
-SYN_VARIANTS = ("baseline", "timix")
-SYN_FRACTIONS = (0.1, 0.2, 0.4, 0.7, 1.0)
-SYN_SEEDS = tuple(range(6))
-SYN_STEPS = 200
-
-
-def syn_rsum(variant: str, fraction: float, seed: int) -> float:
-    """retrieval.rsum of a synthetic run at its final step (seeds spread it, so std > 0)."""
-    return round(fraction * (1.3 if variant == "timix" else 1.0) + 0.01 * seed, 6)
-
-
-def syn_wall(variant: str, fraction: float, seed: int) -> float:
-    return 100 * fraction * (1.5 if variant == "timix" else 1.0) + seed
 
 
 @pytest.fixture(scope="session")

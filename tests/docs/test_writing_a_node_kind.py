@@ -47,6 +47,7 @@ def walkthrough_kind():
         registry._KINDS.pop(KIND, None)  # the registry has no public unregister
 
 
+@pytest.mark.integration
 def test_the_kind_trains_and_its_term_reaches_the_store(walkthrough_kind, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("cls_norm.yaml").write_text(page_block("graph") + "\n")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import re
 
-from tests.conftest import tiny_graph
+import pytest
+
+from tests.helpers import tiny_graph
 from vlpgraph.cli import main
 from vlpgraph.engine.sweep import load_experiment
 
@@ -22,9 +24,10 @@ def _digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.integration
 def test_dry_run_says_which_trials_a_run_would_skip(tmp_path, capsys):
-    one = tiny_graph(tmp_path, name="one.yaml", extra=", max_steps: 2")  # seed 0 only
-    two = tiny_graph(tmp_path, name="two.yaml", extra=", max_steps: 2", more=TWO_SEEDS)
+    one = tiny_graph(tmp_path, "one.yaml", train={"max_steps": 2})  # seed 0 only
+    two = tiny_graph(tmp_path, "two.yaml", train={"max_steps": 2}, more=TWO_SEEDS)
     [done] = (t.run_id for t in load_experiment(one).trials)
     first, second = (t.run_id for t in load_experiment(two).trials)
     assert first == done  # the same trial: the sweep adds seed 1 beside it
@@ -46,7 +49,7 @@ def test_dry_run_says_which_trials_a_run_would_skip(tmp_path, capsys):
     assert _digest(db) == before  # read only
 
     # an edited evaluator is run again on a completed trial, which is then not skipped: the same rule as the run
-    edited = tiny_graph(tmp_path, name="edited.yaml", extra=", max_steps: 2", more="    params: {ks: [1, 2]}\n" + TWO_SEEDS)
+    edited = tiny_graph(tmp_path, "edited.yaml", train={"max_steps": 2}, retrieval={"ks": [1, 2]}, more=TWO_SEEDS)
     assert [t.run_id for t in load_experiment(edited).trials] == [first, second]
     assert "0 of 2 trial(s) would be skipped" in _dry_run(capsys, edited, store)
     assert _digest(db) == before

@@ -10,8 +10,8 @@ Items (pure functions, no torch):
   statement type.
 
 Both are deterministic given (seed, item index) and the scenes. The answers are computed from the
-scene graph by the helpers below (:func:`relation`, :func:`count`, ...); ``tests/test_qa.py`` and
-``tests/test_nlvr.py`` re-derive every answer from the question's text with their own parser.
+scene graph by the helpers below (:func:`relation`, :func:`count`, ...); ``tests/nodes/evaluators/test_qa.py`` and
+``tests/nodes/evaluators/test_nlvr.py`` re-derive every answer from the question's text with their own parser.
 
 The probe (:class:`SceneProbe`, :func:`train_probe`): the model's towers read an image and a text
 into one vector — the fusion encoder's [CLS] over (image tokens, text tokens) when the model has a
