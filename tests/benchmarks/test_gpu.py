@@ -193,7 +193,6 @@ TOY_VIT_B16 = dict(image_size=32, patch_size=8, width=32, depth=2, heads=2, text
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_every_part_runs_on_cpu_at_toy_sizes(gpu, tmp_path, monkeypatch):
     """Parts a-d end to end on CPU (the wiring a GPU run depends on: the gpu profiles, compile, fit,
     the hand loop, the backend switch, the FLOP count): rows with times and FLOPs, xformers' row

@@ -24,7 +24,6 @@ def losses(store: Store, run_id: str) -> list[tuple[int, float]]:
     return [(r["step"], r["value"]) for r in sorted(store.metrics(run_id, "loss"), key=lambda r: r["step"])]
 
 
-@pytest.mark.slow
 def test_tiny_graph_trains_evaluates_and_stores(tmp_path, capsys):
     graph = tiny_graph(tmp_path)
     store_dir = tmp_path / "store"
@@ -47,7 +46,6 @@ def test_tiny_graph_trains_evaluates_and_stores(tmp_path, capsys):
     assert len(store.metrics(run["run_id"], "loss")) == 16
 
 
-@pytest.mark.slow
 def test_same_graph_and_seed_give_the_same_metrics(tmp_path):
     graph = tiny_graph(tmp_path, train=dict(max_steps=6))
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
@@ -149,7 +147,6 @@ def test_evaluator_added_later_runs_on_the_cached_checkpoint(tmp_path, capsys):
     assert evaluators == {"retrieval", "zeroshot"}
 
 
-@pytest.mark.slow
 def test_report_prints_mean_and_std_over_seeds(tmp_path, capsys):
     more = "sweep:\n  grid: {shapes.train_fraction: [0.5, 1.0]}\n  seeds: [0, 1]\n"
     graph = tiny_graph(tmp_path, more=more, train=dict(max_steps=2))

@@ -35,7 +35,6 @@ def test_unknown_variant_is_a_user_error(capsys):
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_timix_variant_runs_end_to_end(tmp_path):
     store = Store(tmp_path / "s")
     rc = main(["run", GRAPH, "--profile", "tiny", "--variant", "timix", "--set", "shapes.train_fraction=0.5",

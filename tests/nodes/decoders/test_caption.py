@@ -84,7 +84,6 @@ def test_output_projection_is_tied_to_the_token_embedding():
     assert decoder(tie_embeddings=False).head.weight is not decoder(tie_embeddings=False).token_embedding.weight
 
 
-@pytest.mark.slow
 def test_greedy_generation_is_the_argmax_of_the_teacher_forced_logits_on_its_own_output():
     dec, img = trained_decoder()
     tok = dec.tokenizer

@@ -107,7 +107,7 @@ def test_statements_are_deterministic(shapes_data):
     assert a != scene_tasks.nlvr_items(scenes, 300, vocab, seed=3, split=1)
 
 
-@pytest.mark.parametrize("fusion", [pytest.param(True, marks=pytest.mark.slow), False])  # fused: ~8 s
+@pytest.mark.parametrize("fusion", [True, False])
 def test_nlvr_runs_and_leaves_the_model_bit_identical(shapes_data, tmp_path, fusion):
     c = build_ctx("nlvr", cache=tmp_path / "cache", base_dir=tmp_path)
     vision, text, fus = towers(shapes_data, c, fusion)
@@ -143,7 +143,6 @@ def test_validation_refuses_data_without_scene_graphs(tmp_path, capsys):
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_tiny_graph_runs_both_scene_evaluators_into_the_store(tmp_path):
     towers = {"vision": "vision", "text": "text"}
     graph = tiny_graph(tmp_path, "scenes.yaml", graph="scenes", nodes={

@@ -278,7 +278,6 @@ class KeyedSplit(torch.utils.data.Dataset):
         return self.split.scene(i)
 
 
-@pytest.mark.slow
 def test_the_head_learns_what_the_representation_carries(shapes_data, tmp_path):
     """Towers that see which objects are present (and read the question's words): the head answers 'exists'
     far above its majority baseline, and no better than it once the image carries nothing."""

@@ -116,7 +116,6 @@ def test_probe_reads_the_label_where_its_pool_looks(tmp_path, pool):
     assert set(m) == {"top1", "top5"}
 
 
-@pytest.mark.slow
 def test_cls_and_mean_pools_see_only_their_tokens(tmp_path):
     """The label in the patches is invisible to the CLS pool; in the CLS token, invisible to the mean of
     the patches (the prefix is excluded)."""
@@ -190,7 +189,6 @@ def transfer(data, tower, tmp_path, **params) -> dict[str, float]:
 CHANCE_RSUM = 2 * (1 + 5 + 10) / 64
 
 
-@pytest.mark.slow
 def test_transfer_retrieval_finds_captions_the_patches_encode(tmp_path):
     data, tower = caption_data(600, encode=True)
     m = transfer(data, tower, tmp_path)
@@ -200,7 +198,6 @@ def test_transfer_retrieval_finds_captions_the_patches_encode(tmp_path):
     assert m["rsum"] > 4 * CHANCE_RSUM and m["i2t_r10"] > 0.5 and m["t2i_r10"] > 0.5
 
 
-@pytest.mark.slow
 def test_transfer_retrieval_on_random_features_is_near_chance(tmp_path):
     """Image embeddings independent of the test captions rank them at random: R@10 ~ Binomial(64, 10/64)/64
     (std 0.045), R@5 (0.034), R@1 (0.016); even fully correlated, rsum's std is below 0.2, so 1.0 is

@@ -235,7 +235,6 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_process_gloo_gather_matches_global_batch(tmp_path):
     """Local rows vs gathered columns: the mean of the ranks' losses is the loss of the local-row

@@ -301,7 +301,6 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_two_process_gloo_momentum_itc_equals_transcription(tmp_path):
     """Under torchrun each rank's loss and gradient are ALBEF's formula over its own rows against

@@ -22,7 +22,6 @@ sweep:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_lcl_graph_trains_on_documents_and_is_judged_by_frozen_transfer(tmp_path):
     path = tmp_path / "lcl_tiny.yaml"
     path.write_text(GRAPH)
