@@ -16,6 +16,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image
 
@@ -124,16 +125,22 @@ def _rows_coco(path: Path, data, want_boxes: bool, label_column: str | None = No
     return rows
 
 
-def _rows_jsonl(path: Path, text: str, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
-    rows = []
-    checked = False
+def jsonl_lines(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """(1-based line number, parsed JSON) of each non-blank line of ``text`` (the file ``path``'s); a line
+    that is not JSON is a UserError naming ``path:line``. Shared by the JSONL manifests and MMC4 documents."""
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
+def _rows_jsonl(path: Path, text: str, want_boxes: bool, label_column: str | None = None) -> list[tuple]:
+    rows = []
+    checked = False
+    for n, obj in jsonl_lines(path, text):
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{n}: expected a JSON object per line")
         if not checked:

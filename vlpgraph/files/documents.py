@@ -7,12 +7,11 @@ from it (files/ needs no node module, and no node module imports another).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlpgraph.errors import UserError
-from vlpgraph.files.annotations import Member
+from vlpgraph.files.annotations import Member, jsonl_lines
 from vlpgraph.files.imagefiles import bad_images, skip_bad_images
 
 
@@ -69,15 +68,7 @@ def read_documents(path: Path, images_root: Path) -> list[Document]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})") from None
-    docs = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        docs.append(Document(*parse_document(obj, f"{path}:{n}", images_root), n))
+    docs = [Document(*parse_document(obj, f"{path}:{n}", images_root), n) for n, obj in jsonl_lines(path, text)]
     if not docs:
         raise UserError(f"{path}: no documents")
     return docs

@@ -62,10 +62,15 @@ def evaluation_mode(model: ports.Model, *also: nn.Module) -> Iterator[None]:
     ``no_grad`` rather than ``inference_mode``: evaluators also run mid-training, and a tensor a module
     caches lazily during evaluation (position tables, masks) must stay usable by autograd afterwards.
     """
-    flags: dict[nn.Module, bool] = {}
-    for root in [*_roots(model), *also]:
-        for m in root.modules():
-            flags.setdefault(m, m.training)
+    with frozen(*_roots(model), *also):
+        yield
+
+
+@contextmanager
+def frozen(*modules: nn.Module | None) -> Iterator[None]:
+    """``modules`` (None ones skipped) in eval mode under ``no_grad``; each submodule's own train flag
+    restored afterwards, even on error. What :func:`evaluation_mode` does for a model's modules."""
+    flags = {m: m.training for root in modules if root is not None for m in root.modules()}
     for m in flags:
         m.training = False
     try:

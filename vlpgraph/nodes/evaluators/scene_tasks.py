@@ -28,9 +28,8 @@ import copy
 import math
 import re
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from torch import nn
 
 from vlpgraph.engine import ports
 from vlpgraph.errors import TrialFailed, UserError
-from vlpgraph.nodes.evaluators.evaluation import frozen_image_tokens, minibatches
+from vlpgraph.nodes.evaluators.evaluation import frozen, frozen_image_tokens, minibatches
 from vlpgraph.engine.registry import Params
 
 QA_TYPES = ("count", "colour", "shape", "exists", "relation", "size")
@@ -344,20 +343,6 @@ class ProbeParams(Params):
         if self.finetune == "auto":
             return "fusion" if has_fusion else "head"
         return self.finetune
-
-
-@contextmanager
-def frozen(*modules: nn.Module | None) -> Iterator[None]:
-    """``modules`` in eval mode under ``no_grad``; each submodule's train flag restored afterwards."""
-    flags = {m: m.training for root in modules if root is not None for m in root.modules()}
-    for m in flags:
-        m.training = False
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, was in flags.items():
-            m.training = was
 
 
 def _tower_copies(vision: nn.Module, text: nn.Module, fusion: nn.Module | None, mode: str):
